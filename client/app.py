@@ -1,0 +1,186 @@
+"""The ClientApp that runs inside a hospital: trains and evaluates the global model on local images.
+
+What leaves the site in a reply: the model's arrays, scalar metrics (loss, AUC, dataset sizes,
+epsilon), the site's name and its DP accounting parameters. No image, header, path or identifier.
+
+Where the site's data is:
+- `medfed simulate`: the sites are handed to `make_client_app`, indexed by Flower's partition-id.
+- deployment (`flwr-supernode --node-config "data-path=... site-name=... state-dir=..."`).
+- `flwr run .` on a local simulation: `sites-dir` from the run config, indexed by partition-id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
+from common.config import RunConfig
+from common.data import Preprocess, SiteData
+from common.privacy import PrivacyState
+from common.sites import SiteRef, discover_sites
+from models import build_model
+
+log = logging.getLogger("medfed.client")
+
+# A simulation worker hosts many virtual sites in turn; keep only the few most recent in memory.
+_SITE_CACHE_SIZE = 2
+_site_cache: OrderedDict[tuple[Path, Preprocess], SiteData] = OrderedDict()
+
+
+def _site_data(site: SiteRef, pre: Preprocess, seed: int) -> SiteData:
+    key = (site.data_dir.resolve(), pre)
+    data = _site_cache.pop(key, None) or SiteData(site.data_dir, pre, seed=seed)
+    _site_cache[key] = data
+    while len(_site_cache) > _SITE_CACHE_SIZE:
+        _site_cache.popitem(last=False)
+    return data
+
+
+def _labelled(data: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = data.split(split)
+    keep = arrays.labels >= 0
+    return arrays.images[keep], arrays.labels[keep]
+
+
+def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | None) -> SiteRef:
+    """Which site this node is, from the simulation's site list or the node's own config."""
+    node = context.node_config
+    if "data-path" in node:
+        data_dir = Path(str(node["data-path"]))
+        name = str(node.get("site-name", data_dir.name))
+        state_dir = Path(str(node.get("state-dir", Path.home() / ".medfed" / "sites" / name)))
+        return SiteRef(name, data_dir, state_dir)
+    if "partition-id" not in node:
+        raise ValueError(
+            "this node has no data: start the SuperNode with "
+            '--node-config "data-path=/path/to/site"'
+        )
+    index = int(node["partition-id"])
+    if sites is None:
+        if not cfg.sites_dir:
+            raise ValueError("set sites-dir in the run config to the folder of site folders")
+        found = discover_sites(Path(cfg.sites_dir))
+        state_root = Path(cfg.out) / "site-state"
+        sites = [SiteRef(p.name, p, state_root / p.name) for p in found]
+    if index >= len(sites):
+        raise ValueError(f"partition-id {index} but only {len(sites)} site folders were found")
+    return sites[index]
+
+
+def _check_labels(labels: np.ndarray, cfg: RunConfig, site: SiteRef) -> None:
+    if len(labels) and int(labels.max()) >= cfg.num_classes:
+        raise ValueError(
+            f"site {site.name}: label {int(labels.max())} found but the run has "
+            f"--num-classes {cfg.num_classes}; labels must be 0..{cfg.num_classes - 1}"
+        )
+
+
+def _privacy_path(site: SiteRef, run_key: str) -> Path:
+    return site.state_dir / "privacy" / f"{run_key}.json"
+
+
+def _load_or_plan_privacy(site: SiteRef, cfg: RunConfig, run_key: str, n: int) -> PrivacyState:
+    path = _privacy_path(site, run_key)
+    if path.is_file():
+        return PrivacyState.load(path)
+    return PrivacyState.plan(
+        num_examples=n,
+        batch_size=cfg.batch_size,
+        rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs,
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+
+
+def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
+    """Build the ClientApp; `sites` maps simulation partition-ids to site folders."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = RunConfig.from_mapping(msg.content["config"], strict=False)
+        site = resolve_site(context, cfg, sites)
+        pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+        images, labels = _labelled(_site_data(site, pre, cfg.seed), "train")
+        if len(labels) == 0:
+            raise ValueError(f"site {site.name} has no readable labelled training images")
+        _check_labels(labels, cfg, site)
+        device = resolve_device(cfg.device)
+        model = build_model(
+            cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
+            image_size=cfg.image_size,
+        )
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
+        settings = LocalTraining(
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            momentum=cfg.momentum, proximal_mu=mu,
+        )
+        server_round = int(msg.content["config"].get("server-round", 0))
+        metrics: dict[str, float | int] = {}
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+        if cfg.dp:
+            run_key = cfg.run_key or str(context.run_id)
+            privacy = _load_or_plan_privacy(site, cfg, run_key, len(labels))
+            report = train_local_dp(
+                model, images, labels, settings=settings, device=device, privacy=privacy,
+                proximal=mu > 0,
+            )
+            privacy.save(_privacy_path(site, run_key))
+            summary = privacy.summary()
+            metrics["epsilon"] = float(summary["epsilon"])
+            records["privacy"] = ConfigRecord(summary)
+        else:
+            report = train_local(
+                model, images, labels, settings=settings, device=device,
+                seed=cfg.seed * 1000 + server_round, proximal=mu > 0,
+            )
+        metrics.update(
+            {
+                "train-loss": report.loss,
+                "num-examples": report.num_examples,
+                "train-seconds": report.seconds,
+                "steps": report.steps,
+            }
+        )
+        records["arrays"] = ArrayRecord(model.cpu().state_dict())
+        records["metrics"] = MetricRecord(metrics)
+        records["site"] = ConfigRecord({"name": site.name})
+        return Message(RecordDict(records), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_global(msg: Message, context: Context) -> Message:
+        cfg = RunConfig.from_mapping(msg.content["config"], strict=False)
+        site = resolve_site(context, cfg, sites)
+        pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+        images, labels = _labelled(_site_data(site, pre, cfg.seed), "val")
+        if len(labels) == 0:
+            raise ValueError(f"site {site.name} has no readable labelled validation images")
+        _check_labels(labels, cfg, site)
+        model = build_model(
+            cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
+            image_size=cfg.image_size,
+        )
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        result = evaluate(model, images, labels, device=resolve_device(cfg.device))
+        result_record = MetricRecord({**result, "num-examples": len(labels)})
+        content = RecordDict(
+            {"metrics": result_record, "site": ConfigRecord({"name": site.name})}
+        )
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# Entry point for `flwr run .` and deployed SuperNodes ([tool.flwr.app.components]).
+app = make_client_app()

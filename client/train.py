@@ -1,0 +1,213 @@
+"""Local training at a hospital site: plain SGD or DP-SGD through Opacus. No Flower here.
+
+DP-SGD notes that matter for the privacy guarantee:
+- The noise multiplier comes from the site's `PrivacyState`, calibrated once for the whole run, and
+  the accountant's history is carried across rounds, so epsilon is cumulative.
+- Batches are Poisson-sampled (Opacus's DPDataLoader), which the accountant's analysis assumes.
+- The noise generator is seeded from the operating system's entropy, never from the run's seed:
+  the aggregator knows the run seed, and noise it could regenerate would protect nothing.
+- FedProx's proximal term is data-independent, so it is applied as a separate step after each
+  optimiser step. Added to the loss it would be silently dropped by Opacus, whose gradients come
+  from per-sample gradients of the data loss only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.metrics import classification_metrics
+from common.privacy import PrivacyState
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cuda` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but no CUDA GPU is available; use cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyper-parameters of one round of local training."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What one round of local training did."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("no training images at this site")
+    return TensorDataset(
+        torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
+    )
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    settings: LocalTraining,
+    device: torch.device,
+    global_params: Mapping[str, torch.Tensor] | None,
+) -> tuple[float, int]:
+    """Train for `settings.epochs`; returns (mean loss per sample, optimiser steps)."""
+    criterion = nn.CrossEntropyLoss()
+    params = dict(model.named_parameters())
+    total_loss, seen, steps = 0.0, 0, 0
+    model.train()
+    for _ in range(settings.epochs):
+        for x, y in loader:
+            if len(x) == 0:  # Poisson sampling can draw an empty batch; nothing to learn from
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if global_params is not None and settings.proximal_mu > 0:
+                with torch.no_grad():
+                    for name, anchor in global_params.items():
+                        p = params[name]
+                        p.sub_(settings.lr * settings.proximal_mu * (p - anchor))
+            total_loss += float(loss.detach()) * len(y)
+            seen += len(y)
+    return (total_loss / seen if seen else float("nan")), steps
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings: LocalTraining,
+    device: torch.device,
+    seed: int = 0,
+    proximal: bool = False,
+) -> TrainReport:
+    """Plain (non-private) local training.
+
+    Args:
+        proximal: anchor the FedProx term at the weights `model` holds on entry.
+    """
+    started = time.perf_counter()
+    model.to(device)
+    anchor = _snapshot(model) if proximal else None
+    loader = DataLoader(
+        _dataset(images, labels),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    loss, steps = _run_epochs(model, optimizer, loader, settings, device, anchor)
+    return TrainReport(loss, len(labels), steps, time.perf_counter() - started)
+
+
+def train_local_dp(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings: LocalTraining,
+    device: torch.device,
+    privacy: PrivacyState,
+    proximal: bool = False,
+) -> TrainReport:
+    """DP-SGD local training; appends this round's steps to `privacy.history`.
+
+    `model` must be a fresh module (Opacus hooks are attached here and removed on exit). Its own
+    parameters are trained in place, so its state dict has no `_module.` prefix afterwards.
+    """
+    started = time.perf_counter()
+    model.to(device)
+    anchor = _snapshot(model) if proximal else None
+    engine = PrivacyEngine(accountant=privacy.accountant)
+    engine.accountant.history = list(privacy.history)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    # Opacus turns this into Poisson sampling at rate 1 / len(loader): the rate the plan assumed,
+    # and the accountant records the rate actually used if the site's data changed since.
+    loader = DataLoader(_dataset(images, labels), batch_size=settings.batch_size)
+    noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    private_model, private_opt, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise_generator,
+    )
+    try:
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on module outputs because images do not require grad: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss, steps = _run_epochs(
+                private_model, private_opt, private_loader, settings, device, _prefixed(anchor)
+            )
+    finally:
+        private_model._close()
+    privacy.record(engine.accountant.history)
+    return TrainReport(loss, len(labels), steps, time.perf_counter() - started)
+
+
+def _prefixed(anchor: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    # Opacus's GradSampleModule names parameters `_module.<name>`.
+    return None if anchor is None else {f"_module.{k}": v for k, v in anchor.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Loss and classification metrics of `model` on labelled images."""
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total, chunks = 0.0, []
+    for start in range(0, len(labels), batch_size):
+        x = torch.as_tensor(images[start : start + batch_size], dtype=torch.float32).to(device)
+        y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long).to(device)
+        logits = model(x)
+        total += float(criterion(logits, y))
+        chunks.append(torch.softmax(logits, dim=1).cpu().numpy())
+    n = len(labels)
+    probs = np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.float32)
+    metrics = classification_metrics(probs, np.asarray(labels))
+    metrics["loss"] = total / n if n else float("nan")
+    return metrics

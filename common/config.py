@@ -1,0 +1,152 @@
+"""A federated run's configuration, parsed once at the boundary and passed down frozen.
+
+The same `RunConfig` comes from `medfed simulate` flags, from `flwr run . --run-config`
+(`context.run_config`, keys in kebab-case as in pyproject's `[tool.flwr.app.config]`), and from a
+checkpoint when a run resumes. Every value is validated here, with the flag that set it named in
+the error, so nothing deeper in the code needs to re-check user input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TASKS = ("classify",)
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+MODELS = ("cnn",)
+
+
+class ConfigError(ValueError):
+    """A configuration value a user set is invalid; the message names the flag and the rule."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated run. Field names map to `--kebab-case` flags."""
+
+    sites_dir: str = ""
+    test_data: str = ""
+    out: str = "runs/latest"
+    task: str = "classify"
+    model: str = "cnn"
+    image_size: int = 64
+    channels: int = 1
+    num_classes: int = 2
+    strategy: str = "fedavg"
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    dp: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trimmed_beta: float = 0.2
+    krum_byzantine: int = 0
+    round_timeout: float = 3600.0
+    seed: int = 0
+    device: str = "auto"
+    run_key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{_flag(name)} {rule}, got {getattr(self, name)!r}")
+
+        need(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
+        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
+        need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        need(
+            self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}"
+        )
+        need(8 <= self.image_size <= 1024, "image_size", "must be between 8 and 1024")
+        need(self.channels in (1, 3), "channels", "must be 1 or 3")
+        need(self.num_classes >= 2, "num_classes", "must be >= 2")
+        need(self.rounds >= 1, "rounds", "must be >= 1")
+        need(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(self.target_epsilon > 0, "target_epsilon", "must be > 0")
+        need(0 < self.delta < 1, "delta", "must be in (0, 1); use e.g. 1e-5")
+        need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(0 < self.fraction_train <= 1, "fraction_train", "must be in (0, 1]")
+        need(0 <= self.fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]")
+        need(self.min_sites >= 1, "min_sites", "must be >= 1")
+        need(self.proximal_mu >= 0, "proximal_mu", "must be >= 0")
+        need(self.server_lr > 0, "server_lr", "must be > 0")
+        need(0 <= self.trimmed_beta < 0.5, "trimmed_beta", "must be in [0, 0.5)")
+        need(self.krum_byzantine >= 0, "krum_byzantine", "must be >= 0")
+        need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+
+    # --- conversions ----------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
+        """Build from a mapping with kebab- or snake-case keys (run_config, JSON, CLI).
+
+        Values are coerced to each field's type; unknown keys raise unless `strict=False`.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                if strict:
+                    raise ConfigError(
+                        f"unknown setting {raw_key!r}; known settings: "
+                        + ", ".join(sorted(k.replace("_", "-") for k in known))
+                    )
+                continue
+            kwargs[key] = _coerce(key, known[key].type, value)
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys and scalar values: fits Flower's run_config and ConfigRecord."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, type_name: Any, value: Any) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_flag(key)} must be a {kind}, got {value!r}") from None

@@ -1,0 +1,60 @@
+"""Classification metrics used by sites (federated evaluation) and the aggregator (central)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def classification_metrics(
+    probabilities: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
+    """AUC, accuracy, sensitivity and specificity of predicted class probabilities.
+
+    Binary tasks treat class 1 as positive. With more classes, AUC is one-vs-rest macro and
+    sensitivity/specificity are macro averages over classes. A metric that is undefined on this
+    data (AUC with one class present, sensitivity without positives) is NaN, never a made-up 0.
+    """
+    if probabilities.ndim != 2 or len(probabilities) != len(labels):
+        raise ValueError(
+            f"probabilities must be (N, classes) matching {len(labels)} labels, "
+            f"got {probabilities.shape}"
+        )
+    n_classes = probabilities.shape[1]
+    if len(labels) == 0:
+        nan = float("nan")
+        return {"auc": nan, "accuracy": nan, "sensitivity": nan, "specificity": nan}
+    predictions = probabilities.argmax(axis=1)
+    accuracy = float((predictions == labels).mean())
+    present = np.unique(labels)
+    if len(present) < 2:
+        auc = float("nan")
+    elif n_classes == 2:
+        auc = float(roc_auc_score(labels, probabilities[:, 1]))
+    else:
+        auc = float(
+            roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(n_classes)))
+        )
+    classes = [1] if n_classes == 2 else list(range(n_classes))
+    sens, spec = [], []
+    for c in classes:
+        positive, predicted = labels == c, predictions == c
+        sens.append(_ratio(np.sum(positive & predicted), np.sum(positive)))
+        spec.append(_ratio(np.sum(~positive & ~predicted), np.sum(~positive)))
+    return {
+        "auc": auc,
+        "accuracy": accuracy,
+        "sensitivity": _nanmean(sens),
+        "specificity": _nanmean(spec),
+    }
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")

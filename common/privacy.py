@@ -1,0 +1,153 @@
+"""Differential-privacy accounting for one site across all rounds of a run.
+
+A site calibrates its noise multiplier once, for every step it may train in the whole run
+(rounds x local epochs x steps per epoch), and keeps Opacus's accountant history across rounds.
+The epsilon it reports is therefore the cumulative epsilon of all its DP-SGD steps so far, never a
+per-round figure. The state is plain JSON on the site's own disk, so a restarted site (or a resumed
+run) continues the same ledger instead of starting from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps), as Opacus keeps
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches in one epoch; Opacus samples each example with probability 1 / this number."""
+    if num_examples < 1:
+        raise ValueError("a site needs at least one training image for DP-SGD")
+    return math.ceil(num_examples / batch_size)
+
+
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Noise multiplier so that `steps` DP-SGD steps at `sample_rate` spend `target_epsilon`."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def epsilon_of(history: list[Step], *, delta: float, accountant: str) -> float:
+    """Epsilon spent by a history of DP-SGD steps, from a fresh Opacus accountant."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyState:
+    """One site's DP state for one run: the calibrated noise and the accountant history."""
+
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    history: list[Step] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken so far."""
+        return sum(int(n) for _, _, n in self.history)
+
+    def epsilon(self) -> float:
+        """Cumulative epsilon over every step taken so far."""
+        return epsilon_of(self.history, delta=self.delta, accountant=self.accountant)
+
+    def record(self, history: list[Step]) -> None:
+        """Replace the history with the accountant's after a round (it only grows)."""
+        if sum(int(n) for _, _, n in history) < self.steps:
+            raise ValueError("accountant history shrank: refusing to forget spent privacy budget")
+        self.history = [(float(s), float(q), int(n)) for s, q, n in history]
+
+    def summary(self) -> dict[str, float | int | str]:
+        """What a site reports: scalars only, no data-derived content beyond dataset size."""
+        return {
+            "epsilon": self.epsilon() if self.history else 0.0,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.accountant,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write atomically so a crash mid-write never loses the spent budget."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".privacy-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyState:
+        """Read a state written by `save`."""
+        raw = json.loads(path.read_text())
+        raw["history"] = [tuple(step) for step in raw.get("history", [])]
+        return cls(**raw)
+
+    @classmethod
+    def plan(
+        cls,
+        *,
+        num_examples: int,
+        batch_size: int,
+        rounds: int,
+        local_epochs: int,
+        target_epsilon: float,
+        delta: float,
+        accountant: str,
+        max_grad_norm: float,
+    ) -> PrivacyState:
+        """Calibrate the noise once for every step this site may train in the run."""
+        # Opacus's DPDataLoader sets the sample rate to 1 / len(loader) and takes that many
+        # steps per epoch; planning with the same numbers makes the plan and the ledger agree.
+        batches = batches_per_epoch(num_examples, batch_size)
+        sample_rate = 1.0 / batches
+        planned = rounds * local_epochs * batches
+        sigma = calibrate_noise(
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=planned,
+            accountant=accountant,
+        )
+        if not math.isfinite(sigma):
+            raise ValueError(f"could not calibrate noise for epsilon {target_epsilon}")
+        return cls(
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            planned_steps=planned,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            accountant=accountant,
+            max_grad_norm=max_grad_norm,
+        )

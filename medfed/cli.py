@@ -1,0 +1,277 @@
+"""The `medfed` command line.
+
+Exit codes (every command):
+    0  success
+    1  the run failed for a reason that is not the input's fault (see the message / --debug)
+    2  bad input or usage: a flag, a file or a site folder is wrong; the message says which and how
+       to fix it
+    3  refused by policy (e.g. a privacy budget would be exceeded)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError, RunConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+
+app = typer.Typer(
+    name="medfed",
+    help=(
+        "Federated learning for medical imaging: train one model across hospitals without "
+        "moving images. Exit codes: 0 ok, 1 run failed, 2 bad input or usage, "
+        "3 refused by policy."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+_state = {"debug": False}
+
+
+class Strategy(str, Enum):
+    """Aggregation strategies (Flower's)."""
+
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    fedmedian = "fedmedian"
+    fedtrimmedavg = "fedtrimmedavg"
+    krum = "krum"
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Turn user mistakes into a one-line message and exit code 2, never a bare traceback."""
+    from common.data import DataError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # the run broke: say so, keep the traceback behind --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        err.print(
+            f"[bold red]failed:[/] {type(exc).__name__}: {exc}\n"
+            "Re-run with `medfed --debug ...` for the full traceback.",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write sites/ and test/ to.")],
+    sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 4,
+    images_per_site: Annotated[int, typer.Option(help="Average images per site.")] = 200,
+    test_images: Annotated[
+        int | None, typer.Option(help="Held-out test images (default: max(200, 2 x per site)).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
+) -> None:
+    """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site."""
+    from simulations.synth import synthesize
+
+    summary = _guard(
+        lambda: synthesize(
+            out_dir, sites=sites, images_per_site=images_per_site, seed=seed,
+            test_images=test_images, overwrite=force,
+        )
+    )
+    table = Table("site", "images", "lesion share", title=f"Synthetic hospitals in {out_dir}")
+    for name in summary.sites:
+        table.add_row(name, str(summary.images[name]), f"{summary.positives[name]:.0%}")
+    out.print(table)
+    out.print(f"held-out test set: {summary.test_images} images in {out_dir / 'test'}")
+    out.print(f"next: medfed check-data {out_dir / 'sites' / summary.sites[0]}")
+
+
+@app.command("check-data")
+def check_data(
+    site_dir: Annotated[Path, typer.Argument(help="A site folder holding labels.csv.")],
+    image_size: Annotated[int, typer.Option(help="Model input size to check against.")] = 64,
+    channels: Annotated[int, typer.Option(help="Model input channels (1 or 3).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the data card as JSON.")] = False,
+) -> None:
+    """Check a site's images and print its data card; exit 0 if usable, 2 if not."""
+    from common.data import Preprocess, check_site
+
+    card = _guard(
+        lambda: check_site(site_dir, Preprocess(image_size=image_size, channels=channels))
+    )
+    if as_json:
+        print(json.dumps(card.to_dict(), indent=2))
+    else:
+        typer.echo(card.to_text())
+    raise typer.Exit(EXIT_OK if card.usable else EXIT_BAD_INPUT)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items() if v is not None}
+
+
+@app.command()
+def simulate(
+    data: Annotated[
+        Path | None, typer.Option(help="Folder holding one folder per site (each with labels.csv).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder to write.")] = None,
+    test_data: Annotated[
+        Path | None, typer.Option(help="Held-out folder; every image in it is a test image.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds. [default: 5]")] = None,
+    strategy: Annotated[
+        Strategy | None, typer.Option(help="Aggregation strategy. [default: fedavg]")
+    ] = None,
+    dp: Annotated[
+        bool | None, typer.Option("--dp/--no-dp", help="DP-SGD at every site. [default: --dp]")
+    ] = None,
+    target_epsilon: Annotated[
+        float | None, typer.Option(help="Each site's epsilon for the whole run. [default: 8]")
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")
+    ] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Local epochs per round. [default: 1]")
+    ] = None,
+    fraction_train: Annotated[
+        float | None, typer.Option(help="Share of sites sampled per round. [default: 1.0]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed. [default: 0]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Local batch size. [default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate. [default: 0.05]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Model input size. [default: 64]")] = None,
+    min_sites: Annotated[
+        int | None, typer.Option(help="Fewest sites a round needs. [default: 2]")
+    ] = None,
+    proximal_mu: Annotated[
+        float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue a run from its last checkpoint.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Simulate a federation: every site folder under --data becomes a virtual hospital."""
+    from simulations.runner import resume_config, simulate as run_simulation
+
+    overrides = _given(
+        sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
+        test_data=str(test_data) if test_data else None, rounds=rounds, strategy=strategy,
+        dp=dp, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
+        local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
+        batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
+        proximal_mu=proximal_mu, device=device,
+    )
+
+    def build() -> RunConfig:
+        if resume is not None:
+            return resume_config(resume, overrides)
+        if data is None or out_dir is None:
+            raise ConfigError("--data and --out are required (or --resume RUN_DIR)")
+        return RunConfig.from_mapping(overrides)
+
+    cfg = _guard(build)
+    results = _guard(
+        lambda: _run_with_progress(cfg, resume is not None, verbose, force, run_simulation)
+    )
+    _print_results(results, Path(cfg.out))
+
+
+def _run_with_progress(
+    cfg: RunConfig, resume: bool, verbose: bool, force: bool, run: Callable[..., dict[str, Any]]
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server.run import RoundUpdate
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    privacy = f"DP-SGD, epsilon {cfg.target_epsilon:g}" if cfg.dp else "no DP"
+    err.print(f"medfed: {cfg.strategy}, {cfg.rounds} rounds, {privacy}; writing {cfg.out}")
+    with Progress(
+        TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=err, transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=cfg.rounds, status="starting sites...")
+
+        def on_round(update: RoundUpdate) -> None:
+            central = update.entry.get("central") or {}
+            fed = update.entry["federated"]["evaluate"]
+            auc = central.get("auc", fed.get("auc"))
+            failed = len(update.entry["failures"])
+            status = f"AUC {auc:.3f}" if isinstance(auc, float) else ""
+            status += f", {len(update.entry['participants'])} sites"
+            status += f", {failed} failed" if failed else ""
+            progress.update(task, completed=update.round, status=status)
+
+        return run(cfg, resume=resume, on_round=on_round, quiet=not verbose, force=force)
+
+
+def _print_results(results: dict[str, Any], run_dir: Path) -> None:
+    final = results.get("final", {})
+    table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} rounds "
+                  f"({final.get('source', 'central')} evaluation)")
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
+        if final.get(key) is not None:
+            table.add_row(key, f"{final[key]:.4f}")
+    out.print(table)
+    privacy = results.get("privacy", {})
+    if privacy and any(p.get("dp") for p in privacy.values()):
+        ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
+        for site, p in privacy.items():
+            ptable.add_row(
+                site, f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
+                str(p["steps"]),
+            )
+        out.print(ptable)
+    out.print(f"results: {run_dir / 'results.json'}")
+    out.print(f"model:   {run_dir / 'model.pt'}")
+    out.print(f"plot:    {run_dir / 'metrics.png'}")
+
+
+def main() -> None:
+    """Entry point of the `medfed` script."""
+    try:
+        app()
+    except SystemExit as exc:
+        # click reports usage errors with exit code 2 already; keep codes as they are.
+        sys.exit(exc.code)

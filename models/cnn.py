@@ -1,0 +1,77 @@
+"""A compact CNN classifier that Opacus accepts: GroupNorm instead of BatchNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    # GroupNorm needs channels divisible by the group count; 8 groups is a good default.
+    return 8 if channels % 8 == 0 else 1
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions with GroupNorm and ReLU, then 2x2 max pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+
+
+class CNNClassifier(nn.Module):
+    """Image classifier for `in_channels` x `image_size` x `image_size` inputs.
+
+    Args:
+        width: channels of the first block; each further block doubles it.
+        depth: number of down-sampling blocks; `image_size` must be divisible by 2**depth.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        image_size: int = 64,
+        width: int = 16,
+        depth: int = 3,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if depth < 1 or image_size % (2**depth) != 0 or image_size < 2**depth:
+            raise ValueError(
+                f"image_size must be a positive multiple of {2**depth} for a {depth}-block CNN, "
+                f"got {image_size}; choose e.g. {max(2**depth, 64)}"
+            )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for i in range(depth):
+            out = width * 2**i
+            blocks.append(ConvBlock(channels, out))
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits of shape (N, num_classes)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        return self.head(self.pool(self.features(x)))

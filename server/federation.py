@@ -1,0 +1,179 @@
+"""A strategy wrapper that records what each site did in each round, and numbers rounds on resume.
+
+It wraps any Flower strategy (as Flower's DP wrappers do) and delegates every decision to it. What
+it adds: per-site train/evaluate metrics and privacy reports, the sites that took part, sites that
+failed and why, and a round offset so a resumed run continues at round k+1 instead of round 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+@dataclass
+class RoundLog:
+    """Everything observed in one round, in plain JSON-able values."""
+
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    sampled: list[str] = field(default_factory=list)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    train_aggregated: dict[str, float] = field(default_factory=dict)
+    evaluate_aggregated: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def participants(self) -> list[str]:
+        """Sites whose training update reached the aggregator this round."""
+        return sorted(self.train)
+
+
+def _scalars(record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
+
+
+class RecordingStrategy(Strategy):
+    """Delegate to `inner`, record each round in `self.rounds` and offset round numbers."""
+
+    def __init__(self, inner: Strategy, *, round_offset: int = 0) -> None:
+        self.inner = inner
+        self.round_offset = round_offset
+        self.rounds: dict[int, RoundLog] = {}
+        self._names: dict[int, str] = {}
+
+    def _log(self, server_round: int) -> RoundLog:
+        r = server_round + self.round_offset
+        if r not in self.rounds:
+            self.rounds[r] = RoundLog(round=r)
+        return self.rounds[r]
+
+    def _name(self, node_id: int) -> str:
+        return self._names.get(node_id, f"node-{node_id}")
+
+    def _read_replies(
+        self, log: RoundLog, stage: str, sent: list[Message], replies: list[Message]
+    ) -> None:
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                log.failures.append(
+                    {"site": self._name(node), "stage": stage, "reason": msg.error.reason}
+                )
+                continue
+            site = msg.content.config_records.get("site")
+            name = str(site["name"]) if site is not None else f"node-{node}"
+            self._names[node] = name
+            metrics = _scalars(next(iter(msg.content.metric_records.values()), None))
+            (log.train if stage == "train" else log.evaluate)[name] = metrics
+            privacy = msg.content.config_records.get("privacy")
+            if privacy is not None:
+                log.privacy[name] = dict(privacy)
+        for msg in sent:
+            if msg.metadata.dst_node_id not in answered:
+                log.failures.append(
+                    {
+                        "site": self._name(msg.metadata.dst_node_id),
+                        "stage": stage,
+                        "reason": "no reply before the round timeout",
+                    }
+                )
+
+    # --- Strategy interface ---------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy sample sites; remember whom it asked."""
+        log = self._log(server_round)
+        log.started = time.perf_counter()
+        messages = list(
+            self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        )
+        self._sent_train = messages
+        log.sampled = [self._name(m.metadata.dst_node_id) for m in messages]
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record each site's reply before the inner strategy (which may consume them)."""
+        replies = list(replies)
+        log = self._log(server_round)
+        self._read_replies(log, "train", getattr(self, "_sent_train", []), replies)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
+        log.train_aggregated = _scalars(metrics)
+        if arrays is None and replies:
+            log.failures.append(
+                {"site": "*", "stage": "aggregate", "reason": "no update could be aggregated"}
+            )
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy choose the evaluating sites."""
+        messages = list(
+            self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        )
+        self._sent_evaluate = messages
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record each site's evaluation, then aggregate with the inner strategy."""
+        replies = list(replies)
+        log = self._log(server_round)
+        self._read_replies(log, "evaluate", getattr(self, "_sent_evaluate", []), replies)
+        metrics = self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        log.evaluate_aggregated = _scalars(metrics)
+        return metrics
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary."""
+        self.inner.summary()
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The arrays a stateful strategy keeps between rounds (e.g. FedAdam's moments).
+
+    Flower's optimiser strategies keep them as attributes holding {name: ndarray}; collecting
+    every such attribute covers FedAdam, FedYogi and FedAdagrad without knowing their internals.
+    """
+    out: dict[str, np.ndarray] = {}
+    for attr, value in vars(strategy).items():
+        if isinstance(value, dict) and value and all(
+            isinstance(v, np.ndarray) for v in value.values()
+        ):
+            for key, array in value.items():
+                out[f"{attr}/{key}"] = array
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Put arrays saved by `strategy_state` back on the strategy."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for flat, array in state.items():
+        attr, key = flat.split("/", 1)
+        grouped.setdefault(attr, {})[key] = np.array(array)
+    for attr, value in grouped.items():
+        if not hasattr(strategy, attr):
+            raise ValueError(
+                f"checkpoint holds state {attr!r} that strategy {type(strategy).__name__} lacks; "
+                "resume with the strategy the run was started with"
+            )
+        setattr(strategy, attr, value)

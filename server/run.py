@@ -1,0 +1,116 @@
+"""One federated run at the aggregator: strategy, central evaluation, checkpoints and results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from server.central import CentralEvaluator
+from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
+from server.record import RunRecord
+from server.strategies import build_strategy
+
+log = logging.getLogger("medfed.server")
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What a progress display is told after each round."""
+
+    round: int
+    total_rounds: int
+    entry: dict[str, Any]
+
+
+ProgressFn = Callable[[RoundUpdate], None]
+
+
+def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Seeded initial weights of the run's model."""
+    from models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+    )
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _train_config(cfg: RunConfig) -> ConfigRecord:
+    # Sites get the whole run config so they train as configured. `proximal-mu` is left to
+    # FedProx, which adds it itself: its presence is what tells a site to apply the term.
+    values = {k: v for k, v in cfg.to_mapping().items() if k != "proximal-mu"}
+    return ConfigRecord(values)
+
+
+def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    site_dirs: Sequence[Path] = (),
+    resume: bool = False,
+    on_round: ProgressFn | None = None,
+) -> RunRecord:
+    """Run `cfg.rounds` rounds (or the rounds left after a checkpoint) and write the results."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
+    if resume:
+        record, start_arrays, saved_state = RunRecord.load_checkpoint(run_dir)
+        record.cfg = cfg
+        restore_strategy_state(strategy, saved_state)
+        log.info("resuming %s after round %d", run_dir, record.last_round)
+    else:
+        record, start_arrays = RunRecord(run_dir, cfg), initial_arrays(cfg)
+    remaining = cfg.rounds - record.last_round
+    if remaining < 1:
+        raise ValueError(
+            f"{run_dir} already completed {record.last_round} rounds of {cfg.rounds}; "
+            "pass a larger --rounds to train further"
+        )
+
+    evaluator = CentralEvaluator.from_config(cfg, site_dirs)
+    recording = RecordingStrategy(strategy, round_offset=record.last_round)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state_dict = arrays.to_torch_state_dict()
+        central = evaluator(state_dict) if evaluator else None
+        if server_round == 0:
+            if not resume:
+                record.initial = central
+            return MetricRecord(central) if central else None
+        entry = record.add_round(recording.rounds[server_round + recording.round_offset], central)
+        record.save_checkpoint(_to_numpy(arrays), strategy_state(strategy))
+        record.write_results()
+        if on_round:
+            on_round(RoundUpdate(entry["round"], cfg.rounds, entry))
+        return MetricRecord(central) if central else None
+
+    result = recording.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in start_arrays.items()}),
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=_train_config(cfg),
+        evaluate_config=_train_config(cfg),
+        evaluate_fn=after_round,
+    )
+    final = _to_numpy(result.arrays) if len(result.arrays) else start_arrays
+    record.save_model(final)
+    record.plot()
+    record.write_results()
+    return record

@@ -1,0 +1,495 @@
+"""Synthetic multi-hospital chest data in real formats: the engine of ``medfed synth``.
+
+No public dataset can be downloaded here, so this is every user's default data. It writes::
+
+    out/sites/hospital-01/labels.csv        path,label,mask,split (train/val/test ~ 70/15/15)
+    out/sites/hospital-01/images/img_0001.dcm
+    out/sites/hospital-01/masks/img_0001.nii.gz
+    ...
+    out/test/labels.csv                      held-out patients, every split is "test"
+    out/identifiers.json                     every fake PatientName / PatientID written
+
+Each DICOM holds one 2D image; label 1 means a lung nodule is present. Each mask is a uint8 NIfTI
+of shape ``(Rows, Columns)`` (2D, rows along axis 0 exactly as ``pixel_array``), 1 inside the
+lesion and all zeros for normals. Its affine maps (row, col) to RAS millimetres: the zooms are
+``PixelSpacing`` and for CT/MR the translation is ``ImagePositionPatient`` (LPS flipped to RAS);
+radiographs have no patient frame, so there it only carries the spacing.
+
+Sites differ the way hospitals do (non-IID): modality and view (CT and MR store axial slices,
+DX and CR store frontal radiographs, one of them MONOCHROME1), vendor, grid size (96 to 192 pixels
+per side) and pixel spacing, intensity scale and offset, noise, blur, transfer syntax (explicit
+little endian, RLE, JPEG-LS and JPEG 2000 lossless), lesion prevalence (15% to 60%) and size
+(0.5x to 1.5x ``images_per_site``). Site ``i`` takes archetype ``i mod 5`` (CT, MR, DX, CT, CR),
+so any federation of five or more sites holds every style; everything else follows from ``seed``,
+and reruns with the same seed write byte-identical files (UIDs included).
+
+Difficulty: lesion size and contrast ranges in :mod:`simulations.phantom` were calibrated so that
+``models.cnn.CNNClassifier`` trained centrally on five 200-image sites reaches a held-out AUC of
+about 0.9 on ``out/test`` and a model trained on one site alone does clearly worse.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
+
+from simulations.phantom import Grid, Scanner, TissueValues, acquire, min_lesion_radius
+from simulations.phantom import sample_phantom
+
+SITE_SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
+PREVALENCE_RANGE = (0.15, 0.60)
+SIZE_FACTOR_RANGE = (0.5, 1.5)
+MIN_IMAGES = 10
+
+# (modality, photometric interpretation, transfer syntax) of site i is _ARCHETYPES[i % 5].
+_ARCHETYPES: tuple[tuple[str, str, UID], ...] = (
+    ("CT", "MONOCHROME2", ExplicitVRLittleEndian),
+    ("MR", "MONOCHROME2", RLELossless),
+    ("DX", "MONOCHROME1", JPEGLSLossless),
+    ("CT", "MONOCHROME2", JPEG2000Lossless),
+    ("CR", "MONOCHROME2", RLELossless),
+)
+_SOP_CLASS = {
+    "CT": CTImageStorage,
+    "MR": MRImageStorage,
+    "DX": DigitalXRayImageStorageForPresentation,
+    "CR": ComputedRadiographyImageStorage,
+}
+_VENDORS = {
+    "CT": (("SIEMENS", "SOMATOM Definition AS"), ("GE MEDICAL SYSTEMS", "Revolution CT"),
+           ("Canon Medical Systems", "Aquilion ONE"), ("Philips", "Ingenuity CT")),
+    "MR": (("SIEMENS", "MAGNETOM Vida"), ("GE MEDICAL SYSTEMS", "SIGNA Premier"),
+           ("Philips Medical Systems", "Ingenia")),
+    "DX": (("Philips Medical Systems", "DigitalDiagnost"), ("Carestream Health", "DRX-Evolution"),
+           ("SIEMENS", "Ysio Max")),
+    "CR": (("FUJIFILM Corporation", "FCR Capsula XL II"), ("Agfa", "CR 85-X"),
+           ("Carestream Health", "DirectView CR 975")),
+}
+_INSTITUTIONS = (
+    "Northvale General Hospital", "St. Brigid Medical Center", "Riverside University Hospital",
+    "Lakeshore Regional Hospital", "Mount Calder Infirmary", "Eastbrook Community Hospital",
+    "Westmere Teaching Hospital", "Harrowgate Chest Clinic", "Kingsford Memorial Hospital",
+    "Aldermoor Health Campus",
+)
+_FAMILY = (
+    "Smith", "Jensen", "Garcia", "Muller", "Rossi", "Novak", "Kowalski", "Dubois", "Silva",
+    "Andersen", "Okafor", "Tanaka", "Nguyen", "Petrov", "Haddad", "Larsen", "Moreau", "Fischer",
+    "Costa", "Murphy", "Schmidt", "Ivanova", "Bakker", "Lindqvist", "Yilmaz", "Kim", "Mensah",
+    "Horvath", "OConnor", "Ferreira",
+)
+_GIVEN = {
+    "F": ("Anna", "Maria", "Sofia", "Emma", "Ingrid", "Amara", "Yuki", "Lena", "Chloe", "Ewa",
+          "Fatima", "Grace", "Hanna", "Ines", "Julia"),
+    "M": ("Lars", "Jan", "Marco", "Pierre", "Ahmed", "Kenji", "Tomas", "Luca", "David", "Oscar",
+          "Erik", "Felix", "Hugo", "Ivan", "Kwame"),
+}
+# Typical tissue values before per-site jitter (CT in HU; MR and radiographs in relative units).
+_CT_TISSUES = TissueValues(air=-1000, fat=-100, soft=45, lung=-860, heart=40, bone=600, vessel=40)
+_MR_TISSUES = (  # T1-like (bright fat, grey vessels) and T2-like (dark blood / flow voids)
+    TissueValues(air=0.0, fat=1.0, soft=0.35, lung=0.06, heart=0.5, bone=0.6, vessel=0.32),
+    TissueValues(air=0.0, fat=0.8, soft=0.3, lung=0.05, heart=0.15, bone=0.45, vessel=0.18),
+)
+_XR_TISSUES = TissueValues(air=0.0, fat=0.5, soft=0.55, lung=0.22, heart=0.78, bone=0.88,
+                           vessel=0.3)
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    """What :func:`synthesize` wrote: site names, images and lesion fraction per site."""
+
+    out: Path
+    sites: list[str]
+    images: dict[str, int]
+    test_images: int
+    positives: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """One hospital's scanner, encoding and case mix.
+
+    ``stored = (value - intercept) / slope`` maps the scanner's physical value to stored pixels
+    (``gamma`` first, for radiographs); MONOCHROME1 then stores ``max - stored``.
+    """
+
+    index: int
+    name: str
+    institution: str
+    manufacturer: str
+    model: str
+    modality: str
+    photometric: str
+    transfer_syntax: UID
+    scanner: Scanner
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+    gamma: float
+    window: tuple[float, float] | None
+    rescale_tags: bool
+    prevalence: float
+    n_images: int
+    station: str
+
+
+def synthesize(
+    out: Path,
+    *,
+    sites: int,
+    images_per_site: int = 200,
+    seed: int = 0,
+    test_images: int | None = None,
+    overwrite: bool = False,
+) -> SynthSummary:
+    """Write ``sites`` synthetic hospital folders and a held-out test folder under ``out``.
+
+    Args:
+        images_per_site: mean site size; each site scales it by a factor in 0.5..1.5.
+        test_images: size of ``out/test`` (default ``max(200, 2 * images_per_site)``), with
+            about 50% lesions and each image in the scanner style of a randomly chosen site.
+        overwrite: replace ``sites/``, ``test/`` and ``identifiers.json`` in a non-empty ``out``
+            (the CLI's ``--force``); other files there are left alone.
+
+    Raises:
+        ValueError: an argument is out of range (the message names its CLI flag).
+        FileExistsError: ``out`` is a file, or a non-empty folder and ``overwrite`` is false.
+    """
+    if sites < 1:
+        raise ValueError(f"--sites must be >= 1, got {sites}")
+    if images_per_site < MIN_IMAGES:
+        raise ValueError(f"--images-per-site must be >= {MIN_IMAGES}, got {images_per_site}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    n_test = max(200, 2 * images_per_site) if test_images is None else test_images
+    if n_test < MIN_IMAGES:
+        raise ValueError(f"--test-images must be >= {MIN_IMAGES}, got {n_test}")
+    out = Path(out)
+    _prepare(out, overwrite)
+
+    profiles = _site_profiles(sites, images_per_site, seed)
+    identifiers: dict[str, dict[str, list[str]]] = {}
+    for profile in profiles:
+        labels = _site_labels(profile, seed)
+        splits = _stratified_splits(labels, _rng(seed, 2, profile.index))
+        jobs = [(profile, int(y), s) for y, s in zip(labels, splits, strict=True)]
+        identifiers[profile.name] = _write_folder(out / "sites" / profile.name, jobs, seed,
+                                                  profile.index)
+    rng = _rng(seed, 3)
+    test_labels = rng.permutation(np.arange(n_test) < n_test // 2)
+    scanners = rng.integers(len(profiles), size=n_test)
+    test_jobs = [(profiles[int(i)], int(y), "test") for i, y in zip(scanners, test_labels,
+                                                                    strict=True)]
+    identifiers["test"] = _write_folder(out / "test", test_jobs, seed, 0)
+    (out / "identifiers.json").write_text(json.dumps(identifiers, indent=1) + "\n")
+
+    return SynthSummary(
+        out=out,
+        sites=[p.name for p in profiles],
+        images={p.name: p.n_images for p in profiles},
+        test_images=n_test,
+        positives={p.name: round(p.prevalence, 4) for p in profiles},
+    )
+
+
+def _prepare(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose a folder for the synthetic data")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} is not empty; pass --force to replace its synthetic data, "
+                "or choose an empty folder"
+            )
+        for name in ("sites", "test"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "identifiers.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # One independent stream per (purpose, site, image): adding a site or an image never
+    # changes what the others look like.
+    return np.random.default_rng([seed, *stream])
+
+
+def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    """``n`` values in [lo, hi), one per equal stratum in random order, so sites always differ."""
+    return lo + (hi - lo) * (rng.permutation(n) + rng.uniform(size=n)) / n
+
+
+def _site_profiles(n_sites: int, images_per_site: int, seed: int) -> list[SiteProfile]:
+    rng = _rng(seed, 0)
+    prevalence = _spread(rng, n_sites, *PREVALENCE_RANGE)
+    factor = _spread(rng, n_sites, *SIZE_FACTOR_RANGE)
+    profiles = []
+    for i in range(n_sites):
+        n = max(MIN_IMAGES, round(images_per_site * factor[i]))
+        profiles.append(_site_profile(i + 1, _rng(seed, 1, i + 1), float(prevalence[i]), n))
+    return profiles
+
+
+def _site_profile(index: int, rng: np.random.Generator, prevalence: float, n: int) -> SiteProfile:
+    modality, photometric, syntax = _ARCHETYPES[(index - 1) % len(_ARCHETYPES)]
+    if syntax.is_compressed and not get_encoder(syntax).is_available:
+        # A missing optional codec must not stop the synthesis; the data stay valid DICOM.
+        syntax = ExplicitVRLittleEndian
+    vendors = _VENDORS[modality]
+    manufacturer, model = vendors[int(rng.integers(len(vendors)))]
+    institution = _INSTITUTIONS[(index - 1) % len(_INSTITUTIONS)]
+    if index > len(_INSTITUTIONS):
+        institution += f" Campus {(index - 1) // len(_INSTITUTIONS) + 1}"
+    u = rng.uniform
+
+    def jitter(t: TissueValues, rel: float, offset: float = 0.0) -> TissueValues:
+        values = {k: v * (1 + u(-rel, rel)) + (offset if k != "air" else 0.0)
+                  for k, v in vars(t).items()}
+        return TissueValues(**values)
+
+    window: tuple[float, float] | None = None
+    gamma = 1.0
+    if modality == "CT":
+        side = int(rng.choice([128, 160, 192]))
+        spacing = u(360, 440) / side
+        grid = Grid(side, side, (spacing, spacing))
+        # CT numbers vary a little between calibrations; the lung window follows the site.
+        scanner = Scanner("axial", grid, jitter(_CT_TISSUES, 0.0, u(-15, 15)), u(0.6, 1.5),
+                          u(10, 35), u(15, 35), 0.0)
+        bits, signed, slope, intercept = int(rng.choice([12, 16])), True, 1.0, -1024.0
+        window = (round(u(-650, -500)), round(u(1300, 1700)))
+    elif modality == "MR":
+        cols = int(rng.choice([128, 160, 192]))
+        rows = int(round(cols * u(0.72, 0.9) / 16) * 16)
+        spacing = u(380, 440) / cols
+        tissues = jitter(_MR_TISSUES[int(rng.integers(2))], 0.1)
+        scanner = Scanner("axial", Grid(rows, cols, (spacing, spacing)), tissues, u(0.9, 1.8),
+                          u(0.015, 0.035), u(0.01, 0.03), u(0.15, 0.35), rician=True)
+        # MR has no physical unit: every site scales (and offsets) its images its own way.
+        scale = u(400, 3500)
+        bits, signed, slope, intercept = 12 if scale < 2500 else 16, False, 1 / scale, -u(0, 80)
+        intercept /= scale
+    else:
+        cols = int(rng.choice([96, 112, 128, 144]))
+        rows = min(192, int(round(cols * u(1.15, 1.3))))
+        spacing = u(390, 430) / rows
+        scanner = Scanner("frontal", Grid(rows, cols, (spacing, spacing)),
+                          jitter(_XR_TISSUES, 0.06), u(1.0, 2.2), u(0.01, 0.025), 0.01,
+                          u(0.04, 0.12))
+        bits, signed, gamma = int(rng.choice([10, 12, 14])), False, u(0.75, 1.35)
+        top = 2**bits - 1
+        slope, intercept = 1 / (top * u(0.7, 0.9)), -u(0.02, 0.08)
+    return SiteProfile(
+        index=index,
+        name=f"hospital-{index:02d}",
+        institution=institution,
+        manufacturer=manufacturer,
+        model=model,
+        modality=modality,
+        photometric=photometric,
+        transfer_syntax=syntax,
+        scanner=scanner,
+        bits_stored=bits,
+        signed=signed,
+        slope=slope,
+        intercept=intercept,
+        gamma=gamma,
+        window=window,
+        rescale_tags=modality == "CT",
+        prevalence=prevalence,
+        n_images=n,
+        station=f"{modality}{index:02d}{int(rng.integers(1, 9))}",
+    )
+
+
+def _site_labels(profile: SiteProfile, seed: int) -> np.ndarray:
+    n_pos = min(profile.n_images - 1, max(1, round(profile.prevalence * profile.n_images)))
+    return _rng(seed, 2, profile.index, 0).permutation(np.arange(profile.n_images) < n_pos)
+
+
+def _stratified_splits(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Assign train/val/test ~ 70/15/15 within each class, so val and test hold both."""
+    splits = [""] * len(labels)
+    for cls in (False, True):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_train = round(SITE_SPLITS[0][1] * idx.size)
+        n_val = round(SITE_SPLITS[1][1] * idx.size)
+        for k, i in enumerate(idx):
+            splits[i] = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+    return splits
+
+
+def _write_folder(
+    folder: Path, jobs: list[tuple[SiteProfile, int, str]], seed: int, site_index: int
+) -> dict[str, list[str]]:
+    """Write images, masks and labels.csv for one folder; return its fake identifiers."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    ids: dict[str, list[str]] = {"patient_names": [], "patient_ids": [], "accession_numbers": []}
+    rows = []
+    for n, (profile, label, split) in enumerate(jobs, start=1):
+        stem = f"img_{n:04d}"
+        rng = _rng(seed, 4, site_index, n)
+        scanner = profile.scanner
+        phantom = sample_phantom(rng, scanner.view, lesion=bool(label),
+                                 min_radius=min_lesion_radius(scanner.grid))
+        image, mask = acquire(phantom, scanner, rng)
+        ds = _dataset(profile, _encode(profile, image), rng, seed, site_index, n)
+        ds.save_as(folder / "images" / f"{stem}.dcm", enforce_file_format=True)
+        nib.save(_mask_nifti(mask, ds), folder / "masks" / f"{stem}.nii.gz")
+        rows.append((f"images/{stem}.dcm", label, f"masks/{stem}.nii.gz", split))
+        ids["patient_names"].append(str(ds.PatientName))
+        ids["patient_ids"].append(ds.PatientID)
+        ids["accession_numbers"].append(ds.AccessionNumber)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "label", "mask", "split"))
+        writer.writerows(rows)
+    return ids
+
+
+def _encode(profile: SiteProfile, image: np.ndarray) -> np.ndarray:
+    """Physical values -> stored integers in the site's bit depth and photometric sense."""
+    value = image.astype(np.float64)
+    if profile.gamma != 1.0:
+        value = np.clip(value, 0.0, None) ** profile.gamma
+    stored = np.rint((value - profile.intercept) / profile.slope)
+    bits = profile.bits_stored
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if profile.signed else (0, 2**bits - 1)
+    stored = np.clip(stored, lo, hi)
+    if profile.photometric == "MONOCHROME1":
+        stored = hi - stored
+    return stored.astype(np.int16 if profile.signed else np.uint16)
+
+
+def _dataset(
+    profile: SiteProfile,
+    pixels: np.ndarray,
+    rng: np.random.Generator,
+    seed: int,
+    site_index: int,
+    n: int,
+) -> Dataset:
+    def uid(kind: str) -> UID:
+        # Deterministic entropy: the same seed writes the same UIDs, different seeds never clash.
+        return generate_uid(entropy_srcs=["medfed-synth", str(seed), str(site_index), str(n), kind])
+
+    scanner = profile.scanner
+    sop_class = _SOP_CLASS[profile.modality]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = uid("instance")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
+
+    sex = "F" if rng.uniform() < 0.5 else "M"
+    given = _GIVEN[sex][int(rng.integers(len(_GIVEN[sex])))]
+    family = _FAMILY[int(rng.integers(len(_FAMILY)))]
+    study_day = date(2019, 1, 1) + timedelta(days=int(rng.integers(6 * 365)))
+    birth = study_day - timedelta(days=int(rng.integers(25 * 365, 85 * 365)))
+    ds.PatientName = f"{family}^{given}"
+    ds.PatientID = f"MF{site_index:02d}{n:05d}"
+    ds.PatientBirthDate = birth.strftime("%Y%m%d")
+    ds.PatientSex = sex
+    ds.PatientAge = f"{(study_day - birth).days // 365:03d}Y"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_day.strftime("%Y%m%d")
+    seconds = int(rng.integers(7 * 3600, 19 * 3600))
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = (
+        f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+    )
+    ds.AccessionNumber = f"A{site_index:02d}{int(rng.integers(10**7, 10**8))}"
+    ds.StudyID = str(n)
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Modality = profile.modality
+    ds.Manufacturer = profile.manufacturer
+    ds.ManufacturerModelName = profile.model
+    ds.InstitutionName = profile.institution
+    ds.StationName = profile.station
+    ds.BodyPartExamined = "CHEST"
+    ds.StudyDescription = "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if scanner.view == "axial" else ["ORIGINAL", "PRIMARY"]
+
+    rows, cols = pixels.shape
+    spacing = [f"{s:.6g}" for s in scanner.grid.spacing]
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelSpacing = spacing
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = profile.photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = profile.bits_stored
+    ds.HighBit = profile.bits_stored - 1
+    ds.PixelRepresentation = int(profile.signed)
+    if scanner.view == "axial":
+        ys, xs = scanner.grid.axes()
+        z = round(float(rng.uniform(-220, -120)), 1)
+        ds.FrameOfReferenceUID = uid("frame")
+        ds.PatientPosition = "HFS"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [f"{xs[0]:.4f}", f"{ys[0]:.4f}", f"{z}"]
+        ds.SliceLocation = z
+        ds.SliceThickness = round(float(rng.choice([1.0, 1.25, 2.5, 5.0])), 2)
+    else:
+        ds.ImagerPixelSpacing = spacing
+        ds.ViewPosition = "PA"
+        ds.PatientOrientation = ["L", "F"]
+    if profile.modality == "CT":
+        ds.KVP = int(rng.choice([100, 120]))
+        ds.ConvolutionKernel = "B30f" if scanner.blur_mm > 1.0 else "B60f"
+    elif profile.modality == "MR":
+        ds.MagneticFieldStrength = 3.0 if "Vida" in profile.model else 1.5
+        ds.ScanningSequence = "GR" if scanner.tissues.fat > 0.9 else "SE"
+    else:
+        ds.KVP = int(rng.choice([110, 120, 125]))
+        if profile.modality == "DX":
+            ds.PresentationIntentType = "FOR PRESENTATION"
+    if profile.rescale_tags:
+        ds.RescaleIntercept = f"{profile.intercept:g}"
+        ds.RescaleSlope = f"{profile.slope:g}"
+        ds.RescaleType = "HU"
+    if profile.window is not None:
+        ds.WindowCenter, ds.WindowWidth = profile.window
+
+    if profile.transfer_syntax == ExplicitVRLittleEndian:
+        ds.PixelData = pixels.tobytes()
+    else:
+        ds.compress(profile.transfer_syntax, pixels, generate_instance_uid=False)
+    return ds
+
+
+def _mask_nifti(mask: np.ndarray, ds: Dataset) -> nib.Nifti1Image:
+    """Mask as a 2D NIfTI whose affine maps (row, col) to RAS mm, spacing = PixelSpacing."""
+    dr, dc = (float(s) for s in ds.PixelSpacing)
+    x0, y0, z0 = (float(v) for v in ds.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
+    # DICOM is LPS with rows along +y and columns along +x; NIfTI is RAS, so x and y flip sign.
+    affine = np.array(
+        [[0.0, -dc, 0.0, -x0], [-dr, 0.0, 0.0, -y0], [0.0, 0.0, 1.0, z0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    return img
