@@ -17,7 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
@@ -108,7 +117,7 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = RunConfig.from_mapping(msg.content["config"], strict=False)
+        cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
         images, labels = _labelled(_site_data(site, pre, cfg.seed), "train")
@@ -120,14 +129,15 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
             image_size=cfg.image_size,
         )
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        config = msg.content.config_records["config"]
+        mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
         settings = LocalTraining(
-            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, proximal_mu=mu,
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+            lr=cfg.lr, momentum=cfg.momentum, proximal_mu=mu,
         )
-        server_round = int(msg.content["config"].get("server-round", 0))
-        metrics: dict[str, float | int] = {}
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        metrics: dict[str, MetricRecordValues] = {}
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
         if cfg.dp:
             run_key = cfg.run_key or str(context.run_id)
@@ -139,7 +149,8 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             privacy.save(_privacy_path(site, run_key))
             summary = privacy.summary()
             metrics["epsilon"] = float(summary["epsilon"])
-            records["privacy"] = ConfigRecord(summary)
+            privacy_record: dict[str, ConfigRecordValues] = dict(summary)
+            records["privacy"] = ConfigRecord(privacy_record)
         else:
             report = train_local(
                 model, images, labels, settings=settings, device=device,
@@ -160,7 +171,7 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
-        cfg = RunConfig.from_mapping(msg.content["config"], strict=False)
+        cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
         images, labels = _labelled(_site_data(site, pre, cfg.seed), "val")
@@ -171,9 +182,10 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
             image_size=cfg.image_size,
         )
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         result = evaluate(model, images, labels, device=resolve_device(cfg.device))
-        result_record = MetricRecord({**result, "num-examples": len(labels)})
+        values: dict[str, MetricRecordValues] = {**result, "num-examples": len(labels)}
+        result_record = MetricRecord(values)
         content = RecordDict(
             {"metrics": result_record, "site": ConfigRecord({"name": site.name})}
         )

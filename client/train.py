@@ -6,9 +6,10 @@ DP-SGD notes that matter for the privacy guarantee:
 - Batches are Poisson-sampled (Opacus's DPDataLoader), which the accountant's analysis assumes.
 - The noise generator is seeded from the operating system's entropy, never from the run's seed:
   the aggregator knows the run seed, and noise it could regenerate would protect nothing.
-- FedProx's proximal term is data-independent, so it is applied as a separate step after each
-  optimiser step. Added to the loss it would be silently dropped by Opacus, whose gradients come
-  from per-sample gradients of the data loss only.
+- FedProx's proximal gradient mu * (w - w_global) is added to the gradient after Opacus has
+  clipped and noised it, right before the optimiser step. It is data-independent, so this costs
+  no privacy; added to the loss it would be silently dropped, because Opacus builds the gradient
+  from per-sample gradients of the data loss only. Without DP this is exactly FedProx.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,9 +46,18 @@ class LocalTraining:
 
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
     proximal_mu: float = 0.0
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """A fresh optimiser for one round (its state never crosses rounds or sites)."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.lr)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+        raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -94,16 +105,33 @@ def _run_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(x), y)
             loss.backward()
-            optimizer.step()
+            if isinstance(optimizer, DPOptimizer):
+                # What DPOptimizer.step does, with the proximal gradient added after the noise.
+                if not optimizer.pre_step():
+                    continue
+                _add_proximal_gradient(params, global_params, settings.proximal_mu)
+                optimizer.original_optimizer.step()
+            else:
+                _add_proximal_gradient(params, global_params, settings.proximal_mu)
+                optimizer.step()
             steps += 1
-            if global_params is not None and settings.proximal_mu > 0:
-                with torch.no_grad():
-                    for name, anchor in global_params.items():
-                        p = params[name]
-                        p.sub_(settings.lr * settings.proximal_mu * (p - anchor))
             total_loss += float(loss.detach()) * len(y)
             seen += len(y)
     return (total_loss / seen if seen else float("nan")), steps
+
+
+@torch.no_grad()
+def _add_proximal_gradient(
+    params: dict[str, nn.Parameter],
+    anchor: Mapping[str, torch.Tensor] | None,
+    mu: float,
+) -> None:
+    if anchor is None or mu <= 0:
+        return
+    for name, reference in anchor.items():
+        p = params[name]
+        if p.grad is not None:
+            p.grad.add_(p - reference, alpha=mu)
 
 
 def train_local(
@@ -120,6 +148,7 @@ def train_local(
 
     Args:
         proximal: anchor the FedProx term at the weights `model` holds on entry.
+
     """
     started = time.perf_counter()
     model.to(device)
@@ -130,7 +159,7 @@ def train_local(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    optimizer = settings.make_optimizer(model)
     loss, steps = _run_epochs(model, optimizer, loader, settings, device, anchor)
     return TrainReport(loss, len(labels), steps, time.perf_counter() - started)
 
@@ -155,7 +184,7 @@ def train_local_dp(
     anchor = _snapshot(model) if proximal else None
     engine = PrivacyEngine(accountant=privacy.accountant)
     engine.accountant.history = list(privacy.history)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    optimizer = settings.make_optimizer(model)
     # Opacus turns this into Poisson sampling at rate 1 / len(loader): the rate the plan assumed,
     # and the accountant records the rate actually used if the site's data changed since.
     loader = DataLoader(_dataset(images, labels), batch_size=settings.batch_size)

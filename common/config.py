@@ -16,6 +16,7 @@ from typing import Any
 TASKS = ("classify",)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+OPTIMIZERS = ("adam", "sgd")
 MODELS = ("cnn",)
 
 
@@ -43,7 +44,8 @@ class RunConfig:
     rounds: int = 5
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    optimizer: str = "adam"
+    lr: float = 1e-3
     momentum: float = 0.9
     dp: bool = True
     target_epsilon: float = 8.0
@@ -79,6 +81,7 @@ class RunConfig:
         need(self.rounds >= 1, "rounds", "must be >= 1")
         need(self.local_epochs >= 1, "local_epochs", "must be >= 1")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(self.target_epsilon > 0, "target_epsilon", "must be > 0")

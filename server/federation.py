@@ -70,9 +70,8 @@ class RecordingStrategy(Strategy):
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
-                log.failures.append(
-                    {"site": self._name(node), "stage": stage, "reason": msg.error.reason}
-                )
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                log.failures.append({"site": self._name(node), "stage": stage, "reason": reason})
                 continue
             site = msg.content.config_records.get("site")
             name = str(site["name"]) if site is not None else f"node-{node}"

@@ -136,8 +136,8 @@ class RunRecord:
         """Everything needed to resume after this round, swapped in as a whole."""
         final = self.run_dir / CHECKPOINT
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".checkpoint-"))
-        np.savez(tmp / "arrays.npz", **arrays)
-        np.savez(tmp / "strategy.npz", **strategy_state)
+        np.savez(tmp / "arrays.npz", allow_pickle=False, **arrays)
+        np.savez(tmp / "strategy.npz", allow_pickle=False, **strategy_state)
         state = {
             "round": self.last_round,
             "config": self.cfg.to_mapping(),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
@@ -53,6 +53,13 @@ def _train_config(cfg: RunConfig) -> ConfigRecord:
     return ConfigRecord(values)
 
 
+def _metric_record(values: dict[str, float] | None) -> MetricRecord | None:
+    if values is None:
+        return None
+    typed: dict[str, MetricRecordValues] = dict(values)
+    return MetricRecord(typed)
+
+
 def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -70,12 +77,12 @@ def run_federation(
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
     if resume:
-        record, start_arrays, saved_state = RunRecord.load_checkpoint(run_dir)
+        record, start, saved_state = RunRecord.load_checkpoint(run_dir)
         record.cfg = cfg
         restore_strategy_state(strategy, saved_state)
         log.info("resuming %s after round %d", run_dir, record.last_round)
     else:
-        record, start_arrays = RunRecord(run_dir, cfg), initial_arrays(cfg)
+        record, start = RunRecord(run_dir, cfg), initial_arrays(cfg)
     remaining = cfg.rounds - record.last_round
     if remaining < 1:
         raise ValueError(
@@ -92,24 +99,24 @@ def run_federation(
         if server_round == 0:
             if not resume:
                 record.initial = central
-            return MetricRecord(central) if central else None
+            return _metric_record(central)
         entry = record.add_round(recording.rounds[server_round + recording.round_offset], central)
         record.save_checkpoint(_to_numpy(arrays), strategy_state(strategy))
         record.write_results()
         if on_round:
             on_round(RoundUpdate(entry["round"], cfg.rounds, entry))
-        return MetricRecord(central) if central else None
+        return _metric_record(central)
 
     result = recording.start(
         grid=grid,
-        initial_arrays=ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in start_arrays.items()}),
+        initial_arrays=ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in start.items()}),
         num_rounds=remaining,
         timeout=cfg.round_timeout,
         train_config=_train_config(cfg),
         evaluate_config=_train_config(cfg),
         evaluate_fn=after_round,
     )
-    final = _to_numpy(result.arrays) if len(result.arrays) else start_arrays
+    final = _to_numpy(result.arrays) if len(result.arrays) else start
     record.save_model(final)
     record.plot()
     record.write_results()

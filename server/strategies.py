@@ -1,4 +1,4 @@
-"""Choose a Flower strategy by name. medfed wraps Flower's strategies; it never re-implements them."""
+"""Choose a Flower strategy by name: medfed wraps Flower's strategies, never re-implements them."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def build_strategy(cfg: RunConfig, *, num_sites: int | None = None) -> Strategy:
     Args:
         num_sites: sites known to exist (simulation); caps the minimums so a small
             federation is not left waiting for sites that will never come.
+
     """
     min_sites = cfg.min_sites if num_sites is None else min(cfg.min_sites, num_sites)
     common: dict[str, Any] = {

@@ -26,6 +26,10 @@ View = Literal["axial", "frontal"]
 # (see tests/simulations/test_synth.py and the calibration notes in simulations/synth.py).
 LESION_DIAMETER_MM = (7.0, 22.0)
 LESION_CONTRAST = (0.12, 0.75)  # fraction of the lung -> soft-tissue step
+# Lung vessels per lung and their radius range (mm, hilum to periphery): the look-alikes that
+# keep small lesions from being trivial.
+VESSELS_PER_LUNG = (8, 20)
+VESSEL_RADIUS_MM = (0.6, 2.4)
 # Harmonic amplitudes of a lobulated outline; their sum bounds how far it strays from a circle.
 LESION_LOBULATION = (0.12, 0.08, 0.05)
 
@@ -140,6 +144,7 @@ class Scanner:
         texture: amplitude of smooth parenchymal texture, in tissue units.
         bias: amplitude of smooth multiplicative shading (MR coil profile, X-ray heel effect).
         rician: magnitude (MR) noise instead of additive Gaussian noise.
+
     """
 
     view: View
@@ -160,6 +165,7 @@ def sample_phantom(
     Args:
         min_radius: smallest lesion radius in mm; pass ``min_lesion_radius(grid)`` so that the
             lesion mask is never empty on the grid it will be imaged on.
+
     """
     sample = _sample_axial if view == "axial" else _sample_frontal
     return sample(rng, lesion, min_radius)
@@ -207,10 +213,11 @@ def _axial_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> l
     # Vessels are denser and wider near the hilum (medial), thinner towards the pleura, and
     # cut obliquely by the slice, so some look round (nodule-like) and some elongated.
     out = []
-    for _ in range(int(rng.integers(14, 30))):
+    lo, hi = VESSEL_RADIUS_MM
+    for _ in range(int(rng.integers(*VESSELS_PER_LUNG))):
         x, y = lung.sample_inside(rng, 3.0)
         medial = 1.0 - min(abs(x - midline) / (abs(lung.cx - midline) + lung.ax), 1.0)
-        r = rng.uniform(0.7, 1.6) + 2.4 * medial * rng.uniform(0.3, 1.0)
+        r = lo + (hi - lo) * medial * rng.uniform(0.3, 1.0)
         out.append(Ellipse(x, y, r * rng.uniform(1.0, 3.5), r, rng.uniform(0, np.pi)))
     return out
 
@@ -254,10 +261,11 @@ def _frontal_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) ->
     hx = lung.cx - np.sign(lung.cx - midline) * 0.55 * lung.ax
     hy = lung.cy + rng.uniform(-0.1, 0.15) * lung.ay
     out = []
-    for _ in range(int(rng.integers(20, 40))):
+    lo, hi = VESSEL_RADIUS_MM
+    for _ in range(int(rng.integers(*VESSELS_PER_LUNG)) * 2):
         x, y = lung.sample_inside(rng, 4.0)
         dist = float(np.hypot(x - hx, y - hy))
-        width = max(0.6, 2.6 * (1.0 - dist / (1.6 * lung.ay))) * rng.uniform(0.7, 1.3)
+        width = max(lo, hi * (1.0 - dist / (1.6 * lung.ay))) * rng.uniform(0.7, 1.3)
         out.append(Ellipse(x, y, rng.uniform(5, 14), width, float(np.arctan2(y - hy, x - hx))))
     return out
 

@@ -124,7 +124,7 @@ def simulate(
             ),
             client_app=make_client_app(refs),
             num_supernodes=len(refs),
-            backend_config=backend_config,  # type: ignore[arg-type]
+            backend_config=backend_config,
         )
     finally:
         flwr_logger.setLevel(saved_level)

@@ -54,8 +54,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from simulations.phantom import Grid, Scanner, TissueValues, acquire, min_lesion_radius
-from simulations.phantom import sample_phantom
+from simulations.phantom import (
+    Grid,
+    Scanner,
+    TissueValues,
+    acquire,
+    min_lesion_radius,
+    sample_phantom,
+)
 
 SITE_SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 PREVALENCE_RANGE = (0.15, 0.60)
@@ -175,6 +181,7 @@ def synthesize(
     Raises:
         ValueError: an argument is out of range (the message names its CLI flag).
         FileExistsError: ``out`` is a file, or a non-empty folder and ``overwrite`` is false.
+
     """
     if sites < 1:
         raise ValueError(f"--sites must be >= 1, got {sites}")

@@ -23,6 +23,12 @@ def _data(n: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _distance(model: torch.nn.Module, start: list[torch.Tensor]) -> float:
+    return sum(
+        float((p.detach() - s).norm()) for p, s in zip(model.parameters(), start, strict=True)
+    )
+
+
 def _privacy(n: int, batch: int, *, sigma: float, clip: float) -> PrivacyState:
     return PrivacyState(
         noise_multiplier=sigma, sample_rate=batch / n, planned_steps=1, target_epsilon=1e9,
@@ -32,7 +38,7 @@ def _privacy(n: int, batch: int, *, sigma: float, clip: float) -> PrivacyState:
 
 def test_dp_without_noise_or_clipping_equals_a_plain_sgd_step() -> None:
     images, labels = _data(16)
-    settings = LocalTraining(epochs=1, batch_size=16, lr=0.1, momentum=0.0)
+    settings = LocalTraining(epochs=1, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.0)
     plain, private = _model(), _model()
     train_local(plain, images, labels, settings=settings, device=CPU)
     # sample rate 1: Poisson sampling includes every image, so both take one full-batch step
@@ -53,7 +59,8 @@ def test_clipping_bounds_the_update() -> None:
     model = _model()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     train_local_dp(
-        model, images, labels, settings=LocalTraining(batch_size=16, lr=lr, momentum=0.0),
+        model, images, labels,
+        settings=LocalTraining(batch_size=16, optimizer="sgd", lr=lr, momentum=0.0),
         device=CPU, privacy=_privacy(16, 16, sigma=0.0, clip=clip),
     )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -102,9 +109,9 @@ def test_proximal_term_pulls_towards_the_global_model() -> None:
         start = [p.detach().clone() for p in model.parameters()]
         train_local(
             model, images, labels, device=CPU, proximal=mu > 0,
-            settings=LocalTraining(epochs=5, batch_size=8, lr=0.05, proximal_mu=mu),
+            settings=LocalTraining(epochs=5, batch_size=8, lr=0.01, proximal_mu=mu),
         )
-        drift[mu] = sum(float((p.detach() - s).norm()) for p, s in zip(model.parameters(), start, strict=True))
+        drift[mu] = _distance(model, start)
     assert drift[10.0] < drift[0.0]
 
 
@@ -114,11 +121,28 @@ def test_training_learns_a_separable_task() -> None:
     before = evaluate(model, images, labels, device=CPU)
     train_local(
         model, images, labels, device=CPU,
-        settings=LocalTraining(epochs=15, batch_size=16, lr=0.05),
+        settings=LocalTraining(epochs=15, batch_size=16, lr=0.01),
     )
     after = evaluate(model, images, labels, device=CPU)
     assert after["loss"] < before["loss"]
     assert after["auc"] > 0.9
+
+
+def test_proximal_term_also_acts_under_dp() -> None:
+    images, labels = _data(32)
+    drift = {}
+    for mu in (0.0, 50.0):
+        model = _model()
+        start = [p.detach().clone() for p in model.parameters()]
+        train_local_dp(
+            model, images, labels, device=CPU, proximal=mu > 0,
+            privacy=_privacy(32, 8, sigma=0.0, clip=1.0),
+            settings=LocalTraining(
+                epochs=5, batch_size=8, optimizer="sgd", lr=0.05, proximal_mu=mu
+            ),
+        )
+        drift[mu] = _distance(model, start)
+    assert drift[50.0] < 0.5 * drift[0.0]
 
 
 def test_device_resolution() -> None:
