@@ -1,0 +1,163 @@
+"""A hospital site's images as arrays per split, skipping (and reporting) unusable files."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from common.data.cache import ImageCache
+from common.data.errors import ImageError, Problem
+from common.data.image import LoadedImage, check_mask_geometry
+from common.data.labels import SPLITS, Row, read_labels
+from common.data.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+SPLIT_CHOICES = (*SPLITS, "all")
+UNLABELLED = -1
+
+
+@dataclass
+class SiteArrays:
+    """Samples of one split: every slice of every readable image is one sample.
+
+    images: float32 (N, C, H, W) in [0, 1].
+    labels: int64 (N,), -1 for unlabelled.
+    rows: int64 (N,), index into SiteData.rows of the row each sample came from.
+    masks: uint8 (N, 1, H, W) when every sample's row has a mask, else None.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    rows: np.ndarray
+    masks: np.ndarray | None = None
+
+
+class LoadedRow(NamedTuple):
+    """One readable row of labels.csv with its decoded image and, if listed, mask."""
+
+    row_index: int
+    image: LoadedImage
+    mask: np.ndarray | None
+
+
+_LOGGED_PROBLEMS = 5
+
+
+class SiteData:
+    """The images of one site folder, decoded lazily through the disk cache.
+
+    Reads labels.csv at construction (DataError if unusable). Files that cannot be read are
+    skipped, logged as warnings and collected in `problems`.
+    """
+
+    def __init__(
+        self,
+        site_dir: Path,
+        pre: Preprocess,
+        *,
+        seed: int = 0,
+        cache_dir: Path | None = None,
+        masks: bool = False,
+    ) -> None:
+        self.site_dir = Path(site_dir)
+        # Only tasks that train on masks load them; a broken mask must not cost a classifier
+        # the image.
+        self.load_masks = masks
+        self.name = self.site_dir.resolve().name
+        self.pre = pre
+        self.rows: list[Row] = read_labels(self.site_dir, seed=seed)
+        self.problems: list[Problem] = []
+        self._cache = ImageCache(cache_dir)
+        # Rows already found unreadable are not retried by later split() calls.
+        self._failed: set[int] = set()
+        self._reported: set[Problem] = set()
+
+    def counts(self) -> dict[str, dict[int, int]]:
+        """Labelled rows per class for each of train/val/test, from labels.csv (no decoding).
+
+        Unlabelled rows are not counted here (the data card reports them separately).
+        """
+        result: dict[str, dict[int, int]] = {}
+        for split in SPLITS:
+            labels = Counter(r.label for r in self.rows if r.split == split and r.label is not None)
+            result[split] = dict(sorted(labels.items()))
+        return result
+
+    def split(self, which: str) -> SiteArrays:
+        """Return the samples of "train", "val", "test" or "all" (decoding only cache misses)."""
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        rows: list[int] = []
+        masks: list[np.ndarray | None] = []
+        for loaded in self.iter_rows(which):
+            count = len(loaded.image.pixels)
+            label = self.rows[loaded.row_index].label
+            images.append(loaded.image.pixels)
+            labels += [UNLABELLED if label is None else label] * count
+            rows += [loaded.row_index] * count
+            masks.append(loaded.mask)
+        size, channels = self.pre.image_size, self.pre.channels
+        with_masks = bool(masks) and all(m is not None for m in masks)
+        return SiteArrays(
+            images=(
+                np.concatenate(images)
+                if images
+                else np.zeros((0, channels, size, size), dtype=np.float32)
+            ),
+            labels=np.asarray(labels, dtype=np.int64),
+            rows=np.asarray(rows, dtype=np.int64),
+            masks=np.concatenate([m for m in masks if m is not None]) if with_masks else None,
+        )
+
+    def iter_rows(self, which: str) -> Iterator[LoadedRow]:
+        """Yield each readable row of split `which` with its decoded image (and mask)."""
+        if which not in SPLIT_CHOICES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_CHOICES)}; got {which!r}")
+        for index, row in enumerate(self.rows):
+            if (which != "all" and row.split != which) or index in self._failed:
+                continue
+            loaded = self._load(index, row)
+            if loaded is None:
+                self._failed.add(index)
+            else:
+                yield loaded
+
+    def _load(self, index: int, row: Row) -> LoadedRow | None:
+        try:
+            image = self._cache.image(self.site_dir / row.path, self.pre)
+        except ImageError as e:
+            self._report(Problem(row.path, f"{e.reason}; skipped"))
+            return None
+        for inner in image.meta.skipped:
+            self._report(Problem(f"{row.path}/{inner.path}", inner.reason))
+        mask = None
+        if row.mask is not None and self.load_masks:
+            try:
+                mask, mask_meta = self._cache.mask(self.site_dir / row.mask, self.pre)
+                check_mask_geometry(mask_meta, image.meta)
+            except ImageError as e:
+                # An image whose declared mask is broken would train a segmenter on nothing.
+                self._report(Problem(row.mask, f"{e.reason}; row {row.path} skipped"))
+                return None
+        return LoadedRow(index, image, mask)
+
+    def _report(self, problem: Problem) -> None:
+        if problem in self._reported:
+            return
+        self._reported.add(problem)
+        self.problems.append(problem)
+        # A broken export can make hundreds of files fail alike: log a few, point to the card.
+        if len(self.problems) <= _LOGGED_PROBLEMS:
+            log.warning("site %s: %s: %s", self.name, problem.path, problem.reason)
+        elif len(self.problems) == _LOGGED_PROBLEMS + 1:
+            log.warning(
+                "site %s: more files skipped; `medfed check-data %s` lists every one",
+                self.name, self.site_dir,
+            )
