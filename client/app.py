@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
-from common.privacy import PrivacyState
+from common.privacy import PrivacyState, batches_per_epoch
 from common.sites import SiteRef, discover_sites
 from models import build_model
 
@@ -142,6 +142,10 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         if cfg.dp:
             run_key = cfg.run_key or str(context.run_id)
             privacy = _load_or_plan_privacy(site, cfg, run_key, len(labels))
+            rounds_left = max(1, cfg.rounds - server_round + 1)
+            privacy.ensure_room(
+                rounds_left * cfg.local_epochs * batches_per_epoch(len(labels), cfg.batch_size)
+            )
             report = train_local_dp(
                 model, images, labels, settings=settings, device=device, privacy=privacy,
                 proximal=mu > 0,

@@ -47,7 +47,7 @@ class LocalTraining:
     epochs: int = 1
     batch_size: int = 32
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-4
     momentum: float = 0.9  # SGD only
     proximal_mu: float = 0.0
 

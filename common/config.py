@@ -45,7 +45,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-4
     momentum: float = 0.9
     dp: bool = True
     target_epsilon: float = 8.0

@@ -19,7 +19,12 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps), as Opacus keeps
+# (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
+Step = tuple[float, float, int]
+
+
+class PrivacyBudgetSpent(RuntimeError):
+    """Training further would take a site past the run's target epsilon."""
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -84,6 +89,39 @@ class PrivacyState:
         if sum(int(n) for _, _, n in history) < self.steps:
             raise ValueError("accountant history shrank: refusing to forget spent privacy budget")
         self.history = [(float(s), float(q), int(n)) for s, q, n in history]
+
+    def ensure_room(self, remaining_steps: int) -> None:
+        """Make the rest of the run fit the target epsilon, or refuse.
+
+        The noise was calibrated for the steps planned at the start. When a run is extended (a
+        resume with more rounds), those steps no longer cover it: the noise is recalibrated so
+        that history plus `remaining_steps` spends at most the target. Raises
+        PrivacyBudgetSpent when even very large noise cannot keep the site within it.
+        """
+        def spent_with(sigma: float) -> float:
+            return epsilon_of(
+                [*self.history, (sigma, self.sample_rate, remaining_steps)],
+                delta=self.delta, accountant=self.accountant,
+            )
+
+        if remaining_steps < 1 or spent_with(self.noise_multiplier) <= self.target_epsilon:
+            return
+        high = self.noise_multiplier
+        while self.epsilon() < self.target_epsilon and high < 1e4:  # grow until the target fits
+            high *= 2
+            if spent_with(high) <= self.target_epsilon:
+                break
+        else:
+            raise PrivacyBudgetSpent(
+                f"epsilon {self.epsilon():.3f} of the target {self.target_epsilon:g} is spent; "
+                "this site trains no further in this run (start a new run with a new budget)"
+            )
+        low = self.noise_multiplier
+        for _ in range(30):  # bisect to the smallest noise that fits
+            mid = (low + high) / 2
+            low, high = (low, mid) if spent_with(mid) <= self.target_epsilon else (mid, high)
+        self.noise_multiplier = high
+        self.planned_steps = self.steps + remaining_steps
 
     def summary(self) -> dict[str, float | int | str]:
         """What a site reports: scalars only, no data-derived content beyond dataset size."""

@@ -173,7 +173,7 @@ def simulate(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [default: 0]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size. [default: 32]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate. [default: 0.05]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate. [default: 3e-4]")] = None,
     image_size: Annotated[int | None, typer.Option(help="Model input size. [default: 64]")] = None,
     min_sites: Annotated[
         int | None, typer.Option(help="Fewest sites a round needs. [default: 2]")
@@ -226,7 +226,7 @@ def central(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs over the pooled data.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
     image_size: Annotated[int, typer.Option(help="Model input size.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

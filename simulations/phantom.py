@@ -24,8 +24,10 @@ View = Literal["axial", "frontal"]
 
 # Lesion difficulty, calibrated so that the reference CNN reaches a held-out AUC of about 0.91
 # (see tests/simulations/test_synth.py and the calibration notes in simulations/synth.py).
-LESION_DIAMETER_MM = (7.0, 22.0)
-LESION_CONTRAST = (0.12, 0.75)  # fraction of the lung -> soft-tissue step
+# Sized so that a CNN at 64 x 64 input (about 5 mm per pixel for a chest) can find them: smaller
+# lesions are invisible at that resolution and the task stops being learnable.
+LESION_DIAMETER_MM = (20.0, 40.0)
+LESION_CONTRAST = (0.4, 1.0)  # fraction of the lung -> TissueValues.lesion step
 # Lung vessels per lung and their radius range (mm, hilum to periphery): the look-alikes that
 # keep small lesions from being trivial.
 VESSELS_PER_LUNG = (8, 20)
@@ -52,7 +54,11 @@ class Grid:
 
 @dataclass(frozen=True)
 class TissueValues:
-    """What a scanner measures in each tissue, in its physical unit (HU for CT)."""
+    """What a scanner measures in each tissue, in its physical unit (HU for CT).
+
+    ``lesion`` is a full-contrast lesion; a lesion of contrast ``c`` measures
+    ``lung + c * (lesion - lung)``.
+    """
 
     air: float
     fat: float
@@ -61,6 +67,7 @@ class TissueValues:
     heart: float
     bone: float
     vessel: float
+    lesion: float
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,7 @@ def _sample_axial(rng: np.random.Generator, with_lesion: bool, min_radius: float
     half_w, half_h = _jitter(rng, 165, 0.12), _jitter(rng, 115, 0.12)
     cx, cy = u(-15, 15), u(-12, 12)
     body = Ellipse(cx, cy, half_w, half_h, u(-0.05, 0.05))
-    lungs = tuple(
+    left, right = (
         Ellipse(
             cx + side * _jitter(rng, 0.45 * half_w, 0.1),
             cy + u(-0.12, 0.02) * half_h,
@@ -190,6 +197,7 @@ def _sample_axial(rng: np.random.Generator, with_lesion: bool, min_radius: float
         )
         for side in (-1, 1)
     )
+    lungs = (left, right)
     heart = Ellipse(
         cx + _jitter(rng, 0.12 * half_w, 0.5),
         cy - _jitter(rng, 0.2 * half_h, 0.4),
@@ -197,7 +205,9 @@ def _sample_axial(rng: np.random.Generator, with_lesion: bool, min_radius: float
         _jitter(rng, 0.35 * half_h, 0.15),
         u(-0.6, -0.2),
     )
-    spine = Ellipse(cx + u(-4, 4), cy + 0.72 * half_h, _jitter(rng, 17, 0.15), _jitter(rng, 16, 0.15))
+    spine = Ellipse(
+        cx + u(-4, 4), cy + 0.72 * half_h, _jitter(rng, 17, 0.15), _jitter(rng, 16, 0.15)
+    )
     aorta_r = _jitter(rng, 12, 0.2)
     aorta = Ellipse(spine.cx + u(10, 22), spine.cy - u(22, 32), aorta_r, aorta_r)
     sternum = Ellipse(cx + u(-4, 4), cy - 0.9 * half_h, _jitter(rng, 14, 0.2), _jitter(rng, 6, 0.2))
@@ -225,18 +235,20 @@ def _axial_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> l
 def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: float) -> Phantom:
     u = rng.uniform
     cx = u(-12, 12)
-    body = Ellipse(cx, u(30, 70), _jitter(rng, 165, 0.12), _jitter(rng, 300, 0.1))
+    # Narrower than the detector, so direct-exposure air frames the chest as on real films.
+    body = Ellipse(cx, u(30, 70), _jitter(rng, 138, 0.1), _jitter(rng, 290, 0.1))
     top = u(-150, -120)
-    lungs = tuple(
+    left, right = (
         Ellipse(
-            cx + side * _jitter(rng, 68, 0.1),
+            cx + side * _jitter(rng, 62, 0.1),
             top + (a := _jitter(rng, 120, 0.12)),
-            _jitter(rng, 55, 0.12),
+            _jitter(rng, 48, 0.12),
             a,
             side * u(-0.12, 0.02),
         )
         for side in (-1, 1)
     )
+    lungs = (left, right)
     heart = Ellipse(
         cx + _jitter(rng, 22, 0.4),
         top + _jitter(rng, 170, 0.1),
@@ -353,15 +365,16 @@ def _render(
         paint(b, tissues.fat)
         f = phantom.fat_mm
         paint(Ellipse(b.cx, b.cy, b.ax - f, b.ay - f, b.angle), tissues.soft)
-        lung_cover = np.zeros_like(image)
+        aorta, sternum = phantom.extras
+        paint(phantom.heart, tissues.heart)
+        paint(aorta, tissues.heart)
+        paint(phantom.spine, tissues.bone)
+        paint(sternum, tissues.bone)
+        # The lungs go on top: pleura, not a bulging heart, borders every lung field, so a
+        # round bright blob inside a lung field is a lesion or a vessel and nothing else.
         for lung in phantom.lungs:
             paint(lung, tissues.lung)
-            lung_cover = np.maximum(lung_cover, lung.coverage(xs[None, :], ys[:, None], edge))
-        paint(phantom.heart, tissues.heart)
-        paint(phantom.spine, tissues.bone)
-        aorta, sternum = phantom.extras
-        paint(aorta, tissues.heart)
-        paint(sternum, tissues.bone)
+        lung_cover = _union(phantom.lungs, xs, ys, edge)
         for vessel in phantom.vessels:
             paint(vessel, tissues.vessel, within=lung_cover)
         if phantom.lesion is not None:
@@ -370,11 +383,11 @@ def _render(
         paint(phantom.body, tissues.soft)
         for lung in phantom.lungs:
             paint(lung, tissues.lung)
-        paint(phantom.heart, tissues.heart)
+        lung_cover = _union(phantom.lungs, xs, ys, edge)
+        # In projection the heart overlaps the lower lung fields: retrocardiac lung stays
+        # partly visible, so the heart shadow is fainter where it crosses a lung.
+        paint(phantom.heart, tissues.heart, within=1.0 - 0.6 * lung_cover)
         paint(phantom.spine, tissues.bone, within=body)
-        lung_cover = np.maximum(
-            *(lung.coverage(xs[None, :], ys[:, None], edge) for lung in phantom.lungs)
-        )
         # Projected vessels add their attenuation to whatever lies in front of or behind them.
         for vessel in phantom.vessels:
             paint(vessel, tissues.vessel - tissues.lung, within=lung_cover, add=True)
@@ -382,6 +395,10 @@ def _render(
         if phantom.lesion is not None:
             _paint_lesion(image, phantom.lesion, xs, ys, edge, tissues, additive=True)
     return image, body
+
+
+def _union(shapes: tuple[Ellipse, ...], xs: np.ndarray, ys: np.ndarray, edge: float) -> np.ndarray:
+    return np.maximum.reduce([s.coverage(xs[None, :], ys[:, None], edge) for s in shapes])
 
 
 def _ribs(phantom: Phantom, xs: np.ndarray, ys: np.ndarray, edge: float) -> np.ndarray:
@@ -411,7 +428,7 @@ def _paint_lesion(
     r0, r1 = np.searchsorted(ys, [lesion.cy - reach, lesion.cy + reach])
     c0, c1 = np.searchsorted(xs, [lesion.cx - reach, lesion.cx + reach])
     cover = np.clip(0.5 - lesion.outline(xs[None, c0:c1], ys[r0:r1, None]) / edge, 0.0, 1.0)
-    step = lesion.contrast * (tissues.soft - tissues.lung)
+    step = lesion.contrast * (tissues.lesion - tissues.lung)
     patch = image[r0:r1, c0:c1]
     # A radiograph sums attenuation along the ray, so a nodule adds to whatever overlaps it;
     # a slice replaces the lung it occupies.

@@ -111,14 +111,19 @@ _GIVEN = {
           "Erik", "Felix", "Hugo", "Ivan", "Kwame"),
 }
 # Typical tissue values before per-site jitter (CT in HU; MR and radiographs in relative units).
-_CT_TISSUES = TissueValues(air=-1000, fat=-100, soft=45, lung=-860, heart=40, bone=600, vessel=40)
-_MR_TISSUES = (  # T1-like (bright fat, grey vessels) and T2-like (dark blood / flow voids)
-    TissueValues(air=0.0, fat=1.0, soft=0.35, lung=0.06, heart=0.5, bone=0.6, vessel=0.32),
-    TissueValues(air=0.0, fat=0.8, soft=0.3, lung=0.05, heart=0.15, bone=0.45, vessel=0.18),
+# Nodules are soft-tissue dense on CT and radiographs and T2-bright on MR.
+_CT_TISSUES = TissueValues(
+    air=-1000, fat=-100, soft=45, lung=-860, heart=40, bone=600, vessel=40, lesion=45
 )
-_XR_TISSUES = TissueValues(air=0.0, fat=0.5, soft=0.55, lung=0.22, heart=0.78, bone=0.88,
-                           vessel=0.3)
-
+_MR_TISSUES = (  # T1-like (bright fat, grey vessels) and T2-like (dark blood / flow voids)
+    TissueValues(air=0.0, fat=1.0, soft=0.4, lung=0.12, heart=0.5, bone=0.6, vessel=0.32,
+                 lesion=0.75),
+    TissueValues(air=0.0, fat=0.8, soft=0.35, lung=0.1, heart=0.15, bone=0.45, vessel=0.2,
+                 lesion=0.8),
+)
+_XR_TISSUES = TissueValues(
+    air=0.0, fat=0.5, soft=0.55, lung=0.22, heart=0.78, bone=0.88, vessel=0.3, lesion=0.55
+)
 
 @dataclass(frozen=True)
 class SynthSummary:
@@ -440,7 +445,8 @@ def _dataset(
     ds.StationName = profile.station
     ds.BodyPartExamined = "CHEST"
     ds.StudyDescription = "CHEST"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if scanner.view == "axial" else ["ORIGINAL", "PRIMARY"]
+    axial = scanner.view == "axial"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if axial else ["ORIGINAL", "PRIMARY"]
 
     rows, cols = pixels.shape
     spacing = [f"{s:.6g}" for s in scanner.grid.spacing]

@@ -3,7 +3,13 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.privacy import PrivacyState, batches_per_epoch, calibrate_noise, epsilon_of
+from common.privacy import (
+    PrivacyBudgetSpent,
+    PrivacyState,
+    batches_per_epoch,
+    calibrate_noise,
+    epsilon_of,
+)
 
 
 def test_calibrated_noise_spends_the_target_epsilon() -> None:
@@ -72,3 +78,31 @@ def test_history_never_shrinks() -> None:
 
 def test_no_steps_no_epsilon() -> None:
     assert epsilon_of([], delta=1e-5, accountant="rdp") == 0.0
+
+
+def test_extending_a_run_recalibrates_within_the_target() -> None:
+    state = PrivacyState.plan(
+        num_examples=100, batch_size=10, rounds=4, local_epochs=1, target_epsilon=8,
+        delta=1e-5, accountant="rdp", max_grad_norm=1.0,
+    )
+    state.record([(state.noise_multiplier, state.sample_rate, 20)])  # 2 of 4 rounds done
+    planned_sigma = state.noise_multiplier
+    state.ensure_room(20)  # the rest of the plan: nothing changes
+    assert state.noise_multiplier == planned_sigma
+    state.ensure_room(40)  # the run was extended by two rounds: more noise, same target
+    assert state.noise_multiplier > planned_sigma
+    after = epsilon_of(
+        [*state.history, (state.noise_multiplier, state.sample_rate, 40)],
+        delta=1e-5, accountant="rdp",
+    )
+    assert 7.9 < after <= 8.0
+
+
+def test_a_spent_budget_refuses_further_training() -> None:
+    state = PrivacyState.plan(
+        num_examples=100, batch_size=10, rounds=2, local_epochs=1, target_epsilon=1,
+        delta=1e-5, accountant="rdp", max_grad_norm=1.0,
+    )
+    state.record([(0.5, state.sample_rate, 200)])  # far past the target already
+    with pytest.raises(PrivacyBudgetSpent, match="spent"):
+        state.ensure_room(10)

@@ -9,6 +9,7 @@ import torch
 from common.config import RunConfig
 from common.privacy import epsilon_of
 from models import build_model
+from server.run import RoundUpdate
 from simulations.runner import resume_config, simulate
 from simulations.synth import synthesize
 
@@ -18,25 +19,34 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hospitals")
-    synthesize(root, sites=3, images_per_site=160, seed=11, test_images=200)
+    synthesize(root, sites=3, images_per_site=40, seed=11, test_images=60)
     return root
 
 
-def test_dp_federation_learns_accounts_privacy_and_resumes(hospitals: Path, tmp_path: Path):
+def test_dp_federation_learns_accounts_privacy_and_resumes(easy_hospitals: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     cfg = RunConfig(
-        sites_dir=str(hospitals / "sites"), test_data=str(hospitals / "test"), out=str(run_dir),
-        rounds=3, local_epochs=2, seed=0,
+        sites_dir=str(easy_hospitals / "sites"), test_data=str(easy_hospitals / "test"),
+        out=str(run_dir), rounds=3, local_epochs=3, batch_size=8, lr=3e-3, image_size=32,
+        seed=0,
     )
     seen_rounds: list[int] = []
-    partial = simulate(cfg.replace(rounds=2), on_round=lambda u: seen_rounds.append(u.round))
+
+    def crash_after_round_two(update: RoundUpdate) -> None:
+        seen_rounds.append(update.round)
+        if update.round == 2:
+            raise RuntimeError("the aggregator machine went down")
+
+    with pytest.raises(RuntimeError):
+        simulate(cfg, on_round=crash_after_round_two)
     assert seen_rounds == [1, 2]
+    partial = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in partial["rounds"]] == [1, 2]
 
-    # resume after round 2 and train the third round
-    results = simulate(resume_config(run_dir, {"rounds": 3}), resume=True)
+    # resume from the round-2 checkpoint and train the third round
+    results = simulate(resume_config(run_dir, {}), resume=True)
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-    sites = ["hospital-01", "hospital-02", "hospital-03"]
+    sites = ["site-a", "site-b", "site-c"]
     for entry in results["rounds"]:
         assert entry["participants"] == sites
         assert entry["failures"] == []
@@ -72,18 +82,32 @@ def test_dp_federation_learns_accounts_privacy_and_resumes(hospitals: Path, tmp_
     assert state["round"] == 3
 
     # nothing that identifies a patient reaches the aggregator's files
-    identifiers = json.loads((hospitals / "identifiers.json").read_text())
     text = (run_dir / "results.json").read_text() + json.dumps(state)
-    for value in [*identifiers["patient_names"], *identifiers["patient_ids"]]:
-        assert str(value) not in text
+    assert "Test^Patient" not in text and "T0001" not in text
 
 
-def test_without_test_data_the_sites_held_out_splits_are_used(hospitals: Path, tmp_path: Path):
+def test_synthetic_hospitals_federate_without_leaking_identifiers(
+    hospitals: Path, tmp_path: Path
+):
+    """Synthetic DICOM hospitals through the whole pipeline; sites' held-out splits as test."""
+    run_dir = tmp_path / "run"
     cfg = RunConfig(
-        sites_dir=str(hospitals / "sites"), out=str(tmp_path / "run"), rounds=1, dp=False,
+        sites_dir=str(hospitals / "sites"), out=str(run_dir), rounds=1, dp=False,
         strategy="fedmedian",
     )
     results = simulate(cfg)
     assert results["final"]["source"] == "central"
-    assert results["final"]["num-examples"] < 200  # the sites' test splits, not test/
+    assert results["rounds"][0]["participants"] == ["hospital-01", "hospital-02", "hospital-03"]
     assert results["privacy"]["hospital-01"] == {"dp": False, "epsilon": None}
+    identifiers = json.loads((hospitals / "identifiers.json").read_text())
+    written = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".png")]
+    text = "".join(p.read_text(errors="ignore") for p in written if p.suffix == ".json")
+    values = [
+        value
+        for site in identifiers.values()
+        for key in ("patient_names", "patient_ids")
+        for value in site[key]
+    ]
+    assert values, "identifiers.json lists no identifiers"
+    for value in values:
+        assert str(value) not in text
