@@ -99,12 +99,21 @@ def _run_epochs(
     model.train()
     for _ in range(settings.epochs):
         for x, y in loader:
-            if len(x) == 0:  # Poisson sampling can draw an empty batch; nothing to learn from
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
-            loss.backward()
+            if len(x) == 0:
+                # Poisson sampling can draw an empty batch. Without DP there is nothing to learn
+                # from; with DP the step must still happen (noise only) and be accounted, or
+                # whether a batch was empty would leak and the ledger would under-count steps.
+                if isinstance(optimizer, DPOptimizer):
+                    _empty_grad_samples(optimizer)
+                else:
+                    continue
+            else:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = criterion(model(x), y)
+                loss.backward()
+                total_loss += float(loss.detach()) * len(y)
+                seen += len(y)
             if isinstance(optimizer, DPOptimizer):
                 # What DPOptimizer.step does, with the proximal gradient added after the noise.
                 if not optimizer.pre_step():
@@ -115,9 +124,13 @@ def _run_epochs(
                 _add_proximal_gradient(params, global_params, settings.proximal_mu)
                 optimizer.step()
             steps += 1
-            total_loss += float(loss.detach()) * len(y)
-            seen += len(y)
     return (total_loss / seen if seen else float("nan")), steps
+
+
+def _empty_grad_samples(optimizer: DPOptimizer) -> None:
+    # Opacus clips and sums per-sample gradients; zero samples sum to zero, then noise is added.
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
 @torch.no_grad()

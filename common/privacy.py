@@ -127,6 +127,7 @@ class PrivacyState:
         """What a site reports: scalars only, no data-derived content beyond dataset size."""
         return {
             "epsilon": self.epsilon() if self.history else 0.0,
+            "target_epsilon": self.target_epsilon,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,

@@ -9,6 +9,11 @@ from pathlib import Path
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def is_safe_site_name(name: str) -> bool:
+    """1-64 letters, digits, '.', '_' or '-': fit for results, logs and metric labels."""
+    return bool(_SAFE_NAME.match(name))
+
+
 @dataclass(frozen=True)
 class SiteRef:
     """A hospital site: its name (the only thing about it the aggregator sees), data and state."""
@@ -18,7 +23,7 @@ class SiteRef:
     state_dir: Path
 
     def __post_init__(self) -> None:
-        if not _SAFE_NAME.match(self.name):
+        if not is_safe_site_name(self.name):
             raise ValueError(
                 f"site name {self.name!r} must be 1-64 letters, digits, '.', '_' or '-' "
                 "(it is sent to the aggregator and used in metrics); rename the folder"

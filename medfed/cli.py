@@ -14,16 +14,21 @@ import json
 import logging
 import sys
 import traceback
+import uuid
 from collections.abc import Callable
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from common.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from server.exporter import MetricsSettings
+    from server.run import ProgressFn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -189,10 +194,29 @@ def simulate(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535,
+            help="Port of the live dashboard (/) and Prometheus metrics (/metrics); 0 turns "
+            "both off.",
+        ),
+    ] = 9400,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            help="Address the dashboard listens on: 127.0.0.1 is this machine only, 0.0.0.0 "
+            "every network interface."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
-    """Simulate a federation: every site folder under --data becomes a virtual hospital."""
+    """Simulate a federation: every site folder under --data becomes a virtual hospital.
+
+    While it runs, http://127.0.0.1:9400/ shows the rounds, the global model's curves and each
+    site's privacy spend; Prometheus scrapes /metrics on the same port.
+    """
+    from server.exporter import MetricsSettings
     from simulations.runner import resume_config
-    from simulations.runner import simulate as run_simulation
 
     overrides = _given(
         sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
@@ -211,10 +235,47 @@ def simulate(
         return RunConfig.from_mapping(overrides)
 
     cfg = _guard(build)
+    # Name the run here, so that the dashboard and the run's files show the same id.
+    cfg = cfg.replace(run_key=cfg.run_key or uuid.uuid4().hex)
+    settings = _guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
     results = _guard(
-        lambda: _run_with_progress(cfg, resume is not None, verbose, force, run_simulation)
+        lambda: _simulate_with_metrics(cfg, resume is not None, verbose, force, settings)
     )
     _print_results(results, Path(cfg.out))
+
+
+def _simulate_with_metrics(
+    cfg: RunConfig, resume: bool, verbose: bool, force: bool, settings: MetricsSettings
+) -> dict[str, Any]:
+    """Run the simulation with the dashboard and /metrics up for its whole length."""
+    from common.sites import discover_sites
+    from server.exporter import serve_metrics
+    from server.record import CHECKPOINT
+    from simulations.runner import simulate as run_simulation
+
+    # Bad --data is reported as such, before a port is taken.
+    sites = [p.name for p in discover_sites(Path(cfg.sites_dir))] if cfg.sites_dir else []
+    with serve_metrics(settings) as server:
+        if server is None:
+            return _run_with_progress(cfg, resume, verbose, force, run_simulation)
+        metrics = server.metrics
+        metrics.start_run(
+            run_id=cfg.run_key, task=cfg.task, strategy=cfg.strategy, total_rounds=cfg.rounds,
+            dp=cfg.dp, target_epsilon=cfg.target_epsilon, sites=sites,
+        )
+        if resume:
+            state = json.loads((Path(cfg.out) / CHECKPOINT / "state.json").read_text())
+            metrics.replay(state["rounds"], cfg.rounds)
+        err.print(f"dashboard: {server.url}  (Prometheus: {server.url}metrics)", highlight=False)
+        ok = False
+        try:
+            results = _run_with_progress(
+                cfg, resume, verbose, force, run_simulation, also=metrics.observe
+            )
+            ok = True
+            return results
+        finally:
+            metrics.finish(ok=ok)
 
 
 @app.command()
@@ -252,7 +313,12 @@ def central(
 
 
 def _run_with_progress(
-    cfg: RunConfig, resume: bool, verbose: bool, force: bool, run: Callable[..., dict[str, Any]]
+    cfg: RunConfig,
+    resume: bool,
+    verbose: bool,
+    force: bool,
+    run: Callable[..., dict[str, Any]],
+    also: ProgressFn | None = None,
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -277,6 +343,8 @@ def _run_with_progress(
             status += f", {len(update.entry['participants'])} sites"
             status += f", {failed} failed" if failed else ""
             progress.update(task, completed=update.round, status=status)
+            if also is not None:
+                also(update)
 
         return run(cfg, resume=resume, on_round=on_round, quiet=not verbose, force=force)
 

@@ -53,7 +53,7 @@ class CNNClassifier(nn.Module):
         in_channels: int = 1,
         num_classes: int = 2,
         image_size: int = 64,
-        width: int = 16,
+        width: int = 8,
         depth: int = 3,
         dropout: float = 0.1,
     ) -> None:

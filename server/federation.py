@@ -2,7 +2,8 @@
 
 It wraps any Flower strategy (as Flower's DP wrappers do) and delegates every decision to it. What
 it adds: per-site train/evaluate metrics and privacy reports, the sites that took part, sites that
-failed and why, and a round offset so a resumed run continues at round k+1 instead of round 1.
+failed and why, how many sites were connected, the model bytes sent to and received from each
+site, and a round offset so a resumed run continues at round k+1 instead of round 1.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -31,11 +32,26 @@ class RoundLog:
     evaluate_aggregated: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
+    connected: int | None = None
+    # model bytes per site: "down" the global model sent to it, "up" the update it sent back
+    update_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add_bytes(self, site: str, direction: str, count: int) -> None:
+        """Count `count` array bytes sent to (`down`) or received from (`up`) `site`."""
+        per_site = self.update_bytes.setdefault(site, {"down": 0, "up": 0})
+        per_site[direction] += count
 
     @property
     def participants(self) -> list[str]:
         """Sites whose training update reached the aggregator this round."""
         return sorted(self.train)
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of every array a message carries (the model's weights, as serialised by Flower)."""
+    return sum(
+        len(array.data) for record in content.array_records.values() for array in record.values()
+    )
 
 
 def _scalars(record: MetricRecord | None) -> dict[str, float]:
@@ -71,22 +87,29 @@ class RecordingStrategy(Strategy):
             answered.add(node)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                log.failures.append({"site": self._name(node), "stage": stage, "reason": reason})
+                log.failures.append(
+                    {"site": self._name(node), "stage": stage, "kind": "error", "reason": reason}
+                )
                 continue
             site = msg.content.config_records.get("site")
             name = str(site["name"]) if site is not None else f"node-{node}"
             self._names[node] = name
+            log.add_bytes(name, "up", array_bytes(msg.content))
             metrics = _scalars(next(iter(msg.content.metric_records.values()), None))
             (log.train if stage == "train" else log.evaluate)[name] = metrics
             privacy = msg.content.config_records.get("privacy")
             if privacy is not None:
                 log.privacy[name] = dict(privacy)
         for msg in sent:
+            # These are the Messages this wrapper handed to the grid, content intact (a grid
+            # strips content only from its own copies), so this counts what each site was sent.
+            log.add_bytes(self._name(msg.metadata.dst_node_id), "down", array_bytes(msg.content))
             if msg.metadata.dst_node_id not in answered:
                 log.failures.append(
                     {
                         "site": self._name(msg.metadata.dst_node_id),
                         "stage": stage,
+                        "kind": "timeout",
                         "reason": "no reply before the round timeout",
                     }
                 )
@@ -99,6 +122,7 @@ class RecordingStrategy(Strategy):
         """Let the inner strategy sample sites; remember whom it asked."""
         log = self._log(server_round)
         log.started = time.perf_counter()
+        log.connected = len(list(grid.get_node_ids()))
         messages = list(
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         )
@@ -117,7 +141,10 @@ class RecordingStrategy(Strategy):
         log.train_aggregated = _scalars(metrics)
         if arrays is None and replies:
             log.failures.append(
-                {"site": "*", "stage": "aggregate", "reason": "no update could be aggregated"}
+                {
+                    "site": "*", "stage": "aggregate", "kind": "error",
+                    "reason": "no update could be aggregated",
+                }
             )
         return arrays, metrics
 

@@ -91,6 +91,10 @@ class RunRecord:
             "participants": log.participants,
             "failures": log.failures,
             "duration_s": time.perf_counter() - log.started,
+            "finished_at": time.time(),
+            "sites_connected": log.connected,
+            "privacy": log.privacy,
+            "update_bytes": log.update_bytes,
         }
         self.rounds.append(entry)
         return entry

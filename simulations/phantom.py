@@ -22,12 +22,14 @@ from scipy import ndimage
 
 View = Literal["axial", "frontal"]
 
-# Lesion difficulty, calibrated so that the reference CNN reaches a held-out AUC of about 0.91
-# (see tests/simulations/test_synth.py and the calibration notes in simulations/synth.py).
-# Sized so that a CNN at 64 x 64 input (about 5 mm per pixel for a chest) can find them: smaller
-# lesions are invisible at that resolution and the task stops being learnable.
-LESION_DIAMETER_MM = (20.0, 40.0)
-LESION_CONTRAST = (0.4, 1.0)  # fraction of the lung -> TissueValues.lesion step
+# Lesion difficulty, calibrated against models.cnn.CNNClassifier (see simulations/synth.py):
+# most lesions are conspicuous nodules or masses, the rest subtle (small and faint); the
+# subtle fraction sets how far below 1.0 the achievable AUC lies.
+CONSPICUOUS_DIAMETER_MM = (30.0, 60.0)
+CONSPICUOUS_CONTRAST = (1.0, 1.6)  # multiples of the lung -> TissueValues.lesion step
+SUBTLE_DIAMETER_MM = (8.0, 20.0)
+SUBTLE_CONTRAST = (0.15, 0.5)
+SUBTLE_FRACTION = 0.2
 # Lung vessels per lung and their radius range (mm, hilum to periphery): the look-alikes that
 # keep small lesions from being trivial.
 VESSELS_PER_LUNG = (8, 20)
@@ -286,12 +288,13 @@ def _sample_lesion(
     rng: np.random.Generator, lungs: tuple[Ellipse, Ellipse], min_radius: float
 ) -> Lesion:
     lung = lungs[int(rng.integers(2))]
-    lo, hi = LESION_DIAMETER_MM
+    subtle = rng.uniform() < SUBTLE_FRACTION
+    lo, hi = SUBTLE_DIAMETER_MM if subtle else CONSPICUOUS_DIAMETER_MM
     # Log-uniform sizes: small nodules are as common as large ones per octave, as in screening.
     radius = max(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 2, min_radius)
     harmonics = tuple((rng.uniform(0, a), rng.uniform(0, 2 * np.pi)) for a in LESION_LOBULATION)
     cx, cy = lung.sample_inside(rng, 1.3 * radius)
-    contrast = float(rng.uniform(*LESION_CONTRAST))
+    contrast = float(rng.uniform(*(SUBTLE_CONTRAST if subtle else CONSPICUOUS_CONTRAST)))
     return Lesion(cx, cy, radius, harmonics, contrast)
 
 

@@ -159,3 +159,20 @@ def test_empty_site_is_a_clear_error() -> None:
             _model(), np.zeros((0, 1, 16, 16), np.float32), np.zeros(0, np.int64),
             settings=LocalTraining(), device=CPU,
         )
+
+
+def test_empty_poisson_batches_are_noised_and_accounted() -> None:
+    # 4 examples at batch size 1: each Poisson batch is empty with probability (3/4)^4 ~ 0.32,
+    # so 30 steps are all but certain to include empty ones. Every one of them must still be a
+    # noisy step in the ledger, or epsilon is under-counted.
+    images, labels = _data(4)
+    privacy = _privacy(4, 1, sigma=1.0, clip=1.0)
+    settings = LocalTraining(epochs=30, batch_size=1, optimizer="sgd", lr=0.1, momentum=0.0)
+    model = _model()
+    start = [p.detach().clone() for p in model.parameters()]
+    report = train_local_dp(
+        model, images, labels, settings=settings, device=CPU, privacy=privacy
+    )
+    assert report.steps == 30 * 4
+    assert privacy.steps == 30 * 4
+    assert _distance(model, start) > 0

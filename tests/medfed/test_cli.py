@@ -72,7 +72,9 @@ def test_simulate_refuses_to_overwrite_a_run(hospitals: Path, tmp_path: Path) ->
     run_dir.mkdir()
     (run_dir / "results.json").write_text("{}")
     result = runner.invoke(
-        app, ["simulate", "--data", str(hospitals / "sites"), "--out", str(run_dir)]
+        app,
+        ["simulate", "--data", str(hospitals / "sites"), "--out", str(run_dir),
+         "--metrics-port", "0"],
     )
     assert result.exit_code == EXIT_BAD_INPUT
     assert "--resume" in result.output

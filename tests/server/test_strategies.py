@@ -115,3 +115,23 @@ def test_fedadam_state_round_trips() -> None:
     np.testing.assert_array_equal(fresh.v_t["w"], np.full(3, 2.0))
     with pytest.raises(ValueError, match="resume with the strategy"):
         restore_strategy_state(build_strategy(RunConfig()), saved)
+
+
+def test_model_bytes_each_way_are_counted_per_site() -> None:
+    weights = np.zeros((8, 16), np.float32)  # 512 bytes of weights
+    down = RecordDict({"arrays": ArrayRecord({"w": torch.from_numpy(weights)})})
+    requests = [Message(down, dst_node_id=node, message_type="train") for node in (1, 2)]
+    replies = [
+        _reply(requests[0], "h0", weights, 5, 0.9),
+        Message(Error(code=0, reason="site crashed"), reply_to=requests[1]),
+    ]
+    wrapper = RecordingStrategy(build_strategy(RunConfig()))
+    wrapper._sent_train = requests
+    wrapper.aggregate_train(1, replies)
+    counted = wrapper.rounds[1].update_bytes
+    # the serialised array is its 512 bytes of data and a small numpy header
+    assert 512 < counted["h0"]["down"] < 512 + 256
+    assert counted["h0"]["up"] == counted["h0"]["down"]
+    # a site that failed was still sent the model, and sent nothing back
+    assert counted["node-2"] == {"down": counted["h0"]["down"], "up": 0}
+    assert [f["kind"] for f in wrapper.rounds[1].failures] == ["error"]
