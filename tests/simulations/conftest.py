@@ -46,7 +46,7 @@ def easy_hospitals(tmp_path_factory) -> Path:
     """Three non-IID sites (sizes and prevalence differ) and a balanced test folder."""
     root = tmp_path_factory.mktemp("easy")
     rng = np.random.default_rng(0)
-    for name, n, prevalence in [("site-a", 80, 0.2), ("site-b", 60, 0.5), ("site-c", 40, 0.7)]:
+    for name, n, prevalence in [("site-a", 240, 0.2), ("site-b", 180, 0.5), ("site-c", 120, 0.7)]:
         write_easy_site(root / "sites" / name, n, prevalence, rng)
     write_easy_site(root / "test", 80, 0.5, rng)
     lines = (root / "test" / "labels.csv").read_text().splitlines()

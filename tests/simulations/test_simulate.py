@@ -27,7 +27,7 @@ def test_dp_federation_learns_accounts_privacy_and_resumes(easy_hospitals: Path,
     run_dir = tmp_path / "run"
     cfg = RunConfig(
         sites_dir=str(easy_hospitals / "sites"), test_data=str(easy_hospitals / "test"),
-        out=str(run_dir), rounds=3, local_epochs=3, batch_size=8, lr=3e-3, image_size=32,
+        out=str(run_dir), rounds=3, local_epochs=2, batch_size=16, lr=3e-3, image_size=32,
         seed=0,
     )
     seen_rounds: list[int] = []
