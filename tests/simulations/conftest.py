@@ -41,15 +41,23 @@ def write_easy_site(root: Path, n: int, prevalence: float, rng: np.random.Genera
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
 
 
+def write_easy_hospitals(
+    root: Path, sites: list[tuple[str, int, float]], test_images: int, seed: int
+) -> Path:
+    """`root/sites/<name>` of (name, images, prevalence), and `root/test`.
+
+    The test folder keeps a mixed split column: every image of --test-data is a test image
+    whatever its split says, and the runs using it check exactly that.
+    """
+    rng = np.random.default_rng(seed)
+    for name, n, prevalence in sites:
+        write_easy_site(root / "sites" / name, n, prevalence, rng)
+    write_easy_site(root / "test", test_images, 0.5, rng)
+    return root
+
+
 @pytest.fixture(scope="session")
 def easy_hospitals(tmp_path_factory) -> Path:
     """Three non-IID sites (sizes and prevalence differ) and a balanced test folder."""
-    root = tmp_path_factory.mktemp("easy")
-    rng = np.random.default_rng(0)
-    for name, n, prevalence in [("site-a", 240, 0.2), ("site-b", 180, 0.5), ("site-c", 120, 0.7)]:
-        write_easy_site(root / "sites" / name, n, prevalence, rng)
-    write_easy_site(root / "test", 80, 0.5, rng)
-    lines = (root / "test" / "labels.csv").read_text().splitlines()
-    # every image of --test-data is a test image whatever its split column says
-    (root / "test" / "labels.csv").write_text("\n".join(lines) + "\n")
-    return root
+    sites = [("site-a", 240, 0.2), ("site-b", 180, 0.5), ("site-c", 120, 0.7)]
+    return write_easy_hospitals(tmp_path_factory.mktemp("easy"), sites, 80, seed=0)
