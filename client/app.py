@@ -12,6 +12,7 @@ Where the site's data is:
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client import progress
 from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
@@ -138,6 +140,7 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         )
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         metrics: dict[str, MetricRecordValues] = {}
+        spent: float | None = None
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
         if cfg.dp:
             run_key = cfg.run_key or str(context.run_id)
@@ -152,7 +155,8 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             )
             privacy.save(_privacy_path(site, run_key))
             summary = privacy.summary()
-            metrics["epsilon"] = float(summary["epsilon"])
+            spent = float(summary["epsilon"])
+            metrics["epsilon"] = spent
             privacy_record: dict[str, ConfigRecordValues] = dict(summary)
             records["privacy"] = ConfigRecord(privacy_record)
         else:
@@ -167,6 +171,15 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
                 "train-seconds": report.seconds,
                 "steps": report.steps,
             }
+        )
+        progress.record(
+            site.state_dir,
+            progress.Progress(
+                run=cfg.run_key or str(context.run_id), round=server_round, phase="train",
+                seconds=report.seconds, loss=report.loss, examples=report.num_examples,
+                epsilon=spent,
+                target_epsilon=cfg.target_epsilon if cfg.dp else None,
+            ),
         )
         records["arrays"] = ArrayRecord(model.cpu().state_dict())
         records["metrics"] = MetricRecord(metrics)
@@ -187,7 +200,18 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             image_size=cfg.image_size,
         )
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        config = msg.content.config_records["config"]
+        started = time.perf_counter()
         result = evaluate(model, images, labels, device=resolve_device(cfg.device))
+        progress.record(
+            site.state_dir,
+            progress.Progress(
+                run=cfg.run_key or str(context.run_id),
+                round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+                phase="evaluate", seconds=time.perf_counter() - started,
+                loss=float(result.get("loss", float("nan"))), examples=len(labels),
+            ),
+        )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": len(labels)}
         result_record = MetricRecord(values)
         content = RecordDict(

@@ -1,11 +1,6 @@
-"""The `medfed` command line.
+"""The `medfed` command line: data, simulation and baselines; deployment is in medfed.deploy.
 
-Exit codes (every command):
-    0  success
-    1  the run failed for a reason that is not the input's fault (see the message / --debug)
-    2  bad input or usage: a flag, a file or a site folder is wrong; the message says which and how
-       to fix it
-    3  refused by policy (e.g. a privacy budget would be exceeded)
+Exit codes are documented in medfed.console (0 ok, 1 failed, 2 bad input, 3 refused).
 """
 
 from __future__ import annotations
@@ -13,24 +8,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
 import uuid
 from collections.abc import Callable
-from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.config import ConfigError, RunConfig
+from medfed import deploy
+from medfed import options as opt
+from medfed.console import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    err,
+    given,
+    guard,
+    out,
+    print_results,
+    state,
+)
 
 if TYPE_CHECKING:
     from server.exporter import MetricsSettings
     from server.run import ProgressFn
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 
 app = typer.Typer(
     name="medfed",
@@ -43,56 +45,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
-_state = {"debug": False}
-
-
-class Strategy(StrEnum):
-    """Aggregation strategies (Flower's)."""
-
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-    fedmedian = "fedmedian"
-    fedtrimmedavg = "fedtrimmedavg"
-    krum = "krum"
+app.add_typer(deploy.provision_app, name="provision")
+app.add_typer(deploy.site_app, name="site")
+app.command()(deploy.server)
+app.command("run")(deploy.run)
+app.command()(deploy.runs)
+app.command()(deploy.stop)
 
 
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Turn user mistakes into a one-line message and exit code 2, never a bare traceback."""
-    from common.data import DataError
-
-    try:
-        return fn()
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception as exc:  # the run broke: say so, keep the traceback behind --debug
-        if _state["debug"]:
-            traceback.print_exc()
-        err.print(
-            f"[bold red]failed:[/] {type(exc).__name__}: {exc}\n"
-            "Re-run with `medfed --debug ...` for the full traceback.",
-            highlight=False,
-        )
-        raise typer.Exit(EXIT_FAILED) from None
+    state["debug"] = debug
 
 
 @app.command()
@@ -109,7 +74,7 @@ def synth(
     """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site."""
     from simulations.synth import synthesize
 
-    summary = _guard(
+    summary = guard(
         lambda: synthesize(
             out_dir, sites=sites, images_per_site=images_per_site, seed=seed,
             test_images=test_images, overwrite=force,
@@ -133,7 +98,7 @@ def check_data(
     """Check a site's images and print its data card; exit 0 if usable, 2 if not."""
     from common.data import Preprocess, check_site
 
-    card = _guard(
+    card = guard(
         lambda: check_site(site_dir, Preprocess(image_size=image_size, channels=channels))
     )
     if as_json:
@@ -143,52 +108,28 @@ def check_data(
     raise typer.Exit(EXIT_OK if card.usable else EXIT_BAD_INPUT)
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items() if v is not None}
-
-
 @app.command()
 def simulate(
     data: Annotated[
         Path | None, typer.Option(help="Folder holding one folder per site (each with labels.csv).")
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder to write.")] = None,
-    test_data: Annotated[
-        Path | None, typer.Option(help="Held-out folder; every image in it is a test image.")
-    ] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds. [default: 5]")] = None,
-    strategy: Annotated[
-        Strategy | None, typer.Option(help="Aggregation strategy. [default: fedavg]")
-    ] = None,
-    dp: Annotated[
-        bool | None, typer.Option("--dp/--no-dp", help="DP-SGD at every site. [default: --dp]")
-    ] = None,
-    target_epsilon: Annotated[
-        float | None, typer.Option(help="Each site's epsilon for the whole run. [default: 8]")
-    ] = None,
-    delta: Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")] = None,
-    max_grad_norm: Annotated[
-        float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")
-    ] = None,
-    local_epochs: Annotated[
-        int | None, typer.Option(help="Local epochs per round. [default: 1]")
-    ] = None,
-    fraction_train: Annotated[
-        float | None, typer.Option(help="Share of sites sampled per round. [default: 1.0]")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed. [default: 0]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Local batch size. [default: 32]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate. [default: 3e-4]")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Model input size. [default: 64]")] = None,
-    min_sites: Annotated[
-        int | None, typer.Option(help="Fewest sites a round needs. [default: 2]")
-    ] = None,
-    proximal_mu: Annotated[
-        float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")
-    ] = None,
+    test_data: opt.TestData = None,
+    rounds: opt.Rounds = None,
+    strategy: opt.StrategyOpt = None,
+    dp: opt.Dp = None,
+    target_epsilon: opt.TargetEpsilon = None,
+    delta: opt.Delta = None,
+    max_grad_norm: opt.MaxGradNorm = None,
+    local_epochs: opt.LocalEpochs = None,
+    fraction_train: opt.FractionTrain = None,
+    seed: opt.Seed = None,
+    batch_size: opt.BatchSize = None,
+    lr: opt.Lr = None,
+    image_size: opt.ImageSize = None,
+    min_sites: opt.MinSites = None,
+    proximal_mu: opt.ProximalMu = None,
+    device: opt.Device = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a run from its last checkpoint.")
     ] = None,
@@ -218,7 +159,7 @@ def simulate(
     from server.exporter import MetricsSettings
     from simulations.runner import resume_config
 
-    overrides = _given(
+    overrides = given(
         sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
         test_data=str(test_data) if test_data else None, rounds=rounds, strategy=strategy,
         dp=dp, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
@@ -234,14 +175,14 @@ def simulate(
             raise ConfigError("--data and --out are required (or --resume RUN_DIR)")
         return RunConfig.from_mapping(overrides)
 
-    cfg = _guard(build)
+    cfg = guard(build)
     # Name the run here, so that the dashboard and the run's files show the same id.
     cfg = cfg.replace(run_key=cfg.run_key or uuid.uuid4().hex)
-    settings = _guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
-    results = _guard(
+    settings = guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
+    results = guard(
         lambda: _simulate_with_metrics(cfg, resume is not None, verbose, force, settings)
     )
-    _print_results(results, Path(cfg.out))
+    print_results(results, Path(cfg.out))
 
 
 def _simulate_with_metrics(
@@ -302,7 +243,7 @@ def central(
         )
         return train_central(cfg, epochs=epochs)
 
-    result = _guard(run)
+    result = guard(run)
     final = result["final"]
     out.print(
         f"central baseline after {epochs} epochs on {result['train_images']} images: "
@@ -347,28 +288,6 @@ def _run_with_progress(
                 also(update)
 
         return run(cfg, resume=resume, on_round=on_round, quiet=not verbose, force=force)
-
-
-def _print_results(results: dict[str, Any], run_dir: Path) -> None:
-    final = results.get("final", {})
-    table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} rounds "
-                  f"({final.get('source', 'central')} evaluation)")
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
-        if final.get(key) is not None:
-            table.add_row(key, f"{final[key]:.4f}")
-    out.print(table)
-    privacy = results.get("privacy", {})
-    if privacy and any(p.get("dp") for p in privacy.values()):
-        ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
-        for site, p in privacy.items():
-            ptable.add_row(
-                site, f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
-                str(p["steps"]),
-            )
-        out.print(ptable)
-    out.print(f"results: {run_dir / 'results.json'}")
-    out.print(f"model:   {run_dir / 'model.pt'}")
-    out.print(f"plot:    {run_dir / 'metrics.png'}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from server import artifacts
 from server.exporter import MetricsSettings, serve_metrics
-from server.run import ProgressFn, run_federation
+from server.run import ProgressFn, RoundUpdate, run_federation
+from server.superlink import STATE_ENV
 
 # Flower's logger: what `flwr log` shows of the ServerApp
 flwr_log = logging.getLogger("flwr")
@@ -27,7 +30,9 @@ def make_server_app(
     """Build the ServerApp; without `cfg` it reads the run config Flower passes in `context`.
 
     With `cfg` (medfed simulate) the caller owns progress display and metrics (`on_round`).
-    Without it (`flwr run .`), the run config's `metrics-port` (0: off) and `metrics-host` start
+    Under `medfed server` (deployment) the run writes to `STATE/runs/<run-id>`, where the
+    server's own exporter watches it, and ends by streaming its result files to `medfed run`.
+    Otherwise (`flwr run .`), the run config's `metrics-port` (0: off) and `metrics-host` start
     the Prometheus exporter and dashboard for the length of the run.
     """
     app = ServerApp()
@@ -39,6 +44,11 @@ def make_server_app(
             return
         settings, values = MetricsSettings.split_run_config(context.run_config)
         run_cfg = RunConfig.from_mapping(values)
+        state = os.environ.get(STATE_ENV)
+        if state:
+            run_deployed(grid, run_cfg, Path(state) / "runs" / str(context.run_id),
+                         run_key=str(context.run_id))
+            return
         with serve_metrics(settings, flag="metrics-port") as server:
             if server is None:
                 run_federation(grid, run_cfg, site_dirs=site_dirs, resume=resume)
@@ -60,6 +70,28 @@ def make_server_app(
                 server.metrics.finish(ok=ok)
 
     return app
+
+
+def _log_round(update: RoundUpdate) -> None:
+    entry = update.entry
+    final = entry.get("central") or entry["federated"]["evaluate"] or {}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k in ("auc", "loss", "dice"))
+    eps = [p["epsilon"] for p in entry.get("privacy", {}).values() if p.get("epsilon")]
+    flwr_log.info(
+        "medfed round %d/%d: %s; sites %d trained, %d failed%s",
+        update.round, update.total_rounds, shown or "no evaluation",
+        len(entry.get("participants", [])), len(entry.get("failures", [])),
+        f"; max epsilon {max(eps):.2f}" if eps else "",
+    )
+
+
+def run_deployed(grid: Grid, cfg: RunConfig, run_dir: Path, *, run_key: str) -> None:
+    """A run under `medfed server`: results on the aggregator's disk, then to the operator."""
+    # The operator's --out is a path on their machine, not here; sites-dir is simulation-only.
+    run_cfg = cfg.replace(out=str(run_dir), run_key=run_key, sites_dir="")
+    flwr_log.info("medfed run %s: results in %s on the aggregator", run_key, run_dir)
+    run_federation(grid, run_cfg, on_round=_log_round)
+    artifacts.publish(run_dir, artifacts.emit_to(flwr_log))
 
 
 # Entry point for `flwr run .` ([tool.flwr.app.components]).

@@ -190,6 +190,12 @@ class MetricsServer:
         self._thread.start()
         return self
 
+    def use(self, metrics: RunMetrics) -> None:
+        """Serve another run's metrics from now on (a deployed aggregator runs one by one)."""
+        self.metrics = metrics
+        if self._httpd is not None:
+            self._httpd.metrics = metrics
+
     def stop(self) -> None:
         """Stop serving and release the port (idempotent)."""
         if self._httpd is None:

@@ -83,6 +83,7 @@ def run_federation(
         log.info("resuming %s after round %d", run_dir, record.last_round)
     else:
         record, start = RunRecord(run_dir, cfg), initial_arrays(cfg)
+        record.write_results()  # the run is visible (config, no rounds yet) before round 1
     remaining = cfg.rounds - record.last_round
     if remaining < 1:
         raise ValueError(

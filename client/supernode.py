@@ -1,0 +1,217 @@
+"""`medfed site`: one hospital's Flower SuperNode, started from its kit, kept connected.
+
+Before anything connects, the site's data is checked (`medfed check-data`): a site with unusable
+images does not join. The SuperNode then runs with the kit's CA as root certificate, the site's
+private key for authentication, and `data-path`, `site-name`, `state-dir` as node config: the
+ClientApp reads images from that one folder and nothing else.
+
+Failures are told apart, because a hospital IT person acts differently on each:
+- the aggregator is unreachable or restarting: wait and reconnect, with growing back-off;
+- the aggregator's certificate is not signed by the kit's CA: permanent, exit 3;
+- the aggregator refuses this site's key (never provisioned, or revoked): permanent, exit 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from common.certs import fingerprint
+from common.kit import SiteKit
+from common.procs import die_with_parent, terminate_tree
+
+log = logging.getLogger("medfed.site")
+
+# What Flower's SuperNode prints (exit code 305 in its message, though the process exits 1) when
+# the SuperLink refuses to activate its key (FLEET_NODE_ACTIVATION_FAILED): not registered.
+KEY_REFUSED_MARK = "Failed to activate SuperNode"
+# A just-started aggregator registers the kit's sites within seconds; a refusal is only
+# believed once it has been seen this many times in a row, that long apart.
+REFUSALS_BEFORE_GIVING_UP = 3
+REFUSAL_RETRY_S = 5.0
+BACKOFF_START_S, BACKOFF_MAX_S = 2.0, 60.0
+
+
+class SiteRefused(RuntimeError):
+    """The aggregator will never accept this site as it is; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything the SuperNode is started with."""
+
+    kit: SiteKit
+    data: Path
+    state: Path
+    runtime_port: int = 9094
+    health_port: int | None = None
+
+    def command(self) -> list[str]:
+        """flower-supernode's argv."""
+        from server.superlink import flower_executable
+
+        node_config = " ".join(
+            f'{key}="{value}"'
+            for key, value in (
+                ("data-path", self.data.resolve()),
+                ("site-name", self.kit.site),
+                ("state-dir", self.state.resolve()),
+            )
+        )
+        argv = [
+            flower_executable("flower-supernode"),
+            "--superlink", self.kit.superlink,
+            "--root-certificates", str(self.kit.ca_cert),
+            "--auth-supernode-private-key", str(self.kit.private_key),
+            "--node-config", node_config,
+            "--host", "127.0.0.1",
+            "--port", str(self.runtime_port),
+        ]
+        if self.health_port:
+            argv += ["--health-server-address", f"0.0.0.0:{self.health_port}"]
+        return argv
+
+    def environment(self) -> dict[str, str]:
+        """The SuperNode's environment: its Flower home under the site's state."""
+        from server.superlink import flower_environment
+
+        env = flower_environment()
+        env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
+        return env
+
+
+def check_node_config_value(path: Path, flag: str) -> None:
+    """Flower's node config is `key="value"` pairs: a quote in a path would break it."""
+    if '"' in str(path.resolve()):
+        raise ValueError(f"{flag} {path}: the path must not contain a double quote; rename it")
+
+
+def probe_aggregator(kit: SiteKit, timeout: float = 5.0) -> str | None:
+    """None when a TLS handshake with the aggregator succeeds, else why it is unreachable.
+
+    Raises SiteRefused when the aggregator answers with a certificate the kit's CA did not sign.
+    """
+    host, _, port = kit.superlink.rpartition(":")
+    context = ssl.create_default_context(cafile=str(kit.ca_cert))
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        raise SiteRefused(
+            f"the aggregator at {kit.superlink} presented a certificate that this kit's CA "
+            f"does not trust ({exc.verify_message}); the kit belongs to another federation or "
+            "the aggregator was re-provisioned: ask the operator for a new site kit"
+        ) from None
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason}); is {kit.superlink} the medfed aggregator?"
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+
+
+class SiteProcess:
+    """Run the SuperNode; reconnect on transient trouble, stop on a permanent refusal."""
+
+    def __init__(self, settings: SiteSettings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[str] | None = None
+        self._stop = threading.Event()
+        self._tail: deque[str] = deque(maxlen=40)
+
+    def _wait_reachable(self) -> bool:
+        delay = BACKOFF_START_S
+        while not self._stop.is_set():
+            reason = probe_aggregator(self.settings.kit)
+            if reason is None:
+                return True
+            log.warning(
+                "aggregator %s unreachable (%s); retrying in %.0fs",
+                self.settings.kit.superlink, reason, delay,
+            )
+            if self._stop.wait(delay):
+                return False
+            delay = min(delay * 2, BACKOFF_MAX_S)
+        return False
+
+    def _echo(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._tail.append(line)
+            print(line, end="", flush=True)
+
+    def _run_once(self) -> int:
+        self._tail.clear()
+        proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+            self.settings.command(), env=self.settings.environment(), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        self.process = proc
+        assert proc.stdout is not None
+        # Read in a thread: processes the SuperNode leaves behind may hold the pipe open.
+        reader = threading.Thread(target=self._echo, args=(proc.stdout,), daemon=True)
+        reader.start()
+        code = proc.wait()
+        terminate_tree(proc)
+        reader.join(timeout=5)
+        return code
+
+    def run(self) -> int:
+        """Supervise the SuperNode until stopped (0) or permanently refused (SiteRefused)."""
+        refusals, delay = 0, BACKOFF_START_S
+        while not self._stop.is_set():
+            if not self._wait_reachable():
+                break
+            started = time.monotonic()
+            code = self._run_once()
+            if self._stop.is_set():
+                break
+            refused = code != 0 and any(KEY_REFUSED_MARK in line for line in self._tail)
+            if refused:
+                refusals += 1
+                if refusals >= REFUSALS_BEFORE_GIVING_UP:
+                    key = fingerprint(self.settings.kit.public_key.read_text())
+                    raise SiteRefused(
+                        f"the aggregator at {self.settings.kit.superlink} refuses site "
+                        f"{self.settings.kit.site!r}'s key ({key}): it is not registered there, "
+                        "it was revoked or never provisioned. Ask the operator to run "
+                        f"`medfed provision add-site {self.settings.kit.site}` and send you the "
+                        "new kit"
+                    )
+                log.warning("aggregator refused this site's key; checking again shortly")
+                self._stop.wait(REFUSAL_RETRY_S)
+                continue
+            refusals = 0
+            if time.monotonic() - started > 5 * BACKOFF_MAX_S:
+                delay = BACKOFF_START_S  # it ran for a while: this is a fresh failure
+            log.warning(
+                "SuperNode exited with code %s; reconnecting in %.0fs", code, delay
+            )
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, BACKOFF_MAX_S)
+        return 0
+
+    def stop(self) -> None:
+        """Stop supervising and end the SuperNode with everything it started."""
+        self._stop.set()
+        if self.process is not None:
+            terminate_tree(self.process)
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM stop the site cleanly."""
+        def handle(signum: int, frame: FrameType | None) -> None:
+            log.info("received signal %s: stopping the site", signum)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,257 @@
+"""Startup kits: what each party of a federation holds, as `medfed provision` writes them.
+
+    KITS/
+      ca/ca.key, ca/ca.crt            the project CA (keep ca.key offline; it signs server certs)
+      server/   medfed-kit.toml ca.crt server.crt server.key
+      sites/<name>/ medfed-kit.toml ca.crt site.key site.pub
+      operator/ medfed-kit.toml ca.crt
+
+Every kit folder is flat, so it maps one-to-one onto a Kubernetes Secret
+(`kubectl create secret generic NAME --from-file=KITS/server/`). The server kit's
+`medfed-kit.toml` lists every authorised site with its public key: adding or revoking a
+hospital changes that one file, and a running `medfed server` picks the change up.
+A private key is never written into another party's kit.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.certs import load_public_key
+from common.sites import is_safe_site_name
+
+KIT_FILE = "medfed-kit.toml"
+KIT_VERSION = 1
+DEFAULT_PORT = 9092  # the SuperLink's one HTTPS port: Fleet, Control and Runtime APIs
+DEFAULT_HEALTH_PORT = 9098
+DEFAULT_METRICS_PORT = 9400
+
+
+class KitError(ValueError):
+    """A kit is missing, incomplete, of the wrong kind, or unsafe; the message says the fix."""
+
+
+def _read_toml(kit_dir: Path) -> dict[str, Any]:
+    path = kit_dir / KIT_FILE
+    if not kit_dir.is_dir():
+        raise KitError(
+            f"{kit_dir}: no such kit folder; pass the folder `medfed provision` wrote "
+            "(e.g. KITS/server, KITS/sites/<name> or KITS/operator)"
+        )
+    if not path.is_file():
+        raise KitError(
+            f"{kit_dir}: not a medfed kit (no {KIT_FILE}); pass the folder `medfed provision` "
+            "wrote, not its parent"
+        )
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise KitError(f"{path}: not valid TOML ({exc}); re-issue the kit") from None
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> None:
+    """Write a kit file (public: it holds no secret)."""
+    path.write_text(tomli_w.dumps(values))
+    os.chmod(path, 0o644)
+
+
+def _kind(values: dict[str, Any], kit_dir: Path, expected: str) -> None:
+    kind = values.get("kind")
+    if kind != expected:
+        hint = {"server": "KITS/server", "site": "KITS/sites/<name>", "operator": "KITS/operator"}
+        raise KitError(
+            f"{kit_dir} is a {kind or 'unknown'} kit, but this command needs the {expected} kit "
+            f"({hint[expected]})"
+        )
+
+
+def _need(kit_dir: Path, *names: str) -> None:
+    missing = [n for n in names if not (kit_dir / n).is_file()]
+    if missing:
+        raise KitError(
+            f"{kit_dir}: missing {', '.join(missing)}; the kit is incomplete, ask the federation "
+            "operator for a new one (`medfed provision`)"
+        )
+
+
+def check_private(path: Path) -> None:
+    """Refuse a private key that other users can read or anyone but its owner can write."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022 or mode & 0o004:
+        raise KitError(
+            f"{path}: private key is readable or writable by other users (mode {mode:o}); "
+            f"run `chmod 600 {path}`"
+        )
+
+
+@dataclass(frozen=True)
+class AuthorisedSite:
+    """A hospital the server kit lets in."""
+
+    name: str
+    public_key: str  # OpenSSH line
+
+    def __post_init__(self) -> None:
+        if not is_safe_site_name(self.name):
+            raise KitError(f"site name {self.name!r} must be 1-64 letters, digits, '.', '_', '-'")
+        load_public_key(self.public_key, where=f"site {self.name}'s public key")
+
+
+@dataclass(frozen=True)
+class ServerKit:
+    """The aggregator's kit: TLS certificate and key, the CA, the authorised sites."""
+
+    path: Path
+    project: str
+    hosts: tuple[str, ...]
+    port: int
+    health_port: int
+    metrics_port: int
+    sites: tuple[AuthorisedSite, ...]
+    revoked: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def ca_cert(self) -> Path:
+        """The project CA certificate."""
+        return self.path / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        """The SuperLink's TLS certificate."""
+        return self.path / "server.crt"
+
+    @property
+    def key(self) -> Path:
+        """The SuperLink's TLS private key."""
+        return self.path / "server.key"
+
+    @classmethod
+    def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> ServerKit:
+        """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
+        values = _read_toml(kit_dir)
+        _kind(values, kit_dir, "server")
+        _need(kit_dir, "ca.crt", "server.crt", "server.key")
+        if check_permissions:
+            check_private(kit_dir / "server.key")
+        link = values.get("superlink", {})
+        sites = tuple(
+            AuthorisedSite(name, str(entry.get("public-key", "")))
+            for name, entry in sorted(values.get("sites", {}).items())
+        )
+        return cls(
+            path=kit_dir,
+            project=str(values.get("project", "")),
+            hosts=tuple(link.get("hosts", ())),
+            port=int(link.get("port", DEFAULT_PORT)),
+            health_port=int(link.get("health-port", DEFAULT_HEALTH_PORT)),
+            metrics_port=int(link.get("metrics-port", DEFAULT_METRICS_PORT)),
+            sites=sites,
+            revoked=dict(values.get("revoked", {})),
+        )
+
+    def to_toml(self) -> dict[str, Any]:
+        """The kit file's content."""
+        return {
+            "kind": "server",
+            "version": KIT_VERSION,
+            "project": self.project,
+            "superlink": {
+                "hosts": list(self.hosts),
+                "port": self.port,
+                "health-port": self.health_port,
+                "metrics-port": self.metrics_port,
+            },
+            "sites": {s.name: {"public-key": s.public_key} for s in self.sites},
+            "revoked": self.revoked,
+        }
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """A hospital's kit: its authentication key, the CA, the aggregator's address."""
+
+    path: Path
+    project: str
+    site: str
+    superlink: str  # host:port of the Fleet API
+
+    @property
+    def ca_cert(self) -> Path:
+        """The project CA certificate."""
+        return self.path / "ca.crt"
+
+    @property
+    def private_key(self) -> Path:
+        """The site's SuperNode authentication key (OpenSSH)."""
+        return self.path / "site.key"
+
+    @property
+    def public_key(self) -> Path:
+        """The site's public key, as registered at the aggregator."""
+        return self.path / "site.pub"
+
+    @classmethod
+    def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> SiteKit:
+        """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
+        values = _read_toml(kit_dir)
+        _kind(values, kit_dir, "site")
+        _need(kit_dir, "ca.crt", "site.key", "site.pub")
+        if check_permissions:
+            check_private(kit_dir / "site.key")
+        site = str(values.get("site", ""))
+        if not is_safe_site_name(site):
+            raise KitError(f"{kit_dir / KIT_FILE}: invalid site name {site!r}; re-issue the kit")
+        return cls(kit_dir, str(values.get("project", "")), site, _address(values, kit_dir))
+
+    def to_toml(self) -> dict[str, Any]:
+        """The kit file's content."""
+        return {
+            "kind": "site", "version": KIT_VERSION, "project": self.project,
+            "site": self.site, "superlink": self.superlink,
+        }
+
+
+@dataclass(frozen=True)
+class OperatorKit:
+    """The operator's kit: the CA and the aggregator's Control API address."""
+
+    path: Path
+    project: str
+    superlink: str
+
+    @property
+    def ca_cert(self) -> Path:
+        """The project CA certificate."""
+        return self.path / "ca.crt"
+
+    @classmethod
+    def load(cls, kit_dir: Path) -> OperatorKit:
+        """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
+        values = _read_toml(kit_dir)
+        _kind(values, kit_dir, "operator")
+        _need(kit_dir, "ca.crt")
+        return cls(kit_dir, str(values.get("project", "")), _address(values, kit_dir))
+
+    def to_toml(self) -> dict[str, Any]:
+        """The kit file's content."""
+        return {
+            "kind": "operator", "version": KIT_VERSION, "project": self.project,
+            "superlink": self.superlink,
+        }
+
+
+def _address(values: dict[str, Any], kit_dir: Path) -> str:
+    address = str(values.get("superlink", ""))
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise KitError(
+            f"{kit_dir / KIT_FILE}: superlink = {address!r} must be HOST:PORT; re-issue the kit"
+        )
+    return address

@@ -1,0 +1,91 @@
+"""What every `medfed` command shares: exit codes, consoles and turning errors into messages.
+
+Exit codes (every command):
+    0  success
+    1  the run failed for a reason that is not the input's fault (see the message / --debug)
+    2  bad input or usage: a flag, a file or a site folder is wrong; the message says which and how
+       to fix it
+    3  refused by policy (e.g. a privacy budget would be exceeded, or the aggregator refuses this
+       site's key or certificate)
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+state = {"debug": False}
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print an error line and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Turn user mistakes into a one-line message and exit code 2, never a bare traceback."""
+    from common.data import DataError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if state["debug"]:
+            traceback.print_exc()
+        raise fail(str(exc), EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # the run broke: say so, keep the traceback behind --debug
+        if state["debug"]:
+            traceback.print_exc()
+        err.print(
+            f"[bold red]failed:[/] {type(exc).__name__}: {exc}\n"
+            "Re-run with `medfed --debug ...` for the full traceback.",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user set (None means "not given"), enums as their values."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items() if v is not None}
+
+
+def print_results(results: dict[str, Any], run_dir: Path) -> None:
+    """The global model's final metrics, each site's privacy spend, and where the files are."""
+    final = results.get("final", {})
+    table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} rounds "
+                  f"({final.get('source', 'central')} evaluation)")
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
+        if final.get(key) is not None:
+            table.add_row(key, f"{final[key]:.4f}")
+    out.print(table)
+    privacy = results.get("privacy", {})
+    if privacy and any(p.get("dp") for p in privacy.values()):
+        ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
+        for site, p in privacy.items():
+            ptable.add_row(
+                site, f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
+                str(p["steps"]),
+            )
+        out.print(ptable)
+    out.print(f"results: {run_dir / 'results.json'}")
+    out.print(f"model:   {run_dir / 'model.pt'}")
+    out.print(f"plot:    {run_dir / 'metrics.png'}")

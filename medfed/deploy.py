@@ -1,0 +1,388 @@
+"""Deployment commands: `medfed provision`, `server`, `site`, `run`, `runs`, `stop`.
+
+operator:  medfed provision --project P --server-host fl.example.org --sites a,b --out KITS
+aggregator: medfed server --kit KITS/server --state /var/lib/medfed
+hospital:  medfed site --kit KITS/sites/a --data /srv/imaging/site
+operator:  medfed run --kit KITS/operator --out runs/first --rounds 10
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from common.config import RunConfig
+from medfed import options as opt
+from medfed.console import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    err,
+    fail,
+    given,
+    guard,
+    out,
+    print_results,
+)
+
+provision_app = typer.Typer(
+    help="Issue a federation's CA, the aggregator's TLS certificate and one key per hospital, "
+    "as kits: KITS/server, KITS/sites/<name>, KITS/operator.",
+    no_args_is_help=False,
+)
+site_app = typer.Typer(help="Run this hospital's site (a Flower SuperNode) from its kit.")
+
+KitsOpt = Annotated[Path, typer.Option("--kits", help="The folder `medfed provision` wrote.")]
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+
+
+# --- provision ---------------------------------------------------------------------------------
+
+
+@provision_app.callback(invoke_without_command=True)
+def provision(
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option(help="The federation's name.")] = None,
+    server_host: Annotated[
+        str | None,
+        typer.Option(help="Aggregator host names or IPs, comma-separated (all go in its "
+                     "certificate; sites connect to the first)."),
+    ] = None,
+    sites: Annotated[str, typer.Option(help="Hospital site names, comma-separated.")] = "",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write kits to.")] = None,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="The port the aggregator listens on (HTTPS).")
+    ] = 9092,
+    fleet_address: Annotated[
+        str, typer.Option(help="HOST:PORT sites connect to, when not the first --server-host "
+                          "and --port (e.g. behind an ingress).")
+    ] = "",
+    control_address: Annotated[
+        str, typer.Option(help="HOST:PORT operators connect to [default: the fleet address].")
+    ] = "",
+    force: Annotated[bool, typer.Option(help="Re-issue everything in an existing --out.")] = False,
+) -> None:
+    """Provision a new federation (see `add-site` and `revoke-site` for later changes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not (project and server_host and out_dir):
+        raise fail("--project, --server-host and --out are required", EXIT_BAD_INPUT)
+    from server.provision import provision as write_kits
+
+    summary = guard(
+        lambda: write_kits(
+            out_dir, project=project, server_hosts=server_host.split(","),
+            sites=sites.split(","), port=port, fleet_address=fleet_address,
+            control_address=control_address, force=force,
+        )
+    )
+    table = Table("kit", "folder", "hand it to", title=f"Kits for {project}")
+    table.add_row("server", str(summary.server), "the aggregator (`medfed server --kit`)")
+    for name, folder in summary.sites.items():
+        table.add_row(f"site {name}", str(folder), f"hospital {name} (`medfed site --kit`)")
+    table.add_row("operator", str(summary.operator), "whoever submits runs (`medfed run --kit`)")
+    out.print(table)
+    out.print(
+        f"sites connect to {summary.fleet}, the operator to {summary.control}. "
+        f"Keep {out_dir}/ca/ca.key offline: "
+        "it signs the aggregator's certificate. Send each kit over a secure channel; private "
+        "keys are mode 0600 and no kit holds another party's key."
+    )
+
+
+@provision_app.command("add-site")
+def add_site(
+    name: Annotated[str, typer.Argument(help="The new hospital's site name.")],
+    kits: KitsOpt,
+) -> None:
+    """Issue one more hospital's kit; no other key or kit changes."""
+    from server.provision import add_site as issue
+
+    folder, superlink = guard(lambda: issue(kits, name))
+    out.print(f"site {name}: kit in {folder} (connects to {superlink})")
+    out.print(
+        "A running `medfed server` registers it within seconds once it reads the updated "
+        f"server kit ({kits / 'server'}); on Kubernetes, update the server kit Secret."
+    )
+
+
+@provision_app.command("revoke-site")
+def revoke_site(
+    name: Annotated[str, typer.Argument(help="The site to withdraw.")],
+    kits: KitsOpt,
+) -> None:
+    """Withdraw a hospital: its key is removed from the server kit and its kit deleted."""
+    from server.provision import revoke_site as revoke
+
+    guard(lambda: revoke(kits, name))
+    out.print(
+        f"site {name} revoked; a running `medfed server` unregisters its node within seconds "
+        "and the site's next connection is refused."
+    )
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+def server(
+    kit: Annotated[Path, typer.Option(help="The server kit (KITS/server).")],
+    state_dir: Annotated[
+        Path, typer.Option("--state", help="Where the SuperLink keeps runs and registered sites.")
+    ] = Path("medfed-state"),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="HTTPS port [default: the kit's, 9092].")
+    ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="gRPC health port [default: the kit's, 9098]."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Dashboard and /metrics; 0 turns them off "
+                     "[default: the kit's, 9400]."),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address of the dashboard.")] = "127.0.0.1",
+) -> None:
+    """Run the aggregator: Flower's SuperLink with TLS and authenticated sites."""
+    from common.kit import ServerKit
+    from server.exporter import MetricsSettings
+    from server.superlink import ServerProcess, ServerSettings
+    from server.watch import RunWatcher
+
+    _logging()
+    server_kit = guard(lambda: ServerKit.load(kit))
+    settings = ServerSettings(
+        kit=server_kit, state=state_dir, host=host, port=port, health_port=health_port
+    )
+    metrics = guard(
+        lambda: MetricsSettings(
+            port=server_kit.metrics_port if metrics_port is None else metrics_port,
+            host=metrics_host,
+        )
+    )
+    process = ServerProcess(settings)
+    watcher = RunWatcher(state_dir / "runs", metrics, sites=[s.name for s in server_kit.sites])
+    process.install_signal_handlers()
+    try:
+        guard(watcher.start)
+        guard(process.start)
+        out.print(
+            f"medfed server ready: https://{host}:{settings.link_port} "
+            f"({len(server_kit.sites)} sites authorised, state in {state_dir})"
+            + (f"; dashboard {watcher.url}" if watcher.url else ""),
+            highlight=False,
+        )
+        code = process.run_until_stopped()
+    finally:
+        process.stop()
+        watcher.stop()
+    raise typer.Exit(EXIT_OK if code == 0 else EXIT_FAILED)
+
+
+# --- site --------------------------------------------------------------------------------------
+
+
+@site_app.callback(invoke_without_command=True)
+def site(
+    ctx: typer.Context,
+    kit: Annotated[Path | None, typer.Option(help="This site's kit (KITS/sites/<name>).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="The site's image folder (with labels.csv).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state", help="The site's own state (privacy ledger) "
+                     "[default: ~/.medfed/sites/<name>]."),
+    ] = None,
+    runtime_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Local port of the SuperNode's runtime API "
+                          "(one per site on a shared machine).")
+    ] = 9094,
+    health_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="gRPC health port (off if not set).")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The site's Prometheus /metrics (training "
+                          "progress, privacy spent, GPU); 0 turns it off.")
+    ] = 9401,
+    metrics_host: Annotated[str, typer.Option(help="Address of /metrics.")] = "127.0.0.1",
+) -> None:
+    """Check the site's data, then join the federation and train when the aggregator asks."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if kit is None or data is None:
+        raise fail("--kit and --data are required", EXIT_BAD_INPUT)
+    from client.supernode import SiteProcess, SiteRefused, SiteSettings, check_node_config_value
+    from common.data import Preprocess, check_site
+    from common.kit import SiteKit
+
+    _logging()
+    site_kit = guard(lambda: SiteKit.load(kit))
+    guard(lambda: check_node_config_value(data, "--data"))
+    card = guard(lambda: check_site(data, Preprocess()))
+    if not card.usable:
+        typer.echo(card.to_text())
+        raise fail(
+            f"{data}: the site's data is not usable (see above); fix it and run "
+            f"`medfed check-data {data}` until it passes", EXIT_BAD_INPUT,
+        )
+    state = state_dir or Path.home() / ".medfed" / "sites" / site_kit.site
+    guard(lambda: check_node_config_value(state, "--state"))
+    out.print(
+        f"site {site_kit.site}: {card.readable_rows} readable images; joining "
+        f"{site_kit.superlink}", highlight=False,
+    )
+    process = SiteProcess(
+        SiteSettings(site_kit, data, state, runtime_port=runtime_port, health_port=health_port)
+    )
+    stop_metrics = None
+    if metrics_port:
+        from client.site_metrics import SiteCollector, serve_site_metrics
+
+        def running() -> bool:
+            return process.process is not None and process.process.poll() is None
+
+        collector = SiteCollector(site_kit.site, state, running=running)
+        stop_metrics = guard(
+            lambda: serve_site_metrics(collector, host=metrics_host, port=metrics_port)
+        )
+        out.print(f"site metrics: http://{metrics_host}:{metrics_port}/metrics", highlight=False)
+    process.install_signal_handlers()
+    try:
+        code = process.run()
+    except SiteRefused as exc:
+        raise fail(str(exc), EXIT_REFUSED) from None
+    finally:
+        process.stop()
+        if stop_metrics is not None:
+            stop_metrics()
+    raise typer.Exit(code)
+
+
+# --- operator ----------------------------------------------------------------------------------
+
+
+def run(
+    kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write here.")],
+    test_data: Annotated[
+        str | None,
+        typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation "
+                     "(default: none; the sites' federated evaluation is used)."),
+    ] = None,
+    rounds: opt.Rounds = None,
+    strategy: opt.StrategyOpt = None,
+    dp: opt.Dp = None,
+    target_epsilon: opt.TargetEpsilon = None,
+    delta: opt.Delta = None,
+    max_grad_norm: opt.MaxGradNorm = None,
+    local_epochs: opt.LocalEpochs = None,
+    fraction_train: opt.FractionTrain = None,
+    seed: opt.Seed = None,
+    batch_size: opt.BatchSize = None,
+    lr: opt.Lr = None,
+    image_size: opt.ImageSize = None,
+    min_sites: opt.MinSites = None,
+    proximal_mu: opt.ProximalMu = None,
+    device: opt.Device = None,
+    app_dir: Annotated[
+        Path | None, typer.Option("--app", help="The medfed Flower App folder [default: this "
+                                  "installation's source].")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace results already in --out.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show the run's whole log.")] = False,
+) -> None:
+    """Submit a training run to the aggregator, follow it, and write its results to --out."""
+    from common.kit import OperatorKit
+    from server.submit import OperatorError, find_app_dir, submit
+
+    operator = guard(lambda: OperatorKit.load(kit))
+    app_path = guard(lambda: find_app_dir(app_dir))
+    values = given(
+        test_data=test_data or "", rounds=rounds, strategy=strategy, dp=dp,
+        target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
+        local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
+        batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
+        proximal_mu=proximal_mu, device=device,
+    )
+    guard(lambda: RunConfig.from_mapping(values))  # flag errors here, not on the aggregator
+    if (out_dir / "results.json").exists() and not force:
+        raise fail(f"{out_dir} already holds a run; pass --force to replace it", EXIT_BAD_INPUT)
+    overrides: dict[str, Any] = {k.replace("_", "-"): v for k, v in values.items()}
+    overrides.update({"sites-dir": "", "metrics-port": 0})
+
+    def started(run_id: int) -> None:
+        err.print(
+            f"run {run_id} started on {operator.superlink}; Ctrl-C stops following it (the run "
+            f"goes on: `medfed stop {run_id} --kit {kit}` ends it)", highlight=False,
+        )
+
+    try:
+        result = submit(
+            operator, app_dir=app_path, overrides=overrides, out_dir=out_dir,
+            show=lambda line: err.print(line, highlight=False, markup=False), verbose=verbose,
+            on_started=started,
+        )
+    except OperatorError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        err.print("stopped following the run; it continues on the aggregator")
+        raise typer.Exit(130) from None
+    if result.status != "finished:completed":
+        raise fail(
+            f"run {result.run_id} ended as {result.status}; `flwr log` on the aggregator or "
+            "`medfed run --verbose` shows why", EXIT_FAILED,
+        )
+    if not result.files:
+        raise fail(f"run {result.run_id} finished but sent no results", EXIT_FAILED)
+    results = json.loads((out_dir / "results.json").read_text())
+    print_results(results, out_dir)
+
+
+def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:
+    """List the aggregator's runs."""
+    from common.kit import OperatorKit
+    from server.submit import OperatorError, list_runs
+
+    operator = guard(lambda: OperatorKit.load(kit))
+    try:
+        listed = list_runs(operator)
+    except OperatorError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    table = Table(title=operator.superlink)
+    table.add_column("run id", no_wrap=True, min_width=20)
+    table.add_column("status", no_wrap=True)
+    for name in ("app", "elapsed", "started"):
+        table.add_column(name)
+    for entry in listed:
+        table.add_row(
+            str(entry.get("run-id")), str(entry.get("status")), str(entry.get("fab-id")),
+            f"{float(entry.get('elapsed', 0)):.0f}s", str(entry.get("running-at", "")),
+        )
+    out.print(table)
+
+
+def stop(
+    run_id: Annotated[int, typer.Argument(help="The run to stop (see `medfed runs`).")],
+    kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")],
+) -> None:
+    """Stop a run on the aggregator."""
+    from common.kit import OperatorKit
+    from server.submit import OperatorError, stop_run
+
+    operator = guard(lambda: OperatorKit.load(kit))
+    try:
+        stop_run(operator, run_id)
+    except OperatorError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    out.print(f"run {run_id} stopped")

@@ -1,0 +1,57 @@
+"""Training options shared by `medfed simulate` and `medfed run`: one definition, one help text.
+
+Each is None when not given, so that the run's defaults (common.config.RunConfig, or the Flower
+App's run config) apply and a resumed run keeps its own values.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Strategy(StrEnum):
+    """Aggregation strategies (Flower's)."""
+
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    fedmedian = "fedmedian"
+    fedtrimmedavg = "fedtrimmedavg"
+    krum = "krum"
+
+
+TestData = Annotated[
+    Path | None, typer.Option(help="Held-out folder; every image in it is a test image.")
+]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds. [default: 5]")]
+StrategyOpt = Annotated[
+    Strategy | None, typer.Option(help="Aggregation strategy. [default: fedavg]")
+]
+Dp = Annotated[
+    bool | None, typer.Option("--dp/--no-dp", help="DP-SGD at every site. [default: --dp]")
+]
+TargetEpsilon = Annotated[
+    float | None, typer.Option(help="Each site's epsilon for the whole run. [default: 8]")
+]
+Delta = Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")]
+MaxGradNorm = Annotated[
+    float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")
+]
+LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per round. [default: 1]")]
+FractionTrain = Annotated[
+    float | None, typer.Option(help="Share of sites sampled per round. [default: 1.0]")
+]
+Seed = Annotated[int | None, typer.Option(help="Seed. [default: 0]")]
+BatchSize = Annotated[int | None, typer.Option(help="Local batch size. [default: 32]")]
+Lr = Annotated[float | None, typer.Option(help="Local learning rate. [default: 3e-4]")]
+ImageSize = Annotated[int | None, typer.Option(help="Model input size. [default: 64]")]
+MinSites = Annotated[int | None, typer.Option(help="Fewest sites a round needs. [default: 2]")]
+ProximalMu = Annotated[
+    float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
+]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")]

@@ -1,0 +1,317 @@
+"""`medfed server`: Flower's SuperLink with the federation's kit, and the kit kept in force.
+
+The SuperLink serves TLS with the kit's certificate, authenticates SuperNodes, keeps its state in
+`--state` (a restart keeps runs and registered nodes) and runs ServerApps in subprocesses that
+inherit MEDFED_STATE_DIR, so each deployed run writes its results under `STATE/runs/<run-id>`.
+
+While it runs, the server kit is the single source of truth for who may connect: every site in
+it is registered with the SuperLink, and a node whose key is not in it (a revoked hospital, or
+a key someone registered through the Control API by hand) is unregistered. Editing the kit with
+`medfed provision add-site|revoke-site` takes effect within seconds, without a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from common.certs import load_public_key, public_key_pem
+from common.kit import KIT_FILE, AuthorisedSite, KitError, ServerKit
+from common.procs import die_with_parent, terminate_tree
+
+log = logging.getLogger("medfed.server")
+
+STATE_ENV = "MEDFED_STATE_DIR"
+READY_TIMEOUT_S = 90.0
+KIT_POLL_S = 3.0
+FULL_RECONCILE_S = 30.0
+
+
+def flower_environment() -> dict[str, str]:
+    """The current environment, with this Python's scripts first on PATH.
+
+    Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, so
+    they must be found even when medfed was started as `.venv/bin/medfed` without activating
+    the virtual environment.
+    """
+    env = dict(os.environ)
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """A Flower console script from this Python's environment (then PATH)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    return name
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the SuperLink listens and keeps its state."""
+
+    kit: ServerKit
+    state: Path
+    host: str = "0.0.0.0"
+    port: int | None = None  # default: the kit's
+    health_port: int | None = None
+
+    @property
+    def link_port(self) -> int:
+        """The HTTPS port: --port, else the kit's."""
+        return self.port or self.kit.port
+
+    @property
+    def link_health_port(self) -> int:
+        """The gRPC health port: --health-port, else the kit's."""
+        return self.health_port or self.kit.health_port
+
+    @property
+    def local_address(self) -> str:
+        """How this machine reaches the SuperLink (the certificate always names 127.0.0.1)."""
+        return f"127.0.0.1:{self.link_port}"
+
+    def command(self) -> list[str]:
+        """flower-superlink's argv."""
+        return [
+            flower_executable("flower-superlink"),
+            "--ssl-ca-certfile", str(self.kit.ca_cert),
+            "--ssl-certfile", str(self.kit.cert),
+            "--ssl-keyfile", str(self.kit.key),
+            "--enable-supernode-auth",
+            "--database", str(self.state / "superlink.db"),
+            "--host", self.host,
+            "--port", str(self.link_port),
+            "--health-server-address", f"{self.host}:{self.link_health_port}",
+            # the image already holds every dependency; never pip/uv-install at run time
+            "--disable-runtime-dependency-installation",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """The SuperLink's environment: state folder and Flower home."""
+        env = flower_environment()
+        env[STATE_ENV] = str(self.state.resolve())
+        env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
+        return env
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Raise ValueError naming the flag when the port cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"{flag} {port}: {host}:{port} is already in use (is another medfed server "
+                    f"running?); stop it or pass a free port with {flag}"
+                ) from None
+            raise ValueError(f"{flag} {port}: cannot listen on {host}:{port} ({exc})") from None
+
+
+def _pem(line: str, where: str) -> bytes:
+    return public_key_pem(load_public_key(line, where=where))
+
+
+def _normalise_pem(raw: bytes) -> bytes | None:
+    try:
+        key = serialization.load_pem_public_key(raw)
+    except ValueError:
+        return None
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass
+class Reconciled:
+    """What one pass of keeping the SuperLink's nodes equal to the kit changed."""
+
+    registered: dict[str, int] = field(default_factory=dict)
+    unregistered: list[int] = field(default_factory=list)
+    present: dict[str, int] = field(default_factory=dict)
+
+
+class NodeRegistry:
+    """Registers the kit's sites with the SuperLink (Control API) and removes anyone else."""
+
+    def __init__(self, address: str, ca_cert: Path) -> None:
+        self.address, self.ca_cert = address, ca_cert
+
+    def _client(self) -> Any:  # Flower's ControlHttpClient
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        return ControlHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=False,
+            root_certificates=self.ca_cert.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="medfed server")],
+        )
+
+    def reconcile(self, sites: Sequence[AuthorisedSite]) -> Reconciled:
+        """Register every site in `sites` that is missing; unregister every node not in it."""
+        from flwr.proto.control_pb2 import (
+            ListNodesRequest,
+            RegisterNodeRequest,
+            UnregisterNodeRequest,
+        )
+
+        wanted = {_pem(s.public_key, f"site {s.name}"): s.name for s in sites}
+        result = Reconciled()
+        client = self._client()
+        try:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+            for node in nodes:
+                if node.status == "unregistered":
+                    continue
+                pem = _normalise_pem(bytes(node.public_key))
+                if pem in wanted:
+                    result.present[wanted[pem]] = int(node.node_id)
+                    continue
+                client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+                result.unregistered.append(int(node.node_id))
+                log.warning(
+                    "unregistered node %s: its key is not in the server kit (revoked, or "
+                    "registered by hand)", node.node_id,
+                )
+            for pem, name in wanted.items():
+                if name in result.present:
+                    continue
+                response = client.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+                result.registered[name] = int(response.node_id)
+                log.info("registered site %s as node %s", name, response.node_id)
+        finally:
+            client.close()
+        return result
+
+
+def wait_until_ready(
+    address: str, ca_cert: Path, process: subprocess.Popen[bytes], timeout: float
+) -> None:
+    """Wait for the SuperLink's HTTPS /health; raise if it exits or never answers."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the SuperLink exited with code {process.returncode} while starting; "
+                "its log above says why"
+            )
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except ssl.SSLCertVerificationError as exc:
+            raise KitError(
+                f"the SuperLink's certificate does not verify against the kit's ca.crt ({exc}); "
+                "the server kit's files come from different provisionings: re-provision"
+            ) from None
+        except OSError as exc:
+            last = str(exc)
+        finally:
+            conn.close()
+        time.sleep(0.5)
+    raise RuntimeError(f"the SuperLink did not answer on {address} within {timeout:.0f}s ({last})")
+
+
+class ServerProcess:
+    """The SuperLink subprocess plus the loop that keeps its registered nodes equal to the kit."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.registry = NodeRegistry(settings.local_address, settings.kit.ca_cert)
+        self._stop = threading.Event()
+        self._kit_mtime = 0.0
+
+    def start(self) -> None:
+        """Start the SuperLink, wait until it answers, register the kit's sites."""
+        s = self.settings
+        s.state.mkdir(parents=True, exist_ok=True)
+        (s.state / "runs").mkdir(exist_ok=True)
+        check_port_free(s.host, s.link_port, "--port")
+        check_port_free(s.host, s.link_health_port, "--health-port")
+        log.info("starting Flower SuperLink on %s:%s (state in %s)", s.host, s.link_port, s.state)
+        self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+            s.command(), env=s.environment(), start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        wait_until_ready(s.local_address, s.kit.ca_cert, self.process, READY_TIMEOUT_S)
+        self.sync_kit(force=True)
+
+    def sync_kit(self, *, force: bool = False) -> Reconciled | None:
+        """Re-read the server kit if it changed (or `force`) and reconcile the nodes."""
+        kit_file = self.settings.kit.path / KIT_FILE
+        try:
+            mtime = kit_file.stat().st_mtime
+        except OSError:
+            log.error("server kit %s disappeared; keeping the last registrations", kit_file)
+            return None
+        if not force and mtime == self._kit_mtime:
+            return None
+        try:
+            kit = ServerKit.load(self.settings.kit.path)
+        except (KitError, ValueError) as exc:
+            log.error("server kit unreadable, keeping the last registrations: %s", exc)
+            return None
+        self._kit_mtime = mtime
+        result = self.registry.reconcile(kit.sites)
+        names = ", ".join(s.name for s in kit.sites) or "none"
+        log.info("sites authorised by the kit: %s", names)
+        return result
+
+    def run_until_stopped(self) -> int:
+        """Supervise until SIGINT/SIGTERM (returns 0) or the SuperLink dies (returns 1)."""
+        assert self.process is not None, "start() first"
+        last_full = time.monotonic()
+        while not self._stop.wait(KIT_POLL_S):
+            if self.process.poll() is not None:
+                log.error("the SuperLink exited with code %s", self.process.returncode)
+                return 1
+            full = time.monotonic() - last_full > FULL_RECONCILE_S
+            try:
+                self.sync_kit(force=full)
+            except Exception as exc:  # noqa: BLE001 - a failed pass is retried, never fatal
+                log.warning("could not reconcile registered sites (will retry): %s", exc)
+            if full:
+                last_full = time.monotonic()
+        return 0
+
+    def stop(self) -> None:
+        """Stop the SuperLink (SIGTERM, then SIGKILL after 15 s)."""
+        self._stop.set()
+        if self.process is not None:
+            terminate_tree(self.process)
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM end `run_until_stopped`."""
+        def handle(signum: int, frame: FrameType | None) -> None:
+            log.info("received signal %s: stopping the SuperLink", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,304 @@
+"""A real deployed federation on 127.0.0.1: provisioned kits, `medfed server` (SuperLink with TLS
+and SuperNode authentication), three `medfed site` processes, runs submitted with `medfed run`.
+
+The tests share one federation and run in file order: a run over all sites, refusals of a
+stranger's key and of a client without TLS, a site killed mid-run, and a server restart.
+"""
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from common.certs import SiteKeyPair, write_private, write_public
+from common.procs import descendants, flower_orphans, terminate_tree
+from server.superlink import flower_environment
+from tests.medfed.helpers import fetch, free_port, samples
+from tests.simulations.conftest import write_easy_hospitals
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+class Proc:
+    """A medfed process whose output goes to a log file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._file = log.open("w")
+        self.popen = subprocess.Popen(
+            [str(BIN / "medfed"), *args], stdout=self._file, stderr=subprocess.STDOUT
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.text():
+                return
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.5)
+        pytest.fail(f"{needle!r} not in {self.log.name} after {timeout}s:\n{self.text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self._file.close()
+        return int(self.popen.returncode)
+
+
+@dataclass
+class Federation:
+    root: Path
+    kits: Path
+    data: Path
+    state: Path
+    port: int
+    health_port: int
+    metrics_port: int
+    server: Proc | None = None
+    sites: dict[str, Proc] = field(default_factory=dict)
+    site_metrics: dict[str, int] = field(default_factory=dict)
+    runs: list[str] = field(default_factory=list)
+
+    def start_server(self, log_name: str) -> Proc:
+        self.server = Proc(
+            [
+                "server", "--kit", str(self.kits / "server"), "--state", str(self.state),
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
+            ],
+            self.root / log_name,
+        )
+        self.server.wait_for("medfed server ready", timeout=120)
+        return self.server
+
+    def start_site(self, name: str) -> Proc:
+        proc = Proc(
+            [
+                "site", "--kit", str(self.kits / "sites" / name),
+                "--data", str(self.data / "sites" / name), "--state", str(self.root / name),
+                "--runtime-port", str(free_port()),
+                "--metrics-port", str(self.site_metrics.setdefault(name, free_port())),
+            ],
+            self.root / f"site-{name}.log",
+        )
+        self.sites[name] = proc
+        return proc
+
+    def run(self, out: str, *flags: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                str(BIN / "medfed"), "run", "--kit", str(self.kits / "operator"),
+                "--out", str(self.root / out), "--batch-size", "16", *flags,
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str, str]:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    data = write_easy_hospitals(
+        root / "data", [(name, 60, 0.5) for name in SITES], test_images=20, seed=3
+    )
+    fed = Federation(
+        root=root, kits=root / "kits", data=data, state=root / "server-state",
+        port=free_port(), health_port=free_port(), metrics_port=free_port(),
+    )
+    subprocess.run(
+        [
+            str(BIN / "medfed"), "provision", "--project", "e2e", "--server-host", "127.0.0.1",
+            "--port", str(fed.port), "--sites", ",".join(SITES), "--out", str(fed.kits),
+        ],
+        check=True, capture_output=True,
+    )
+    try:
+        fed.start_server("server.log")
+        for name in SITES:
+            fed.start_site(name)
+        for proc in fed.sites.values():
+            proc.wait_for("SuperNode ID", timeout=120)
+        yield fed
+    finally:
+        for proc in fed.sites.values():
+            proc.stop()
+        if fed.server is not None:
+            fed.server.stop()
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
+    code, stdout, stderr = _finish(federation.run("run-1", "--rounds", "2", "--min-sites", "3"))
+    assert code == 0, stderr[-3000:]
+    assert "medfed round 2/2" in stderr
+    run_dir = federation.root / "run-1"
+    results = _results(run_dir)
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for entry in results["rounds"]:
+        assert sorted(entry["participants"]) == SITES
+    assert sorted(results["privacy"]) == SITES
+    assert all(0 < p["epsilon"] <= 8.0 + 1e-6 for p in results["privacy"].values())
+    assert (run_dir / "model.pt").stat().st_size > 10_000
+    server_copy = federation.state / "runs"
+    (run_id,) = [p.name for p in server_copy.iterdir()]
+    federation.runs.append(run_id)
+    # the operator's files are the aggregator's, byte for byte
+    assert (server_copy / run_id / "model.pt").read_bytes() == (run_dir / "model.pt").read_bytes()
+    for name in SITES:
+        assert f"registered site {name}" in federation.server.text()  # type: ignore[union-attr]
+
+    # the aggregator's exporter follows deployed runs: rounds and each site's epsilon
+    url = f"http://127.0.0.1:{federation.metrics_port}/metrics"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        values = samples(fetch(url))
+        if values.get(("medfed_round", frozenset())) == 2.0:
+            break
+        time.sleep(1)
+    assert values[("medfed_round", frozenset())] == 2.0
+    for name, spent in results["privacy"].items():
+        key = ("medfed_privacy_epsilon", frozenset({("site", name)}))
+        assert values[key] == pytest.approx(spent["epsilon"])
+
+    # each site exports its own progress: rounds it trained and the epsilon it spent
+    for name, port in federation.site_metrics.items():
+        site = samples(fetch(f"http://127.0.0.1:{port}/metrics"))
+        labels = frozenset({("site", name), ("run", run_id)})
+        assert site[("medfed_site_up", frozenset({("site", name)}))] == 1.0
+        assert site[("medfed_site_rounds_trained_total", labels)] == 2.0
+        assert site[("medfed_site_privacy_epsilon", labels)] == pytest.approx(
+            results["privacy"][name]["epsilon"]
+        )
+        assert site[("medfed_site_privacy_budget_epsilon", labels)] == 8.0
+
+
+def test_a_stranger_with_a_self_made_key_is_refused(federation: Federation) -> None:
+    kit = federation.root / "stranger-kit"
+    kit.mkdir()
+    for name in ("ca.crt", "medfed-kit.toml"):
+        shutil.copy(federation.kits / "sites" / "hospital-a" / name, kit / name)
+    pair = SiteKeyPair.generate("hospital-a")
+    write_private(kit / "site.key", pair.private_openssh)
+    write_public(kit / "site.pub", pair.public_openssh.encode())
+    done = subprocess.run(
+        [
+            str(BIN / "medfed"), "site", "--kit", str(kit),
+            "--data", str(federation.data / "sites" / "hospital-a"),
+            "--state", str(federation.root / "stranger"), "--runtime-port", str(free_port()),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "refuses site 'hospital-a'" in done.stderr
+    assert "add-site" in done.stderr
+
+
+def test_a_client_without_tls_is_refused(federation: Federation) -> None:
+    # plain HTTP to the Fleet API: the SuperLink speaks only TLS
+    conn = http.client.HTTPConnection("127.0.0.1", federation.port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        conn.request("POST", "/v1/fleet/activate-node", body=b"{}")
+        conn.getresponse()
+    conn.close()
+    # Flower's own SuperNode without TLS never gets a node id; its failed connection attempts
+    # are all it ever logs. (Its helper processes hold the output open, hence a log file.)
+    log = federation.root / "insecure-supernode.log"
+    with log.open("w") as sink:
+        node = subprocess.Popen(
+            [
+                str(BIN / "flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{federation.port}",
+                "--max-retries", "2", "--max-wait-time", "20", "--port", str(free_port()),
+            ],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            env=flower_environment(),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and node.poll() is None:
+                if log.read_text().count("Connection attempt failed") >= 2:
+                    break
+                time.sleep(1)
+        finally:
+            terminate_tree(node)
+    text = log.read_text()
+    assert "Connection attempt failed" in text
+    assert "SuperNode ID" not in text
+
+
+def test_a_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
+    run = federation.run("run-2", "--rounds", "3", "--min-sites", "2")
+    runs_dir = federation.state / "runs"
+    deadline = time.monotonic() + 300
+    killed = False
+    while time.monotonic() < deadline and run.poll() is None:
+        new = [p for p in runs_dir.iterdir() if p.name not in federation.runs]
+        if new and (new[0] / "results.json").is_file() and _results(new[0])["rounds"]:
+            # the hospital's machine dies: every process of the site at once, no goodbye
+            site = federation.sites["hospital-c"]
+            tree = descendants(site.popen.pid)
+            site.stop(signal.SIGKILL)
+            for pid in tree + [p for t in tree for p in flower_orphans(t)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(1)
+    assert killed, "round 1 never finished"
+    code, _, stderr = _finish(run)
+    assert code == 0, stderr[-3000:]
+    results = _results(federation.root / "run-2")
+    federation.runs.append(new[0].name)
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    assert sorted(results["rounds"][0]["participants"]) == SITES
+    assert sorted(results["rounds"][-1]["participants"]) == ["hospital-a", "hospital-b"]
+
+
+def test_a_restarted_server_keeps_runs_and_sites(federation: Federation) -> None:
+    assert federation.server is not None
+    assert federation.server.stop() == 0
+    restarted = federation.start_server("server-restarted.log")
+    # registered nodes were kept: nothing to register again
+    assert "registered site" not in restarted.text()
+    listed = subprocess.run(
+        [str(BIN / "medfed"), "runs", "--kit", str(federation.kits / "operator")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    for run_id in federation.runs:
+        assert run_id in listed.stdout
+    # the surviving sites reconnect by themselves and train again
+    code, _, stderr = _finish(federation.run("run-3", "--rounds", "1", "--min-sites", "2"))
+    assert code == 0, stderr[-3000:]
+    assert sorted(_results(federation.root / "run-3")["rounds"][0]["participants"]) == [
+        "hospital-a", "hospital-b",
+    ]
