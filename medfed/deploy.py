@@ -338,6 +338,8 @@ def run(
     except KeyboardInterrupt:
         err.print("stopped following the run; it continues on the aggregator")
         raise typer.Exit(130) from None
+    if result.status == "finished:stopped":
+        raise fail(f"run {result.run_id} was stopped before it finished", EXIT_FAILED)
     if result.status != "finished:completed":
         raise fail(
             f"run {result.run_id} ended as {result.status}; `flwr log` on the aggregator or "
