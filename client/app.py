@@ -11,10 +11,11 @@ Where the site's data is:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,12 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client import progress
+from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, AuditLog, OutboundGuard, describe_reply
+from client.ledger import BudgetRefused, PrivacyLedger
 from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
-from common.privacy import PrivacyState, batches_per_epoch
+from common.privacy import REFUSAL_MARK, PrivacyState, batches_per_epoch
 from common.sites import SiteRef, discover_sites
 from models import build_model
 
@@ -113,11 +116,76 @@ def _load_or_plan_privacy(site: SiteRef, cfg: RunConfig, run_key: str, n: int) -
     )
 
 
+def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None]:
+    """The site's epsilon budget and ledger folder.
+
+    Deployed, both come from the site's own node config (`medfed site`), never from the run
+    config the aggregator sends: the aggregator cannot raise a hospital's budget. In simulation
+    the run config stands in for every virtual site's.
+    """
+    node = context.node_config
+    if "data-path" in node:
+        raw = float(node.get("budget-epsilon", 0) or 0)
+        folder = str(node.get("ledger-dir", "") or "")
+    else:
+        raw, folder = cfg.budget_epsilon, cfg.ledger_dir
+    return (raw if raw > 0 else None), (Path(folder) if folder else None)
+
+
+# What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
+GUARD = OutboundGuard(DEFAULT_METRICS, DEFAULT_CONFIGS, allow_nan=True)
+AUDIT_FILE = "audit.jsonl"
+
+
+class SiteFailure(RuntimeError):
+    """What the aggregator is told when the site fails: the kind of failure, no details."""
+
+
+def _leave(
+    site: SiteRef, content: RecordDict, *, run: str, server_round: int, message_type: str
+) -> RecordDict:
+    """Check a reply against the outbound guard and log it in the site's audit trail."""
+    GUARD.check(content)
+    AuditLog(site.state_dir / AUDIT_FILE).append(
+        describe_reply(content, run=run, round=server_round, message_type=message_type)
+    )
+    return content
+
+
+def _contained(
+    stage: str, handler: Callable[[Message, Context], Message]
+) -> Callable[[Message, Context], Message]:
+    """Keep a failure's details at the site.
+
+    Flower sends a ClientApp's exception text to the aggregator, and an exception can name a
+    file, a DICOM tag or a value (a blocked reply names what it blocked). The site logs the
+    details; the aggregator learns the failure's kind. A budget refusal is sent as it is: it
+    holds only the site's name and epsilons.
+    """
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except BudgetRefused:
+            raise
+        except Exception as exc:
+            name = str(context.node_config.get("site-name", "")) or "this site"
+            log.error("%s failed at %s: %s", stage, name, exc, exc_info=True)
+            raise SiteFailure(
+                f"site {name}: {stage} failed ({type(exc).__name__}); the details stay in the "
+                "site's own log"
+            ) from None
+
+    return run
+
+
 def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
     """Build the ClientApp; `sites` maps simulation partition-ids to site folders."""
     app = ClientApp()
 
     @app.train()
+    @functools.partial(_contained, "train")
     def train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
@@ -142,18 +210,32 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         metrics: dict[str, MetricRecordValues] = {}
         spent: float | None = None
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+        budget, ledger_dir = _budget(context, cfg)
+        ledger = PrivacyLedger(site.data_dir, ledger_dir)
+        if budget is not None and not cfg.dp:
+            raise BudgetRefused(
+                f"{REFUSAL_MARK}: site {site.name} has a privacy budget (epsilon {budget:g}) and "
+                "this run trains without differential privacy; run with --dp"
+            )
         if cfg.dp:
             run_key = cfg.run_key or str(context.run_id)
             privacy = _load_or_plan_privacy(site, cfg, run_key, len(labels))
+            per_epoch = batches_per_epoch(len(labels), cfg.batch_size)
             rounds_left = max(1, cfg.rounds - server_round + 1)
-            privacy.ensure_room(
-                rounds_left * cfg.local_epochs * batches_per_epoch(len(labels), cfg.batch_size)
-            )
+            privacy.ensure_room(rounds_left * cfg.local_epochs * per_epoch)
+            if budget is not None:
+                this_round = (privacy.noise_multiplier, privacy.sample_rate,
+                              cfg.local_epochs * per_epoch)
+                ledger.check_round(
+                    run=run_key, history_after=[*privacy.history, this_round], budget=budget,
+                    site=site.name,
+                )
             report = train_local_dp(
                 model, images, labels, settings=settings, device=device, privacy=privacy,
                 proximal=mu > 0,
             )
             privacy.save(_privacy_path(site, run_key))
+            ledger.commit(run=run_key, history=privacy.history, budget=budget)
             summary = privacy.summary()
             spent = float(summary["epsilon"])
             metrics["epsilon"] = spent
@@ -184,9 +266,14 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         records["arrays"] = ArrayRecord(model.cpu().state_dict())
         records["metrics"] = MetricRecord(metrics)
         records["site"] = ConfigRecord({"name": site.name})
-        return Message(RecordDict(records), reply_to=msg)
+        content = _leave(
+            site, RecordDict(records), run=cfg.run_key or str(context.run_id),
+            server_round=server_round, message_type="train",
+        )
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
+    @functools.partial(_contained, "evaluate")
     def evaluate_global(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
@@ -216,6 +303,11 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         result_record = MetricRecord(values)
         content = RecordDict(
             {"metrics": result_record, "site": ConfigRecord({"name": site.name})}
+        )
+        content = _leave(
+            site, content, run=cfg.run_key or str(context.run_id),
+            server_round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+            message_type="evaluate",
         )
         return Message(content, reply_to=msg)
 

@@ -55,19 +55,23 @@ class SiteSettings:
     state: Path
     runtime_port: int = 9094
     health_port: int | None = None
+    budget_epsilon: float | None = None
+    ledger_dir: Path | None = None
 
     def command(self) -> list[str]:
         """flower-supernode's argv."""
         from server.superlink import flower_executable
 
-        node_config = " ".join(
-            f'{key}="{value}"'
-            for key, value in (
-                ("data-path", self.data.resolve()),
-                ("site-name", self.kit.site),
-                ("state-dir", self.state.resolve()),
-            )
-        )
+        pairs: list[tuple[str, object]] = [
+            ("data-path", self.data.resolve()),
+            ("site-name", self.kit.site),
+            ("state-dir", self.state.resolve()),
+        ]
+        if self.ledger_dir is not None:
+            pairs.append(("ledger-dir", self.ledger_dir.resolve()))
+        node_config = " ".join(f'{key}="{value}"' for key, value in pairs)
+        if self.budget_epsilon is not None:
+            node_config += f" budget-epsilon={self.budget_epsilon!r}"
         argv = [
             flower_executable("flower-supernode"),
             "--superlink", self.kit.superlink,

@@ -60,6 +60,14 @@ class RunConfig:
     trimmed_beta: float = 0.2
     krum_byzantine: int = 0
     round_timeout: float = 3600.0
+    # simulation only: every virtual site's privacy budget over all runs (0: none) and where
+    # their ledgers are (empty: $MEDFED_LEDGER_DIR or ~/.medfed/ledger); deployed sites set
+    # their own with `medfed site --budget-epsilon`
+    budget_epsilon: float = 0.0
+    # robust z-score above which an update's norm is rejected before aggregation (0: no norm
+    # check; NaN/Inf, key, shape and dtype checks always run)
+    screen_z: float = 0.0
+    ledger_dir: str = ""
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -95,6 +103,8 @@ class RunConfig:
         need(0 <= self.trimmed_beta < 0.5, "trimmed_beta", "must be in [0, 0.5)")
         need(self.krum_byzantine >= 0, "krum_byzantine", "must be >= 0")
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        need(self.budget_epsilon >= 0, "budget_epsilon", "must be >= 0 (0: no budget)")
+        need(self.screen_z >= 0, "screen_z", "must be >= 0 (0: no norm screening), e.g. 3.5")
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",

@@ -181,6 +181,7 @@ class SiteKit:
     project: str
     site: str
     superlink: str  # host:port of the Fleet API
+    budget_epsilon: float | None = None  # the hospital's own, over all runs; set in the kit
 
     @property
     def ca_cert(self) -> Path:
@@ -208,7 +209,13 @@ class SiteKit:
         site = str(values.get("site", ""))
         if not is_safe_site_name(site):
             raise KitError(f"{kit_dir / KIT_FILE}: invalid site name {site!r}; re-issue the kit")
-        return cls(kit_dir, str(values.get("project", "")), site, _address(values, kit_dir))
+        budget = values.get("budget-epsilon")
+        if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
+            raise KitError(f"{kit_dir / KIT_FILE}: budget-epsilon must be a number > 0")
+        return cls(
+            kit_dir, str(values.get("project", "")), site, _address(values, kit_dir),
+            float(budget) if budget is not None else None,
+        )
 
     def to_toml(self) -> dict[str, Any]:
         """The kit file's content."""

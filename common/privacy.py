@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,28 @@ from opacus.accountants.utils import get_noise_multiplier
 
 # (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
 Step = tuple[float, float, int]
+
+
+# A site's refusal to train past its budget carries this, so the aggregator records a refusal
+# (policy), not an error.
+REFUSAL_MARK = "privacy budget refused"
+
+
+_REFUSING_SITE = re.compile(re.escape(REFUSAL_MARK) + r": site ([A-Za-z0-9][A-Za-z0-9._-]*) ")
+
+
+def parse_refusal(reason: str) -> tuple[str, str | None] | None:
+    """(the refusal's own text, the refusing site's name) from an error reply's reason.
+
+    None when the reason is not a budget refusal. Flower wraps a ClientApp's exception in its
+    own text (and Ray in more); this cuts the refusal back out of it.
+    """
+    at = reason.find(REFUSAL_MARK)
+    if at < 0:
+        return None
+    text = re.split(r"'>|\n", reason[at:], maxsplit=1)[0].strip()
+    match = _REFUSING_SITE.match(text)
+    return text, (match.group(1) if match else None)
 
 
 class PrivacyBudgetSpent(RuntimeError):

@@ -130,6 +130,9 @@ def simulate(
     min_sites: opt.MinSites = None,
     proximal_mu: opt.ProximalMu = None,
     device: opt.Device = None,
+    budget_epsilon: opt.BudgetEpsilon = None,
+    ledger_dir: opt.LedgerDir = None,
+    screen_z: opt.ScreenZ = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a run from its last checkpoint.")
     ] = None,
@@ -165,7 +168,8 @@ def simulate(
         dp=dp, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
-        proximal_mu=proximal_mu, device=device,
+        proximal_mu=proximal_mu, device=device, budget_epsilon=budget_epsilon,
+        ledger_dir=str(ledger_dir) if ledger_dir else None, screen_z=screen_z,
     )
 
     def build() -> RunConfig:

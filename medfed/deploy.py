@@ -216,6 +216,12 @@ def site(
                           "progress, privacy spent, GPU); 0 turns it off.")
     ] = 9401,
     metrics_host: Annotated[str, typer.Option(help="Address of /metrics.")] = "127.0.0.1",
+    budget_epsilon: Annotated[
+        float | None,
+        typer.Option(help="This dataset's privacy budget over all runs "
+                     "[default: the kit's budget-epsilon, else none]."),
+    ] = None,
+    ledger_dir: opt.LedgerDir = None,
 ) -> None:
     """Check the site's data, then join the federation and train when the aggregator asks."""
     if ctx.invoked_subcommand is not None:
@@ -242,8 +248,19 @@ def site(
         f"site {site_kit.site}: {card.readable_rows} readable images; joining "
         f"{site_kit.superlink}", highlight=False,
     )
+    if budget_epsilon is not None and budget_epsilon <= 0:
+        raise fail(f"--budget-epsilon must be > 0, got {budget_epsilon:g}", EXIT_BAD_INPUT)
+    budget = budget_epsilon if budget_epsilon is not None else site_kit.budget_epsilon
+    if budget is not None:
+        from client.ledger import PrivacyLedger
+
+        spent = PrivacyLedger(data, ledger_dir).read().spent()
+        out.print(f"privacy budget: epsilon {spent:.3f} of {budget:g} spent on this dataset")
     process = SiteProcess(
-        SiteSettings(site_kit, data, state, runtime_port=runtime_port, health_port=health_port)
+        SiteSettings(
+            site_kit, data, state, runtime_port=runtime_port, health_port=health_port,
+            budget_epsilon=budget, ledger_dir=ledger_dir,
+        )
     )
     stop_metrics = None
     if metrics_port:
@@ -267,6 +284,68 @@ def site(
         if stop_metrics is not None:
             stop_metrics()
     raise typer.Exit(code)
+
+
+@site_app.command("budget")
+def budget(
+    data: Annotated[Path, typer.Option(help="The site's image folder (the dataset).")],
+    ledger_dir: opt.LedgerDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the privacy spent on a dataset over all runs, against its budget."""
+    from client.ledger import PrivacyLedger
+
+    ledger = guard(lambda: PrivacyLedger(data, ledger_dir))
+    entry = guard(lambda: ledger.read().to_dict())
+    if as_json:
+        print(json.dumps(entry, indent=2))
+        return
+    budget_text = f"{entry['budget_epsilon']:g}" if entry["budget_epsilon"] else "none set"
+    out.print(
+        f"dataset {entry['dataset']}: epsilon {entry['epsilon_spent']:.3f} spent "
+        f"(delta {entry['delta']:g}), budget {budget_text}", highlight=False,
+    )
+    for run, steps in entry["runs"].items():
+        out.print(f"  run {run}: {steps} DP-SGD steps", highlight=False)
+
+
+@site_app.command("audit")
+def audit(
+    state_dir: Annotated[
+        Path, typer.Option("--state", help="The site's state folder (as given to `medfed site`).")
+    ],
+    verify_chain: Annotated[
+        bool, typer.Option("--verify", help="Check the hash chain; exit 1 if it was altered.")
+    ] = False,
+    last: Annotated[int, typer.Option(help="Show the last N entries.")] = 10,
+) -> None:
+    """Show what left this site (the audit trail), or verify that the trail is intact."""
+    from client.app import AUDIT_FILE
+    from client.audit import verify
+
+    path = state_dir / AUDIT_FILE
+    if verify_chain:
+        result = verify(path)
+        if not result.ok:
+            raise fail(f"{path}: audit trail altered: {result.error}", EXIT_FAILED)
+        out.print(
+            f"{path}: {result.entries} entries, chain intact (head {result.head})",
+            highlight=False,
+        )
+        return
+    if not path.is_file():
+        raise fail(f"{path}: no audit trail (nothing has left this site yet)", EXIT_BAD_INPUT)
+    table = Table("seq", "time", "run", "round", "type", "bytes", "metrics", title=str(path))
+    lines = path.read_text().splitlines()[-last:]
+    for line in lines:
+        entry = json.loads(line)
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in entry.get("metrics", {}).items())
+        table.add_row(
+            str(entry["seq"]), entry["time"], str(entry.get("run")), str(entry.get("round")),
+            str(entry.get("message_type")), str(entry.get("bytes")), metrics,
+        )
+    out.print(table)
 
 
 # --- operator ----------------------------------------------------------------------------------
@@ -295,6 +374,7 @@ def run(
     min_sites: opt.MinSites = None,
     proximal_mu: opt.ProximalMu = None,
     device: opt.Device = None,
+    screen_z: opt.ScreenZ = None,
     app_dir: Annotated[
         Path | None, typer.Option("--app", help="The medfed Flower App folder [default: this "
                                   "installation's source].")
@@ -313,7 +393,7 @@ def run(
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
-        proximal_mu=proximal_mu, device=device,
+        proximal_mu=proximal_mu, device=device, screen_z=screen_z,
     )
     guard(lambda: RunConfig.from_mapping(values))  # flag errors here, not on the aggregator
     if (out_dir / "results.json").exists() and not force:

@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.privacy import parse_refusal
+
 
 @dataclass
 class RoundLog:
@@ -87,8 +89,14 @@ class RecordingStrategy(Strategy):
             answered.add(node)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
+                kind = "error"
+                refusal = parse_refusal(reason)
+                if refusal is not None:  # a site keeping its privacy budget: policy, not a fault
+                    kind, (reason, name) = "refused", refusal
+                    if name:
+                        self._names[node] = name
                 log.failures.append(
-                    {"site": self._name(node), "stage": stage, "kind": "error", "reason": reason}
+                    {"site": self._name(node), "stage": stage, "kind": kind, "reason": reason}
                 )
                 continue
             site = msg.content.config_records.get("site")
@@ -114,6 +122,19 @@ class RecordingStrategy(Strategy):
                     }
                 )
 
+    def _move_screened(self, log: RoundLog, inner_round: int) -> None:
+        """Updates a screening strategy inside dropped are failures, not participants."""
+        rejections = getattr(self.inner, "rejections", {}).get(inner_round, [])
+        for rejection in rejections:
+            name = self._names.get(rejection.node_id, rejection.site)
+            log.train.pop(name, None)
+            log.failures.append(
+                {
+                    "site": name, "stage": "train", "kind": f"screened_{rejection.reason}",
+                    "reason": rejection.detail,
+                }
+            )
+
     # --- Strategy interface ---------------------------------------------------------------------
 
     def configure_train(
@@ -138,6 +159,7 @@ class RecordingStrategy(Strategy):
         log = self._log(server_round)
         self._read_replies(log, "train", getattr(self, "_sent_train", []), replies)
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
+        self._move_screened(log, server_round + self.round_offset)
         log.train_aggregated = _scalars(metrics)
         if arrays is None and replies:
             log.failures.append(

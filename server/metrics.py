@@ -124,7 +124,8 @@ class RunMetrics:
         )
         self.site_failures = Counter(
             "medfed_site_failures",
-            "Failed site replies, by site and reason (train_error, train_timeout, "
+            "Failed site replies, by site and reason (train_error, train_timeout, train_refused "
+            "(the site's privacy budget), "
             "evaluate_error, evaluate_timeout, aggregate_error).",
             ["site", "reason"], registry=reg,
         )

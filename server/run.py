@@ -17,6 +17,7 @@ from common.config import RunConfig
 from server.central import CentralEvaluator
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
 from server.record import RunRecord
+from server.screening import ScreeningStrategy
 from server.strategies import build_strategy
 
 log = logging.getLogger("medfed.server")
@@ -92,7 +93,8 @@ def run_federation(
         )
 
     evaluator = CentralEvaluator.from_config(cfg, site_dirs)
-    recording = RecordingStrategy(strategy, round_offset=record.last_round)
+    screened = ScreeningStrategy(strategy, z_threshold=cfg.screen_z or None)
+    recording = RecordingStrategy(screened, round_offset=record.last_round)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state_dict = arrays.to_torch_state_dict()

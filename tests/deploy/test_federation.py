@@ -93,15 +93,15 @@ class Federation:
         self.server.wait_for("medfed server ready", timeout=120)
         return self.server
 
-    def start_site(self, name: str) -> Proc:
+    def start_site(self, name: str, *flags: str) -> Proc:
         proc = Proc(
             [
                 "site", "--kit", str(self.kits / "sites" / name),
                 "--data", str(self.data / "sites" / name), "--state", str(self.root / name),
                 "--runtime-port", str(free_port()),
-                "--metrics-port", str(self.site_metrics.setdefault(name, free_port())),
+                "--metrics-port", str(self.site_metrics.setdefault(name, free_port())), *flags,
             ],
-            self.root / f"site-{name}.log",
+            self.root / f"site-{name}-{len(self.sites)}{len(flags)}.log",
         )
         self.sites[name] = proc
         return proc
@@ -302,3 +302,23 @@ def test_a_restarted_server_keeps_runs_and_sites(federation: Federation) -> None
     assert sorted(_results(federation.root / "run-3")["rounds"][0]["participants"]) == [
         "hospital-a", "hospital-b",
     ]
+
+
+def test_a_hospital_budget_holds_across_runs_and_restarts(federation: Federation) -> None:
+    from client.ledger import PrivacyLedger
+
+    data = federation.data / "sites" / "hospital-b"
+    spent = PrivacyLedger(data).read().spent()  # every run so far trained on it
+    assert spent > 0
+    federation.sites["hospital-b"].stop()
+    site = federation.start_site("hospital-b", "--budget-epsilon", f"{spent + 0.01:.4f}")
+    site.wait_for("SuperNode ID", timeout=120)
+    assert f"epsilon {spent:.3f} of" in site.text()  # the restarted site reads its ledger
+    code, _, stderr = _finish(federation.run("run-4", "--rounds", "1", "--min-sites", "1"))
+    assert code == 0, stderr[-3000:]
+    (entry,) = _results(federation.root / "run-4")["rounds"]
+    assert entry["participants"] == ["hospital-a"]
+    refused = [f for f in entry["failures"] if f["kind"] == "refused"]
+    assert [(f["site"], f["stage"]) for f in refused] == [("hospital-b", "train")]
+    assert "privacy budget refused: site hospital-b" in refused[0]["reason"]
+    assert PrivacyLedger(data).read().spent() == pytest.approx(spent)
