@@ -257,6 +257,30 @@ def central(
     out.print(f"results: {out_dir / 'central.json'}")
 
 
+@app.command("audit-privacy")
+def audit_privacy(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (with model.pt).")],
+    data: Annotated[Path, typer.Option(help="The sites' folders the run trained on.")],
+    seed: Annotated[int, typer.Option(help="Seed of the member/non-member balancing.")] = 0,
+) -> None:
+    """Membership-inference attack on a run's model: does it give its training images away."""
+    from simulations.privacy_audit import AUDIT_FILE
+    from simulations.privacy_audit import audit_privacy as attack
+
+    result = guard(lambda: attack(run_dir, data, seed=seed))
+    table = Table("site", "attack AUC", "members", "non-members", "loss in / out",
+                  title="Loss-threshold membership inference (0.5 = no better than chance)")
+    for name, site in result["sites"].items():
+        table.add_row(
+            name, f"{site['attack_auc']:.3f}", str(site["members"]), str(site["non_members"]),
+            f"{site['member_loss']:.3f} / {site['non_member_loss']:.3f}",
+        )
+    out.print(table)
+    privacy = f"DP, epsilon {result['target_epsilon']:g}" if result["dp"] else "no DP"
+    out.print(f"attack AUC {result['attack_auc']:.3f} over all sites ({privacy})")
+    out.print(f"written: {run_dir / AUDIT_FILE}")
+
+
 def _run_with_progress(
     cfg: RunConfig,
     resume: bool,
