@@ -3,7 +3,8 @@
 A loss-threshold membership-inference attack (Yeom et al., 2018): a model fits the images it
 was trained on better than images it never saw, so an attacker holding the model and a candidate
 image guesses "member" when the image's loss is low. The attack's AUC over members (each site's
-training images) and non-members (the same sites' held-out test images) measures the leakage:
+training split) and non-members (the same sites' validation and test splits, never trained on)
+measures the leakage:
 0.5 is a coin toss, 1.0 a model that names its training images. DP-SGD bounds how far above 0.5
 any attack can go; this measures where a given run actually is.
 
@@ -72,16 +73,18 @@ def audit_privacy(run_dir: Path, data: Path, *, seed: int = 0) -> dict[str, Any]
     per_site: dict[str, dict[str, Any]] = {}
     for folder in folders:
         site = SiteData(folder, pre, seed=int(config.get("seed", 0)))
-        splits = {name: site.split(name) for name in ("train", "test")}
+        # non-members: the validation and test splits, which no round ever trained on
+        splits = {name: site.split(name) for name in ("train", "val", "test")}
         keep = {name: s.labels >= 0 for name, s in splits.items()}
         loss = {
             name: per_sample_loss(model, s.images[keep[name]], s.labels[keep[name]])
             for name, s in splits.items()
         }
-        inside, outside = _balanced(len(loss["train"]), len(loss["test"]), rng)
+        held_out = np.concatenate([loss["val"], loss["test"]])
+        inside, outside = _balanced(len(loss["train"]), len(held_out), rng)
         if len(inside) == 0:
             continue
-        site_scores = np.concatenate([-loss["train"][inside], -loss["test"][outside]])
+        site_scores = np.concatenate([-loss["train"][inside], -held_out[outside]])
         site_truth = np.concatenate([np.ones(len(inside)), np.zeros(len(outside))])
         scores.append(site_scores)
         truth.append(site_truth)
@@ -89,10 +92,10 @@ def audit_privacy(run_dir: Path, data: Path, *, seed: int = 0) -> dict[str, Any]
             "attack_auc": float(roc_auc_score(site_truth, site_scores)),
             "members": len(inside), "non_members": len(outside),
             "member_loss": float(loss["train"][inside].mean()),
-            "non_member_loss": float(loss["test"][outside].mean()),
+            "non_member_loss": float(held_out[outside].mean()),
         }
     if not scores:
-        raise ValueError(f"{data}: no site has both train and test images to attack")
+        raise ValueError(f"{data}: no site has both training and held-out images to attack")
     all_truth, all_scores = np.concatenate(truth), np.concatenate(scores)
     result = {
         "attack": "loss threshold (Yeom et al. 2018), balanced members vs held-out non-members",
