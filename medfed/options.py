@@ -58,15 +58,15 @@ Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [de
 BudgetEpsilon = Annotated[
     float | None,
     typer.Option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
-                 "exceed it is refused. [default: none]"),
+                 "exceed it is refused. Default: none."),
 ]
 LedgerDir = Annotated[
     Path | None,
-    typer.Option(help="Where sites keep their privacy ledgers [default: $MEDFED_LEDGER_DIR or "
-                 "~/.medfed/ledger]."),
+    typer.Option(help="Where sites keep their privacy ledgers (default: $MEDFED_LEDGER_DIR, else "
+                 "~/.medfed/ledger)."),
 ]
 ScreenZ = Annotated[
     float | None,
     typer.Option(help="Reject an update whose norm's robust z-score is above this, e.g. 3.5 "
-                 "(NaN/Inf, key, shape and dtype checks always run). [default: 0, off]"),
+                 "(NaN/Inf, key, shape and dtype checks always run). Default: off."),
 ]
