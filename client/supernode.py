@@ -14,7 +14,6 @@ Failures are told apart, because a hospital IT person acts differently on each:
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import ssl
 import subprocess
@@ -23,12 +22,17 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 from common.certs import fingerprint
 from common.kit import SiteKit
-from common.procs import die_with_parent, terminate_tree
+from common.procs import (
+    die_with_parent,
+    flower_environment,
+    flower_executable,
+    on_stop_signals,
+    terminate_tree,
+)
 
 log = logging.getLogger("medfed.site")
 
@@ -60,8 +64,6 @@ class SiteSettings:
 
     def command(self) -> list[str]:
         """flower-supernode's argv."""
-        from server.superlink import flower_executable
-
         pairs: list[tuple[str, object]] = [
             ("data-path", self.data.resolve()),
             ("site-name", self.kit.site),
@@ -87,8 +89,6 @@ class SiteSettings:
 
     def environment(self) -> dict[str, str]:
         """The SuperNode's environment: its Flower home under the site's state."""
-        from server.superlink import flower_environment
-
         env = flower_environment()
         env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
         return env
@@ -213,9 +213,4 @@ class SiteProcess:
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM stop the site cleanly."""
-        def handle(signum: int, frame: FrameType | None) -> None:
-            log.info("received signal %s: stopping the site", signum)
-            threading.Thread(target=self.stop, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+        on_stop_signals("the site", self.stop)

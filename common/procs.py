@@ -1,4 +1,4 @@
-"""Stopping Flower's process trees completely.
+"""Running Flower's programs from medfed, and stopping their process trees completely.
 
 Flower's SuperLink and SuperNode start a SuperExec in a new session, which in turn starts the
 ServerApp/ClientApp processes. Killing the SuperLink or SuperNode's process group therefore
@@ -9,14 +9,53 @@ SuperExec retrying forever, whatever its `--parent-pid` says. medfed finds them 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+log = logging.getLogger("medfed")
+
 PROC = Path("/proc")
+
+
+def flower_environment() -> dict[str, str]:
+    """The current environment, with this Python's scripts first on PATH.
+
+    Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, so
+    they must be found even when medfed was started as `.venv/bin/medfed` without activating
+    the virtual environment.
+    """
+    env = dict(os.environ)
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """A Flower console script from this Python's environment (then PATH)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    return name
+
+
+def on_stop_signals(what: str, stop: Callable[[], None]) -> None:
+    """Call `stop` on SIGINT or SIGTERM (from a thread, so it may block), logging `what` stops."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("received signal %s: stopping %s", signum, what)
+        threading.Thread(target=stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
 
 
 def _ppids() -> dict[int, int]:

@@ -22,8 +22,8 @@ from typing import Any
 import tomli_w
 
 from common.kit import OperatorKit
+from common.procs import flower_environment, flower_executable
 from server import artifacts
-from server.superlink import flower_environment, flower_executable
 
 CONNECTION = "medfed"
 STARTED = re.compile(r"Successfully started run (\d+)")

@@ -15,25 +15,27 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
-import os
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from common.certs import load_public_key, public_key_pem
 from common.kit import KIT_FILE, AuthorisedSite, KitError, ServerKit
-from common.procs import die_with_parent, terminate_tree
+from common.procs import (
+    die_with_parent,
+    flower_environment,
+    flower_executable,
+    on_stop_signals,
+    terminate_tree,
+)
 
 log = logging.getLogger("medfed.server")
 
@@ -41,27 +43,6 @@ STATE_ENV = "MEDFED_STATE_DIR"
 READY_TIMEOUT_S = 90.0
 KIT_POLL_S = 3.0
 FULL_RECONCILE_S = 30.0
-
-
-def flower_environment() -> dict[str, str]:
-    """The current environment, with this Python's scripts first on PATH.
-
-    Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, so
-    they must be found even when medfed was started as `.venv/bin/medfed` without activating
-    the virtual environment.
-    """
-    env = dict(os.environ)
-    scripts = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
-    return env
-
-
-def flower_executable(name: str) -> str:
-    """A Flower console script from this Python's environment (then PATH)."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    return name
 
 
 @dataclass(frozen=True)
@@ -309,9 +290,4 @@ class ServerProcess:
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM end `run_until_stopped`."""
-        def handle(signum: int, frame: FrameType | None) -> None:
-            log.info("received signal %s: stopping the SuperLink", signum)
-            self._stop.set()
-
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+        on_stop_signals("the SuperLink", self._stop.set)

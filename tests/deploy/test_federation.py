@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from common.certs import SiteKeyPair, write_private, write_public
-from common.procs import descendants, flower_orphans, terminate_tree
-from server.superlink import flower_environment
+from common.procs import descendants, flower_environment, flower_orphans, terminate_tree
 from tests.medfed.helpers import fetch, free_port, samples
 from tests.simulations.conftest import write_easy_hospitals
 
