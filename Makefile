@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DATA := data/demo
 DEMO_RUN  := runs/demo
 
-.PHONY: install demo test lint types unit clean
+.PHONY: install demo test lint types unit clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: install
 	@echo
 	@echo "Demo finished. Results: $(DEMO_RUN)/results.json, plot: $(DEMO_RUN)/metrics.png," \
 		"model: $(DEMO_RUN)/model.pt"
+
+# Benchmark figures (bench/run.py) into bench/results.json and BENCHMARKS.md: about 10 minutes
+# on 2 CPU cores; BENCH=full runs the long version (bigger workloads, 1,000 sites).
+bench: install
+	BENCH=$(or $(BENCH),quick) $(BIN)/python -m bench.run
 
 lint: install
 	$(BIN)/ruff check .

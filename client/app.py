@@ -11,7 +11,6 @@ Where the site's data is:
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -29,15 +28,26 @@ from flwr.app import (
     MetricRecordValues,
     RecordDict,
 )
+from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import progress
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, AuditLog, OutboundGuard, describe_reply
 from client.ledger import BudgetRefused, PrivacyLedger
+from client.secure import (
+    NORM_BIT,
+    SECAGG_REPLY_KEYS,
+    central_clipping_mod,
+    is_secure_stage,
+    legacy_mod,
+)
 from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
-from common.privacy import REFUSAL_MARK, PrivacyState, batches_per_epoch
+from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
+from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
 from models import build_model
 
@@ -61,6 +71,17 @@ def _labelled(data: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
     arrays = data.split(split)
     keep = arrays.labels >= 0
     return arrays.images[keep], arrays.labels[keep]
+
+
+# (site, preprocessing, seed, split) -> the site's labelled images and labels of that split
+SplitLoader = Callable[[SiteRef, Preprocess, int, str], tuple[np.ndarray, np.ndarray]]
+
+
+def load_labelled(
+    site: SiteRef, pre: Preprocess, seed: int, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A site folder's labelled samples of `split`: how a real site reads its data."""
+    return _labelled(_site_data(site, pre, seed), split)
 
 
 def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | None) -> SiteRef:
@@ -133,7 +154,23 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
 
 
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
-GUARD = OutboundGuard(DEFAULT_METRICS, DEFAULT_CONFIGS, allow_nan=True)
+_METRICS = DEFAULT_METRICS | {UNIT_WEIGHT, NORM_BIT}
+# SecAgg+ replies are Flower's legacy FitRes/EvaluateRes: the same metrics, flattened (with the
+# site's name and its privacy report), plus the protocol's keys, shares and masked vectors.
+_LEGACY_METRICS = (
+    _METRICS | {SITE_NAME} | {PRIVACY_PREFIX + key for key in DEFAULT_CONFIGS["privacy"]}
+)
+GUARD = OutboundGuard(
+    _METRICS | {"num_examples"},
+    {
+        **DEFAULT_CONFIGS,
+        "fitres.metrics": _LEGACY_METRICS, "evaluateres.metrics": _LEGACY_METRICS,
+        "fitres.status": frozenset({"code", "message"}),
+        "evaluateres.status": frozenset({"code", "message"}),
+    },
+    allow_nan=True,
+    opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS},
+)
 AUDIT_FILE = "audit.jsonl"
 
 
@@ -141,56 +178,103 @@ class SiteFailure(RuntimeError):
     """What the aggregator is told when the site fails: the kind of failure, no details."""
 
 
-def _leave(
-    site: SiteRef, content: RecordDict, *, run: str, server_round: int, message_type: str
-) -> RecordDict:
-    """Check a reply against the outbound guard and log it in the site's audit trail."""
-    GUARD.check(content)
-    AuditLog(site.state_dir / AUDIT_FILE).append(
-        describe_reply(content, run=run, round=server_round, message_type=message_type)
+def _reply_config(msg: Message, context: Context) -> RunConfig:
+    """The run config a message carries (Message API or legacy), else the app's run config."""
+    records = msg.content.config_records
+    values = records.get("config") or records.get("fitins.config") or records.get(
+        "evaluateins.config"
     )
-    return content
+    return RunConfig.from_mapping(values if values is not None else context.run_config,
+                                  strict=False)
 
 
-def _contained(
-    stage: str, handler: Callable[[Message, Context], Message]
-) -> Callable[[Message, Context], Message]:
-    """Keep a failure's details at the site.
+def _message_type(msg: Message) -> str:
+    kind = "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
+    if is_secure_stage(msg):
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", "")
+        kind = f"train/secagg-{stage!s}"
+    return kind
+
+
+def _round_of(msg: Message) -> int:
+    """The server round: from the config, else the group id the workflow API sets."""
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round") if config is not None else None
+    if isinstance(value, int | float):
+        return int(value)
+    return int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+
+
+def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
+    """Guard and audit every reply that leaves the site; keep failures' details at the site.
 
     Flower sends a ClientApp's exception text to the aggregator, and an exception can name a
     file, a DICOM tag or a value (a blocked reply names what it blocked). The site logs the
     details; the aggregator learns the failure's kind. A budget refusal is sent as it is: it
-    holds only the site's name and epsilons.
+    holds only the site's name and epsilons. Audited here, outside SecAgg+, the trail holds
+    what really left: the masked vectors and key shares, never the unmasked update.
     """
 
-    @functools.wraps(handler)
-    def run(msg: Message, context: Context) -> Message:
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+            ) -> Message:
+        kind = _message_type(msg)  # before SecAgg+ consumes its stage
+        cfg = _reply_config(msg, context)
+        server_round = _round_of(msg)
+        run = cfg.run_key or str(context.run_id)
+        name = str(context.node_config.get("site-name", "")) or "this site"
         try:
-            return handler(msg, context)
+            site = resolve_site(context, cfg, sites)
+            name = site.name
+            reply = call_next(msg, context)
+            GUARD.check(reply.content)
+            AuditLog(site.state_dir / AUDIT_FILE).append(
+                describe_reply(reply.content, run=run, round=server_round, message_type=kind)
+            )
+            return reply
         except BudgetRefused:
             raise
         except Exception as exc:
-            name = str(context.node_config.get("site-name", "")) or "this site"
-            log.error("%s failed at %s: %s", stage, name, exc, exc_info=True)
+            log.error("%s failed at %s: %s", kind, name, exc, exc_info=True)
             raise SiteFailure(
-                f"site {name}: {stage} failed ({type(exc).__name__}); the details stay in the "
+                f"site {name}: {kind} failed ({type(exc).__name__}); the details stay in the "
                 "site's own log"
             ) from None
 
-    return run
+    return mod
 
 
-def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
-    """Build the ClientApp; `sites` maps simulation partition-ids to site folders."""
-    app = ClientApp()
+def make_client_app(
+    sites: Sequence[SiteRef] | None = None,
+    *,
+    data: SplitLoader | None = None,
+    mods: Sequence[Mod] = (),
+    outer_mods: Sequence[Mod] = (),
+) -> ClientApp:
+    """Build the ClientApp; `sites` maps simulation partition-ids to site folders.
+
+    Args:
+        data: how a site's samples are read (default `load_labelled`, its folder); a
+            simulation passes virtual sites' loader here.
+        mods: Flower client mods around every handler, inside the outbound guard (a
+            simulation's tampered updates).
+        outer_mods: mods around the whole site, guard included (a simulation's outages: their
+            errors reach the aggregator as raised).
+
+    """
+    # Outermost first: every reply passes the guard and the audit trail on its way out, and
+    # every failure leaves as its kind only; SecAgg+ masks what the handlers (and any
+    # simulation mods) produced; Flower's clipping mod clips an honest site's update.
+    app = ClientApp(
+        mods=[*outer_mods, _outbound_mod(sites), legacy_mod, *mods, central_clipping_mod]
+    )
+    load = data or load_labelled
 
     @app.train()
-    @functools.partial(_contained, "train")
     def train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-        images, labels = _labelled(_site_data(site, pre, cfg.seed), "train")
+        images, labels = load(site, pre, cfg.seed, "train")
         if len(labels) == 0:
             raise ValueError(f"site {site.name} has no readable labelled training images")
         _check_labels(labels, cfg, site)
@@ -211,7 +295,7 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
         spent: float | None = None
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
         budget, ledger_dir = _budget(context, cfg)
-        ledger = PrivacyLedger(site.data_dir, ledger_dir)
+        ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset)
         if budget is not None and not cfg.dp:
             raise BudgetRefused(
                 f"{REFUSAL_MARK}: site {site.name} has a privacy budget (epsilon {budget:g}) and "
@@ -263,22 +347,19 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
                 target_epsilon=cfg.target_epsilon if cfg.dp else None,
             ),
         )
+        if cfg.central_dp != "off":
+            metrics[UNIT_WEIGHT] = 1
         records["arrays"] = ArrayRecord(model.cpu().state_dict())
         records["metrics"] = MetricRecord(metrics)
         records["site"] = ConfigRecord({"name": site.name})
-        content = _leave(
-            site, RecordDict(records), run=cfg.run_key or str(context.run_id),
-            server_round=server_round, message_type="train",
-        )
-        return Message(content, reply_to=msg)
+        return Message(RecordDict(records), reply_to=msg)
 
     @app.evaluate()
-    @functools.partial(_contained, "evaluate")
     def evaluate_global(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-        images, labels = _labelled(_site_data(site, pre, cfg.seed), "val")
+        images, labels = load(site, pre, cfg.seed, "val")
         if len(labels) == 0:
             raise ValueError(f"site {site.name} has no readable labelled validation images")
         _check_labels(labels, cfg, site)
@@ -300,14 +381,10 @@ def make_client_app(sites: Sequence[SiteRef] | None = None) -> ClientApp:
             ),
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": len(labels)}
-        result_record = MetricRecord(values)
+        if cfg.central_dp != "off":
+            values[UNIT_WEIGHT] = 1
         content = RecordDict(
-            {"metrics": result_record, "site": ConfigRecord({"name": site.name})}
-        )
-        content = _leave(
-            site, content, run=cfg.run_key or str(context.run_id),
-            server_round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
-            message_type="evaluate",
+            {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )
         return Message(content, reply_to=msg)
 

@@ -187,7 +187,8 @@ def describe_reply(
     """The audit entry for a reply: what it carried, and a digest of all of it.
 
     `metrics` merges every MetricRecord (a key in two records keeps the later by name; the
-    digest covers both); `configs` keeps each ConfigRecord under its name.
+    digest covers both); `configs` keeps each ConfigRecord under its name, bytes values as
+    their size and SHA-256. `bytes` counts array bytes and bytes values.
     """
     arrays: list[dict[str, Any]] = []
     size = 0
@@ -202,12 +203,31 @@ def describe_reply(
         elif isinstance(record, MetricRecord):
             metrics.update(record)
         else:
-            configs[name] = dict(record)
+            configs[name] = {key: _summarised(value) for key, value in record.items()}
+            size += sum(_opaque_size(value) for value in record.values())
     return {
         "run": run, "round": round, "message_type": message_type, "arrays": arrays,
         "bytes": size, "metrics": metrics, "configs": configs,
         "payload_sha256": payload_sha256(content),
     }
+
+
+def _opaque_size(value: object) -> int:
+    items = value if isinstance(value, list) else [value]
+    return sum(len(item) for item in items if isinstance(item, bytes))
+
+
+def _summarised(value: object) -> object:
+    """Bytes (SecAgg+ keys, shares, masked vectors) as their size and digest, not their content.
+
+    The payload's digest covers them; copying them whole would make the trail as large as
+    everything that ever left.
+    """
+    if isinstance(value, bytes):
+        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, list) and any(isinstance(v, bytes) for v in value):
+        return [_summarised(v) for v in value]
+    return value
 
 
 class OutboundViolation(ValueError):
@@ -235,11 +255,18 @@ class OutboundGuard:
     allowed_metrics: frozenset[str]
     allowed_configs: Mapping[str, frozenset[str]]
     allow_nan: bool = field(default=False, kw_only=True)
+    # config keys whose values are cryptographic material (SecAgg+ public keys, encrypted
+    # shares, masked vectors): bytes or lists of bytes and ints, opaque by construction
+    opaque_configs: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: MappingProxyType({}), kw_only=True
+    )
 
     def __post_init__(self) -> None:
         frozen = {name: frozenset(keys) for name, keys in self.allowed_configs.items()}
+        opaque = {name: frozenset(keys) for name, keys in self.opaque_configs.items()}
         object.__setattr__(self, "allowed_metrics", frozenset(self.allowed_metrics))
         object.__setattr__(self, "allowed_configs", MappingProxyType(frozen))
+        object.__setattr__(self, "opaque_configs", MappingProxyType(opaque))
 
     def extended(
         self, *, metrics: Iterable[str] = (), configs: Mapping[str, Iterable[str]] | None = None
@@ -251,7 +278,7 @@ class OutboundGuard:
         return OutboundGuard(
             self.allowed_metrics | frozenset(metrics),
             {name: frozenset(keys) for name, keys in merged.items()},
-            allow_nan=self.allow_nan,
+            allow_nan=self.allow_nan, opaque_configs=self.opaque_configs,
         )
 
     def check(self, content: RecordDict) -> None:
@@ -264,6 +291,12 @@ class OutboundGuard:
             elif isinstance(record, MetricRecord):
                 for key, value in record.items():
                     self._check_metric(f"metric record {name!r}, key {key!r}", key, value)
+            elif isinstance(record, ConfigRecord) and name in self.opaque_configs:
+                for key, setting in record.items():
+                    where = f"config record {name!r}, key {key!r}"
+                    if key not in self.opaque_configs[name]:
+                        raise OutboundViolation(f"{where} is not allowed to leave the site")
+                    _check_opaque_value(where, setting)
             elif isinstance(record, ConfigRecord):
                 if name not in self.allowed_configs:
                     raise OutboundViolation(
@@ -313,6 +346,16 @@ def _check_array(where: str, array: Array) -> None:
             f"{where}: bytes hold {loaded.dtype} {loaded.shape} in {len(array.data)} bytes, "
             f"not exactly the declared {array.dtype} {tuple(array.shape)}"
         )
+
+
+def _check_opaque_value(where: str, value: object) -> None:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, bytes | int):
+            raise OutboundViolation(
+                f"{where}: only bytes and integers (keys, shares, masked vectors) may leave, "
+                f"not {type(item).__name__}"
+            )
 
 
 def _check_config_value(where: str, value: object) -> None:

@@ -40,9 +40,10 @@ def default_dir() -> Path:
     return Path(os.environ.get(ENV) or Path.home() / ".medfed" / "ledger")
 
 
-def dataset_key(data_dir: Path) -> str:
-    """The ledger's name for a dataset: its site folder, resolved."""
-    return str(data_dir.resolve())
+def dataset_key(data_dir: Path, subset: str = "") -> str:
+    """The ledger's name for a dataset: its site folder, resolved (and the part of it, if any)."""
+    folder = str(data_dir.resolve())
+    return f"{folder}#{subset}" if subset else folder
 
 
 @dataclass
@@ -84,8 +85,10 @@ class DatasetLedger:
 class PrivacyLedger:
     """The ledger file of one dataset, read and written under an exclusive lock."""
 
-    def __init__(self, data_dir: Path, ledger_dir: Path | None = None) -> None:
-        self.dataset = dataset_key(data_dir)
+    def __init__(
+        self, data_dir: Path, ledger_dir: Path | None = None, *, subset: str = ""
+    ) -> None:
+        self.dataset = dataset_key(data_dir, subset)
         folder = ledger_dir or default_dir()
         digest = hashlib.sha256(self.dataset.encode()).hexdigest()[:16]
         self.path = folder / f"{digest}.json"

@@ -3,7 +3,9 @@
 Before anything connects, the site's data is checked (`medfed check-data`): a site with unusable
 images does not join. The SuperNode then runs with the kit's CA as root certificate, the site's
 private key for authentication, and `data-path`, `site-name`, `state-dir` as node config: the
-ClientApp reads images from that one folder and nothing else.
+ClientApp reads images from that one folder and nothing else. Every ClientApp task goes through
+medfed's app check first (client.approval): an app version the hospital did not approve in its
+kit never runs.
 
 Failures are told apart, because a hospital IT person acts differently on each:
 - the aggregator is unreachable or restarting: wait and reconnect, with growing back-off;
@@ -14,6 +16,7 @@ Failures are told apart, because a hospital IT person acts differently on each:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from client.approval import LAUNCHER_DIR, write_launchers
 from common.certs import fingerprint
 from common.kit import SiteKit
 from common.procs import (
@@ -87,10 +91,19 @@ class SiteSettings:
             argv += ["--health-server-address", f"0.0.0.0:{self.health_port}"]
         return argv
 
+    @property
+    def launcher_dir(self) -> Path:
+        """The commands Flower's SuperExec starts (client.approval), first on the PATH."""
+        return (self.state / LAUNCHER_DIR).resolve()
+
     def environment(self) -> dict[str, str]:
-        """The SuperNode's environment: its Flower home under the site's state."""
+        """The SuperNode's environment: Flower home under the site's state, app check on PATH.
+
+        The app-checking `flwr-clientapp` (client.approval) comes before Flower's own.
+        """
         env = flower_environment()
         env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
+        env["PATH"] = os.pathsep.join([str(self.launcher_dir), env["PATH"]])
         return env
 
 
@@ -154,6 +167,7 @@ class SiteProcess:
 
     def _run_once(self) -> int:
         self._tail.clear()
+        write_launchers(self.settings.launcher_dir, self.settings.kit.path)
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             self.settings.command(), env=self.settings.environment(), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

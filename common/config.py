@@ -18,6 +18,11 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 OPTIMIZERS = ("adam", "sgd")
 MODELS = ("cnn",)
+# user-level (central) DP with Flower's wrappers: who clips each site's update, fixed or adaptive
+CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# strategies whose aggregate is a (weighted) mean of the updates: what central DP's sensitivity
+# analysis and secure aggregation's masked sum both assume
+MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
 class ConfigError(ValueError):
@@ -68,6 +73,21 @@ class RunConfig:
     # check; NaN/Inf, key, shape and dtype checks always run)
     screen_z: float = 0.0
     ledger_dir: str = ""
+    # user-level DP added at the aggregator (Flower's clipping wrappers): the noise multiplier is
+    # calibrated so that `rounds` releases spend --target-epsilon unless --central-noise is set
+    central_dp: str = "off"
+    central_noise: float = 0.0
+    clip_norm: float = 1.0
+    # SecAgg+ (Flower's workflow): the aggregator only ever holds the sum of masked updates.
+    # Shares per site's secret and the shares needed to rebuild one: a fraction (<= 1, of the
+    # sampled sites) or a count; a dropout is recovered while `threshold` shares survive.
+    secure_agg: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.6
+    # A site's weight in the masked sum is min(examples, max-weight) / max-weight, quantised with
+    # the model to 2**22 levels over [-8, 8]: set it near the largest site's training set (a
+    # much larger value costs precision, a larger site counts as max-weight examples).
+    secagg_max_weight: float = 1000.0
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -105,6 +125,40 @@ class RunConfig:
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
         need(self.budget_epsilon >= 0, "budget_epsilon", "must be >= 0 (0: no budget)")
         need(self.screen_z >= 0, "screen_z", "must be >= 0 (0: no norm screening), e.g. 3.5")
+        need(self.central_dp in CENTRAL_DP, "central_dp", f"must be one of {', '.join(CENTRAL_DP)}")
+        need(self.central_noise >= 0, "central_noise", "must be >= 0 (0: calibrate to the target)")
+        need(self.clip_norm > 0, "clip_norm", "must be > 0")
+        need(
+            0 < self.secagg_shares <= 1
+            or (self.secagg_shares >= 3 and float(self.secagg_shares).is_integer()),
+            "secagg_shares", "must be a fraction of the sampled sites in (0, 1] or a count >= 3",
+        )
+        need(
+            0 < self.secagg_threshold <= 1
+            or (
+                float(self.secagg_threshold).is_integer()
+                and (self.secagg_shares <= 1 or self.secagg_threshold < self.secagg_shares)
+            ),
+            "secagg_threshold",
+            "must be a fraction of the shares in (0, 1] or a count below --secagg-shares",
+        )
+        need(self.secagg_max_weight >= 1, "secagg_max_weight", "must be >= 1 (examples)")
+        if self.central_dp != "off" or self.secure_agg:
+            need(
+                self.strategy in MEAN_STRATEGIES, "strategy",
+                "must be fedavg or fedprox with --central-dp or --secure-agg (both need the "
+                "aggregate to be a mean of the updates)",
+            )
+        if self.secure_agg:
+            need(
+                self.central_dp in ("off", "client-fixed"), "central_dp",
+                "must be off or client-fixed with --secure-agg (the aggregator never sees a "
+                "single update, so each site clips its own, as in Flower's DP + SecAgg example)",
+            )
+            need(
+                self.screen_z == 0, "screen_z",
+                "must be 0 with --secure-agg (no single update is visible to screen)",
+            )
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",

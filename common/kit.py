@@ -11,12 +11,18 @@ Every kit folder is flat, so it maps one-to-one onto a Kubernetes Secret
 `medfed-kit.toml` lists every authorised site with its public key: adding or revoking a
 hospital changes that one file, and a running `medfed server` picks the change up.
 A private key is never written into another party's kit.
+
+A site kit's `[[apps.approved]]` entries are the app versions (FAB SHA-256 hashes) the hospital
+approved; the hospital edits them (`medfed site approve`, `revoke-app`), and a site runs no
+other app. An empty list approves nothing.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import Any
 
 import tomli_w
 
+from common.apps import check_fab_hash
 from common.certs import load_public_key
 from common.sites import is_safe_site_name
 
@@ -174,6 +181,44 @@ class ServerKit:
 
 
 @dataclass(frozen=True)
+class ApprovedApp:
+    """One app version a hospital approved: its FAB hash and what the approver noted."""
+
+    fab_sha256: str
+    app: str = ""  # publisher/name version, for people; the hash is what is checked
+    note: str = ""
+    approved_at: str = ""
+
+    def to_toml(self) -> dict[str, str]:
+        """The `[[apps.approved]]` entry."""
+        entry = {"fab-sha256": self.fab_sha256, "app": self.app, "note": self.note,
+                 "approved-at": self.approved_at}
+        return {k: v for k, v in entry.items() if v}
+
+
+def _approved_apps(values: dict[str, Any], kit_dir: Path) -> tuple[ApprovedApp, ...]:
+    where = f"{kit_dir / KIT_FILE}: [apps] approved"
+    entries = values.get("apps", {}).get("approved", [])
+    if not isinstance(entries, list):
+        raise KitError(f"{where} must be a list of FAB hashes or [[apps.approved]] tables")
+    apps = []
+    for entry in entries:
+        # a plain hash string is accepted too, for hand-edited kits
+        fields = {"fab-sha256": entry} if isinstance(entry, str) else entry
+        if not isinstance(fields, dict):
+            raise KitError(f"{where}: {entry!r} is neither a hash nor a table")
+        try:
+            digest = check_fab_hash(str(fields.get("fab-sha256", "")), "fab-sha256")
+        except ValueError as exc:
+            raise KitError(f"{where}: {exc}") from None
+        apps.append(
+            ApprovedApp(digest, str(fields.get("app", "")), str(fields.get("note", "")),
+                        str(fields.get("approved-at", "")))
+        )
+    return tuple(apps)
+
+
+@dataclass(frozen=True)
 class SiteKit:
     """A hospital's kit: its authentication key, the CA, the aggregator's address."""
 
@@ -182,6 +227,11 @@ class SiteKit:
     site: str
     superlink: str  # host:port of the Fleet API
     budget_epsilon: float | None = None  # the hospital's own, over all runs; set in the kit
+    approved_apps: tuple[ApprovedApp, ...] = ()  # the hospital's own; empty approves nothing
+
+    def approves(self, fab_sha256: str) -> bool:
+        """Whether the hospital approved the app bundle with this hash."""
+        return any(a.fab_sha256 == fab_sha256 for a in self.approved_apps)
 
     @property
     def ca_cert(self) -> Path:
@@ -214,15 +264,59 @@ class SiteKit:
             raise KitError(f"{kit_dir / KIT_FILE}: budget-epsilon must be a number > 0")
         return cls(
             kit_dir, str(values.get("project", "")), site, _address(values, kit_dir),
-            float(budget) if budget is not None else None,
+            float(budget) if budget is not None else None, _approved_apps(values, kit_dir),
         )
 
     def to_toml(self) -> dict[str, Any]:
         """The kit file's content."""
-        return {
+        values: dict[str, Any] = {
             "kind": "site", "version": KIT_VERSION, "project": self.project,
             "site": self.site, "superlink": self.superlink,
         }
+        if self.budget_epsilon is not None:
+            values["budget-epsilon"] = self.budget_epsilon
+        values["apps"] = {"approved": [a.to_toml() for a in self.approved_apps]}
+        return values
+
+
+def _rewrite_apps(kit_dir: Path, apps: tuple[ApprovedApp, ...]) -> None:
+    """Replace the kit's approved apps, keeping every other line's values, atomically.
+
+    The SuperNode's app check reads the kit at every task, so it must never see half a file.
+    """
+    values = _read_toml(kit_dir)
+    values.setdefault("apps", {})["approved"] = [a.to_toml() for a in apps]
+    path = kit_dir / KIT_FILE
+    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(tomli_w.dumps(values))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def approve_app(kit_dir: Path, fab_sha256: str, *, app: str = "", note: str = "") -> bool:
+    """Add an app version to a site kit's approved apps; False when it already was."""
+    digest = check_fab_hash(fab_sha256)
+    kit = SiteKit.load(kit_dir, check_permissions=False)
+    if kit.approves(digest):
+        return False
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    _rewrite_apps(kit_dir, (*kit.approved_apps, ApprovedApp(digest, app, note, now)))
+    return True
+
+
+def revoke_app(kit_dir: Path, fab_sha256: str) -> ApprovedApp:
+    """Remove an app version from a site kit's approved apps; the entry that was removed."""
+    digest = check_fab_hash(fab_sha256)
+    kit = SiteKit.load(kit_dir, check_permissions=False)
+    entry = next((a for a in kit.approved_apps if a.fab_sha256 == digest), None)
+    if entry is None:
+        raise ValueError(
+            f"--fab-hash {digest}: not approved in {kit_dir / KIT_FILE} (`medfed site apps "
+            f"--kit {kit_dir}` lists what is)"
+        )
+    _rewrite_apps(kit_dir, tuple(a for a in kit.approved_apps if a.fab_sha256 != digest))
+    return entry
 
 
 @dataclass(frozen=True)

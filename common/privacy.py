@@ -28,6 +28,10 @@ Step = tuple[float, float, int]
 # (policy), not an error.
 REFUSAL_MARK = "privacy budget refused"
 
+# With central (user-level) DP every site sends this metric, always 1, and the aggregator weighs
+# sites by it: the noise is calibrated to a mean in which each hospital counts the same.
+UNIT_WEIGHT = "unit-weight"
+
 
 _REFUSING_SITE = re.compile(re.escape(REFUSAL_MARK) + r": site ([A-Za-z0-9][A-Za-z0-9._-]*) ")
 

@@ -21,6 +21,9 @@ class SiteRef:
     name: str
     data_dir: Path
     state_dir: Path
+    # a part of `data_dir` that is this site's own dataset (a simulation's virtual site cut
+    # out of one pooled folder); empty: the whole folder
+    subset: str = ""
 
     def __post_init__(self) -> None:
         if not is_safe_site_name(self.name):

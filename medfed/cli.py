@@ -5,6 +5,7 @@ Exit codes are documented in medfed.console (0 ok, 1 failed, 2 bad input, 3 refu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -33,6 +34,7 @@ from medfed.console import (
 if TYPE_CHECKING:
     from server.exporter import MetricsSettings
     from server.run import ProgressFn
+    from simulations.scenario import Federation
 
 app = typer.Typer(
     name="medfed",
@@ -133,6 +135,20 @@ def simulate(
     budget_epsilon: opt.BudgetEpsilon = None,
     ledger_dir: opt.LedgerDir = None,
     screen_z: opt.ScreenZ = None,
+    central_dp: opt.CentralDp = None,
+    central_noise: opt.CentralNoise = None,
+    clip_norm: opt.ClipNorm = None,
+    secure_agg: opt.SecureAgg = None,
+    secagg_shares: opt.SecaggShares = None,
+    secagg_threshold: opt.SecaggThreshold = None,
+    secagg_max_weight: opt.SecaggMaxWeight = None,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            help="Scenario TOML (sites, data partition, faults, resources, run settings; see "
+            "simulations/scenarios/README.md). Flags given here override it."
+        ),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a run from its last checkpoint.")
     ] = None,
@@ -161,6 +177,7 @@ def simulate(
     """
     from server.exporter import MetricsSettings
     from simulations.runner import resume_config
+    from simulations.scenario import Federation, Scenario
 
     overrides = given(
         sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
@@ -170,36 +187,91 @@ def simulate(
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
         proximal_mu=proximal_mu, device=device, budget_epsilon=budget_epsilon,
         ledger_dir=str(ledger_dir) if ledger_dir else None, screen_z=screen_z,
+        central_dp=central_dp, central_noise=central_noise, clip_norm=clip_norm,
+        secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
+        secagg_max_weight=secagg_max_weight,
     )
 
-    def build() -> RunConfig:
+    def build() -> tuple[RunConfig, Federation | None]:
         if resume is not None:
-            return resume_config(resume, overrides)
+            if scenario is not None:
+                raise ConfigError(
+                    "--scenario and --resume together: a resumed run keeps the scenario it was "
+                    "started with (RUN_DIR/scenario.json); drop --scenario"
+                )
+            return resume_config(resume, overrides), Federation.saved(resume)
+        if scenario is not None:
+            loaded = Scenario.load(scenario)
+            run_cfg = loaded.config(overrides)
+            if not run_cfg.sites_dir:
+                raise ConfigError(f"{scenario}: set data.path in the scenario, or pass --data")
+            if "out" not in loaded.run and out_dir is None:
+                raise ConfigError(f"{scenario}: set run.out in the scenario, or pass --out")
+            return run_cfg, loaded.federation
         if data is None or out_dir is None:
             raise ConfigError("--data and --out are required (or --resume RUN_DIR)")
-        return RunConfig.from_mapping(overrides)
+        return RunConfig.from_mapping(overrides), None
 
-    cfg = guard(build)
+    cfg, federation = guard(build)
     # Name the run here, so that the dashboard and the run's files show the same id.
     cfg = cfg.replace(run_key=cfg.run_key or uuid.uuid4().hex)
     settings = guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
     results = guard(
-        lambda: _simulate_with_metrics(cfg, resume is not None, verbose, force, settings)
+        lambda: _simulate_with_metrics(
+            cfg, resume is not None, verbose, force, settings, federation
+        )
     )
     print_results(results, Path(cfg.out))
+    _write_report_after_run(Path(cfg.out))
+
+
+def _write_report_after_run(run_dir: Path) -> None:
+    """The run's HTML report; a report that cannot be written never fails a finished run."""
+    from simulations.report import write_report
+
+    try:
+        out.print(f"report:  {write_report(run_dir)}")
+    except Exception as exc:  # the run itself succeeded: say so and how to retry
+        err.print(
+            f"[yellow]warning:[/] report not written ({type(exc).__name__}: {exc}); "
+            f"retry with `medfed report {run_dir}`",
+            highlight=False,
+        )
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the --out of `simulate`).")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="HTML file to write (default RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Write a run's self-contained HTML report: metrics, sites, privacy, fairness, failures."""
+    from simulations.report import write_report
+
+    path = guard(lambda: write_report(run_dir, out_file))
+    out.print(f"report: {path}")
 
 
 def _simulate_with_metrics(
-    cfg: RunConfig, resume: bool, verbose: bool, force: bool, settings: MetricsSettings
+    cfg: RunConfig,
+    resume: bool,
+    verbose: bool,
+    force: bool,
+    settings: MetricsSettings,
+    federation: Federation | None = None,
 ) -> dict[str, Any]:
     """Run the simulation with the dashboard and /metrics up for its whole length."""
-    from common.sites import discover_sites
     from server.exporter import serve_metrics
     from server.record import CHECKPOINT
-    from simulations.runner import simulate as run_simulation
+    from simulations.runner import simulate
+    from simulations.scenario import Federation
+    from simulations.sites import simulated_sites
 
-    # Bad --data is reported as such, before a port is taken.
-    sites = [p.name for p in discover_sites(Path(cfg.sites_dir))] if cfg.sites_dir else []
+    federation = federation or Federation()
+    run_simulation = functools.partial(simulate, federation=federation)
+    # Bad --data (or a bad scenario) is reported as such, before a port is taken.
+    sites = simulated_sites(cfg, federation, Path(cfg.out).resolve()).names
     with serve_metrics(settings) as server:
         if server is None:
             return _run_with_progress(cfg, resume, verbose, force, run_simulation)
@@ -289,7 +361,14 @@ def _run_with_progress(
     run: Callable[..., dict[str, Any]],
     also: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from server.run import RoundUpdate
 
@@ -299,7 +378,8 @@ def _run_with_progress(
     err.print(f"medfed: {cfg.strategy}, {cfg.rounds} rounds, {privacy}; writing {cfg.out}")
     with Progress(
         TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=err, transient=False,
+        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        console=err, transient=False,
     ) as progress:
         task = progress.add_task("rounds", total=cfg.rounds, status="starting sites...")
 

@@ -8,10 +8,12 @@ operator:  medfed run --kit KITS/operator --out runs/first --rounds 10
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -30,6 +32,9 @@ from medfed.console import (
     out,
     print_results,
 )
+
+if TYPE_CHECKING:
+    from common.apps import AppBundle
 
 provision_app = typer.Typer(
     help="Issue a federation's CA, the aggregator's TLS certificate and one key per hospital, "
@@ -248,6 +253,17 @@ def site(
         f"site {site_kit.site}: {card.readable_rows} readable images; joining "
         f"{site_kit.superlink}", highlight=False,
     )
+    if site_kit.approved_apps:
+        approved = ", ".join(
+            f"{a.app or 'app'} ({a.fab_sha256[:12]})" for a in site_kit.approved_apps
+        )
+        out.print(f"approved apps: {approved}; any other app is refused", highlight=False)
+    else:
+        err.print(
+            f"[bold yellow]warning:[/] {kit} approves no app, so every run is refused here "
+            f"until the hospital approves one: `medfed site approve --kit {kit} --app APP_DIR` "
+            "(or --fab-hash HASH, as `medfed run` prints it)", highlight=False,
+        )
     if budget_epsilon is not None and budget_epsilon <= 0:
         raise fail(f"--budget-epsilon must be > 0, got {budget_epsilon:g}", EXIT_BAD_INPUT)
     budget = budget_epsilon if budget_epsilon is not None else site_kit.budget_epsilon
@@ -284,6 +300,128 @@ def site(
         if stop_metrics is not None:
             stop_metrics()
     raise typer.Exit(code)
+
+
+AppKitOpt = Annotated[Path, typer.Option("--kit", help="This site's kit (KITS/sites/<name>).")]
+FabHashOpt = Annotated[
+    str | None,
+    typer.Option("--fab-hash", help="The app bundle's SHA-256 (64 hex digits), as `medfed run` "
+                 "prints it."),
+]
+
+
+def _kit_written(action: Callable[[], Any], kit: Path) -> Any:
+    """Run a kit edit; a read-only kit (a Kubernetes Secret) gets a message saying what to do."""
+    try:
+        return action()
+    except PermissionError as exc:
+        raise fail(
+            f"{kit}: cannot write the kit ({exc.strerror}); edit the copy the kit was mounted "
+            "from (on Kubernetes: the site kit Secret, see k8s/README.md) and apply it again",
+            EXIT_BAD_INPUT,
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise fail(
+                f"{kit}: the kit is on a read-only file system; edit the copy it was mounted "
+                "from (on Kubernetes: the site kit Secret) and apply it again", EXIT_BAD_INPUT,
+            ) from None
+        raise
+
+
+def _bundle_of(app_dir: Path) -> AppBundle:
+    from common.apps import build_app_bundle
+
+    return guard(lambda: build_app_bundle(app_dir))[1]
+
+
+@site_app.command("approve")
+def approve(
+    kit: AppKitOpt,
+    fab_hash: FabHashOpt = None,
+    app_dir: Annotated[
+        Path | None,
+        typer.Option("--app", help="A Flower App folder: approve the bundle `flwr run` (and "
+                     "`medfed run --app`) builds from it, byte for byte."),
+    ] = None,
+    note: Annotated[str, typer.Option(help="Why, or who reviewed it (kept in the kit).")] = "",
+) -> None:
+    """Approve one app version (its FAB hash) to run at this site."""
+    from common.apps import check_fab_hash
+    from common.kit import SiteKit, approve_app
+
+    if (fab_hash is None) == (app_dir is None):
+        raise fail("give exactly one of --fab-hash HASH or --app APP_DIR", EXIT_BAD_INPUT)
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    label = ""
+    if app_dir is not None:
+        bundle = _bundle_of(app_dir)
+        digest, label = bundle.sha256, bundle.label
+    else:
+        digest = guard(lambda: check_fab_hash(fab_hash or ""))
+    added = guard(lambda: _kit_written(lambda: approve_app(kit, digest, app=label, note=note), kit))
+    what = f"{label} ({digest})" if label else digest
+    if added:
+        out.print(
+            f"site {site_kit.site} approves {what}; a running `medfed site` applies it from the "
+            "next round", highlight=False,
+        )
+    else:
+        out.print(f"site {site_kit.site} already approves {what}", highlight=False)
+
+
+@site_app.command("revoke-app")
+def revoke_app_command(kit: AppKitOpt, fab_hash: FabHashOpt = None) -> None:
+    """Withdraw an app version's approval; the site refuses it from the next round."""
+    from common.kit import SiteKit, revoke_app
+
+    if fab_hash is None:
+        raise fail("--fab-hash is required (`medfed site apps --kit KIT` lists them)",
+                   EXIT_BAD_INPUT)
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    entry = guard(lambda: _kit_written(lambda: revoke_app(kit, fab_hash), kit))
+    out.print(
+        f"site {site_kit.site} no longer approves {entry.app or 'app'} ({entry.fab_sha256})",
+        highlight=False,
+    )
+
+
+@site_app.command("apps")
+def apps(
+    kit: AppKitOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the app versions this site approved."""
+    from common.kit import SiteKit
+
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    if as_json:
+        print(json.dumps([a.to_toml() for a in site_kit.approved_apps], indent=2))
+        return
+    if not site_kit.approved_apps:
+        out.print(
+            f"site {site_kit.site} approves no app: every run is refused "
+            f"(`medfed site approve --kit {kit} --app APP_DIR | --fab-hash HASH`)",
+            highlight=False,
+        )
+        return
+    # one line per app, the hash whole: it is copied into `revoke-app` and compared by eye
+    out.print(f"apps site {site_kit.site} runs (FAB sha256, app, approved at, note):",
+              highlight=False)
+    for entry in site_kit.approved_apps:
+        fields = [entry.fab_sha256, entry.app or "-", entry.approved_at or "-", entry.note]
+        out.print("  ".join(fields).rstrip(), highlight=False, markup=False)
+
+
+@site_app.command("app-hash")
+def app_hash(
+    app_dir: Annotated[
+        Path, typer.Argument(help="A Flower App folder [default: the working directory].")
+    ] = Path("."),
+) -> None:
+    """Print the FAB hash of the bundle `flwr run APP_DIR` would submit (what sites approve)."""
+    bundle = _bundle_of(app_dir)
+    out.print(f"{bundle.sha256}  {bundle.label}", highlight=False)
 
 
 @site_app.command("budget")
@@ -375,6 +513,13 @@ def run(
     proximal_mu: opt.ProximalMu = None,
     device: opt.Device = None,
     screen_z: opt.ScreenZ = None,
+    central_dp: opt.CentralDp = None,
+    central_noise: opt.CentralNoise = None,
+    clip_norm: opt.ClipNorm = None,
+    secure_agg: opt.SecureAgg = None,
+    secagg_shares: opt.SecaggShares = None,
+    secagg_threshold: opt.SecaggThreshold = None,
+    secagg_max_weight: opt.SecaggMaxWeight = None,
     app_dir: Annotated[
         Path | None, typer.Option("--app", help="The medfed Flower App folder [default: this "
                                   "installation's source].")
@@ -394,6 +539,9 @@ def run(
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
         proximal_mu=proximal_mu, device=device, screen_z=screen_z,
+        central_dp=central_dp, central_noise=central_noise, clip_norm=clip_norm,
+        secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
+        secagg_max_weight=secagg_max_weight,
     )
     guard(lambda: RunConfig.from_mapping(values))  # flag errors here, not on the aggregator
     if (out_dir / "results.json").exists() and not force:

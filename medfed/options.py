@@ -70,3 +70,40 @@ ScreenZ = Annotated[
     typer.Option(help="Reject an update whose norm's robust z-score is above this, e.g. 3.5 "
                  "(NaN/Inf, key, shape and dtype checks always run). Default: off."),
 ]
+CentralDp = Annotated[
+    str | None,
+    typer.Option(help="User-level DP at the aggregator (Flower's wrappers): off, server-fixed, "
+                 "client-fixed, server-adaptive or client-adaptive. Combine with --no-dp for "
+                 "central DP alone. Default: off."),
+]
+CentralNoise = Annotated[
+    float | None,
+    typer.Option(help="Central DP noise multiplier (default: calibrated so --rounds releases "
+                 "spend --target-epsilon)."),
+]
+ClipNorm = Annotated[
+    float | None,
+    typer.Option(help="Central DP clipping norm of a site's update (initial norm when adaptive). "
+                 "Default: 1.0."),
+]
+SecureAgg = Annotated[
+    bool | None,
+    typer.Option("--secure-agg/--no-secure-agg",
+                 help="Flower's SecAgg+: the aggregator only sees the sum of masked updates. "
+                 "Default: off."),
+]
+SecaggShares = Annotated[
+    float | None,
+    typer.Option(help="SecAgg+ shares per site: a fraction of the sampled sites (<= 1) or a "
+                 "count (>= 3). Default: 1.0."),
+]
+SecaggThreshold = Annotated[
+    float | None,
+    typer.Option(help="SecAgg+ shares needed to rebuild a dropped site's mask: a fraction of the "
+                 "shares (<= 1) or a count. Default: 0.6."),
+]
+SecaggMaxWeight = Annotated[
+    float | None,
+    typer.Option(help="SecAgg+ weight scale: about the largest site's training images (larger "
+                 "sites count as this many). Default: 1000."),
+]

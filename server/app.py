@@ -14,6 +14,7 @@ from common.config import RunConfig
 from server import artifacts
 from server.exporter import MetricsSettings, serve_metrics
 from server.run import ProgressFn, RoundUpdate, run_federation
+from server.secure import run_secure_federation
 from server.superlink import STATE_ENV
 
 # Flower's logger: what `flwr log` shows of the ServerApp
@@ -39,19 +40,34 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        def federate(run_cfg: RunConfig, on_round: ProgressFn | None = on_round) -> None:
+            if run_cfg.secure_agg:
+                run_secure_federation(
+                    grid, context, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
+                )
+            else:
+                run_federation(
+                    grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
+                )
+
         if cfg is not None:
-            run_federation(grid, cfg, site_dirs=site_dirs, resume=resume, on_round=on_round)
+            federate(cfg)
             return
         settings, values = MetricsSettings.split_run_config(context.run_config)
         run_cfg = RunConfig.from_mapping(values)
         state = os.environ.get(STATE_ENV)
         if state:
-            run_deployed(grid, run_cfg, Path(state) / "runs" / str(context.run_id),
-                         run_key=str(context.run_id))
+            run_dir = Path(state) / "runs" / str(context.run_id)
+            # The operator's --out is a path on their machine, not here; sites-dir is
+            # simulation-only.
+            run_cfg = run_cfg.replace(out=str(run_dir), run_key=str(context.run_id), sites_dir="")
+            flwr_log.info("medfed run %s: results in %s on the aggregator", context.run_id, run_dir)
+            federate(run_cfg, _log_round)
+            artifacts.publish(run_dir, artifacts.emit_to(flwr_log))
             return
         with serve_metrics(settings, flag="metrics-port") as server:
             if server is None:
-                run_federation(grid, run_cfg, site_dirs=site_dirs, resume=resume)
+                federate(run_cfg, None)
                 return
             server.metrics.start_run(
                 run_id=run_cfg.run_key or str(context.run_id), task=run_cfg.task,
@@ -61,10 +77,7 @@ def make_server_app(
             flwr_log.info("medfed dashboard: %s (Prometheus: %smetrics)", server.url, server.url)
             ok = False
             try:
-                run_federation(
-                    grid, run_cfg, site_dirs=site_dirs, resume=resume,
-                    on_round=server.metrics.observe,
-                )
+                federate(run_cfg, server.metrics.observe)
                 ok = True
             finally:
                 server.metrics.finish(ok=ok)
@@ -83,15 +96,6 @@ def _log_round(update: RoundUpdate) -> None:
         len(entry.get("participants", [])), len(entry.get("failures", [])),
         f"; max epsilon {max(eps):.2f}" if eps else "",
     )
-
-
-def run_deployed(grid: Grid, cfg: RunConfig, run_dir: Path, *, run_key: str) -> None:
-    """A run under `medfed server`: results on the aggregator's disk, then to the operator."""
-    # The operator's --out is a path on their machine, not here; sites-dir is simulation-only.
-    run_cfg = cfg.replace(out=str(run_dir), run_key=run_key, sites_dir="")
-    flwr_log.info("medfed run %s: results in %s on the aggregator", run_key, run_dir)
-    run_federation(grid, run_cfg, on_round=_log_round)
-    artifacts.publish(run_dir, artifacts.emit_to(flwr_log))
 
 
 # Entry point for `flwr run .` ([tool.flwr.app.components]).

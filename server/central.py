@@ -45,7 +45,9 @@ class CentralEvaluator:
                 )
             parts = [SiteData(folder, pre, seed=cfg.seed).split("all")]
         elif site_dirs:
-            parts = [SiteData(d, pre, seed=cfg.seed).split("test") for d in site_dirs]
+            # virtual sites cut out of one pool all name the pool: read its test split once
+            unique = dict.fromkeys(Path(d).resolve() for d in site_dirs)
+            parts = [SiteData(d, pre, seed=cfg.seed).split("test") for d in unique]
         else:
             log.warning("no --test-data: central evaluation is off, federated evaluation only")
             return None

@@ -8,6 +8,7 @@ site, and a round offset so a resumed run continues at round k+1 instead of roun
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.apps import parse_app_refusal
 from common.privacy import parse_refusal
+
+_SITE_IN_REASON = re.compile(r"\bsite ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): ")
 
 
 @dataclass
@@ -90,11 +94,17 @@ class RecordingStrategy(Strategy):
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 kind = "error"
-                refusal = parse_refusal(reason)
+                refusal = parse_refusal(reason) or parse_app_refusal(reason)
                 if refusal is not None:  # a site keeping its privacy budget: policy, not a fault
                     kind, (reason, name) = "refused", refusal
                     if name:
                         self._names[node] = name
+                elif node not in self._names:
+                    # a site failing before it ever answered names itself in the error
+                    # ("site NAME: ..."): a simulation's injected fault, a contained failure
+                    named = _SITE_IN_REASON.search(reason)
+                    if named:
+                        self._names[node] = named.group(1)
                 log.failures.append(
                     {"site": self._name(node), "stage": stage, "kind": kind, "reason": reason}
                 )

@@ -2,6 +2,7 @@
 
 Layout of RUN_DIR:
     results.json        config, per-round metrics, final metrics, each site's privacy spend
+                        (and `central_privacy`: the aggregator's user-level DP, when on)
     model.pt            final global model (state dict + what is needed to rebuild the network)
     metrics.png         global metrics per round
     checkpoint/         state.json (round, config, record so far), arrays.npz, strategy.npz
@@ -16,13 +17,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from common.config import RunConfig
 from server.federation import RoundLog
+
+if TYPE_CHECKING:
+    from server.central_dp import CentralLedger
 
 RESULTS = "results.json"
 MODEL = "model.pt"
@@ -63,6 +67,9 @@ class RunRecord:
         self.rounds: list[dict[str, Any]] = []
         self.privacy: dict[str, dict[str, Any]] = {}
         self.sites_seen: list[str] = []
+        # central (user-level) DP: the aggregator's own releases; state kept for resumes
+        self.central_ledger: CentralLedger | None = None
+        self.central_privacy: dict[str, Any] = {}
 
     @property
     def last_round(self) -> int:
@@ -96,6 +103,8 @@ class RunRecord:
             "privacy": log.privacy,
             "update_bytes": log.update_bytes,
         }
+        if self.central_ledger is not None:
+            entry["central_privacy"] = self.central_ledger.summary()
         self.rounds.append(entry)
         return entry
 
@@ -123,6 +132,9 @@ class RunRecord:
             "rounds": self.rounds,
             "final": self.final_metrics(),
             "privacy": self.privacy_section(),
+            "central_privacy": (
+                self.central_ledger.summary() if self.central_ledger is not None else None
+            ),
             "artifacts": {"model": MODEL, "plot": PLOT, "checkpoint": CHECKPOINT},
         }
 
@@ -150,6 +162,9 @@ class RunRecord:
             "rounds": self.rounds,
             "privacy": self.privacy,
             "sites_seen": self.sites_seen,
+            "central_privacy": (
+                self.central_ledger.to_state() if self.central_ledger is not None else {}
+            ),
             "array_order": list(arrays),
         }
         write_json(tmp / "state.json", state)
@@ -179,6 +194,7 @@ class RunRecord:
         record.rounds = state["rounds"]
         record.privacy = state["privacy"]
         record.sites_seen = state["sites_seen"]
+        record.central_privacy = state.get("central_privacy", {})
         with np.load(folder / "arrays.npz") as npz:
             arrays = {name: npz[name] for name in state["array_order"]}
         with np.load(folder / "strategy.npz") as npz:

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from server.central import CentralEvaluator
+from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
 from server.record import RunRecord
 from server.screening import ScreeningStrategy
@@ -77,6 +78,10 @@ def run_federation(
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
+    central = (
+        CentralPrivacy(strategy, cfg, num_sites=len(site_dirs) or None)
+        if cfg.central_dp != "off" else None
+    )
     if resume:
         record, start, saved_state = RunRecord.load_checkpoint(run_dir)
         record.cfg = cfg
@@ -84,6 +89,10 @@ def run_federation(
         log.info("resuming %s after round %d", run_dir, record.last_round)
     else:
         record, start = RunRecord(run_dir, cfg), initial_arrays(cfg)
+    if central is not None:
+        central.ledger.load_state(record.central_privacy)
+        record.central_ledger = central.ledger
+    if not resume:
         record.write_results()  # the run is visible (config, no rounds yet) before round 1
     remaining = cfg.rounds - record.last_round
     if remaining < 1:
@@ -93,7 +102,7 @@ def run_federation(
         )
 
     evaluator = CentralEvaluator.from_config(cfg, site_dirs)
-    screened = ScreeningStrategy(strategy, z_threshold=cfg.screen_z or None)
+    screened = ScreeningStrategy(central or strategy, z_threshold=cfg.screen_z or None)
     recording = RecordingStrategy(screened, round_offset=record.last_round)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

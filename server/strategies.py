@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import STRATEGIES, RunConfig
+from common.privacy import UNIT_WEIGHT
 
 
 def nan_safe_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -64,6 +65,9 @@ def build_strategy(cfg: RunConfig, *, num_sites: int | None = None) -> Strategy:
         "train_metrics_aggr_fn": nan_safe_weighted_mean,
         "evaluate_metrics_aggr_fn": nan_safe_weighted_mean,
     }
+    if cfg.central_dp != "off":
+        # central DP's sensitivity holds for a mean in which every site weighs the same
+        common["weighted_by_key"] = UNIT_WEIGHT
     name = cfg.strategy
     if name == "fedavg":
         return FedAvg(**common)

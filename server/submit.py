@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from common.apps import build_app_bundle
 from common.kit import OperatorKit
 from common.procs import flower_environment, flower_executable
 from server import artifacts
@@ -158,8 +159,17 @@ def submit(
 ) -> Submission:
     """Submit the app with these run-config overrides, follow its log, write its results.
 
-    `show` receives the lines worth showing (progress, errors; all with `verbose`).
+    `show` receives the lines worth showing (progress, errors; all with `verbose`), first the
+    app bundle's FAB hash: a site runs the app only once its hospital approved that hash.
     """
+    try:
+        bundle = build_app_bundle(app_dir)[1]
+    except (OSError, ValueError) as exc:
+        raise OperatorError(f"{app_dir}: cannot build the Flower App bundle: {exc}") from None
+    show(
+        f"app {bundle.label}, FAB sha256 {bundle.sha256}: sites run it only once their "
+        f"hospital approved it (`medfed site approve --kit KIT --fab-hash {bundle.sha256}`)"
+    )
     collector = artifacts.Collector()
     run_id: int | None = None
     with flower_home(kit) as env, tempfile.TemporaryDirectory() as tmp:

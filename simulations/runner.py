@@ -1,8 +1,9 @@
 """Run a federation of virtual hospitals on this machine through Flower's simulation engine (Ray).
 
-Every site folder under `cfg.sites_dir` becomes one virtual SuperNode. The ServerApp runs in this
-process, so a progress display can follow it round by round; ClientApps run in Ray workers, each
-given `cpus_per_site` CPUs (torch's thread count follows it, set by Ray as OMP_NUM_THREADS).
+Every site folder under `cfg.sites_dir` becomes one virtual SuperNode, or, with a scenario's
+`Federation`, N virtual sites cut out of one folder, with faults injected as the scenario says.
+The ServerApp runs in this process, so a progress display can follow it round by round;
+ClientApps run in Ray workers, each given `resources.cpus` CPUs (torch's thread count follows).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.sites import site_refs
 from server.record import CHECKPOINT, MODEL, PLOT, RESULTS
 from server.run import ProgressFn
+from simulations.faults import FAULTS_FILE
+from simulations.scenario import SCENARIO_FILE, Federation
+from simulations.sites import simulated_sites
 
 
 class _DropDeprecation(logging.Filter):
@@ -44,7 +47,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 def _clear_previous_run(run_dir: Path, *, force: bool) -> None:
     """Refuse to mix two runs in one folder; with `force`, remove only medfed's own files."""
-    ours = [RESULTS, CHECKPOINT, MODEL, PLOT, "site-state"]
+    ours = [RESULTS, CHECKPOINT, MODEL, PLOT, "site-state", SCENARIO_FILE, FAULTS_FILE]
     present = [run_dir / name for name in ours if (run_dir / name).exists()]
     if not present:
         return
@@ -65,12 +68,18 @@ def simulate(
     *,
     resume: bool = False,
     on_round: ProgressFn | None = None,
-    cpus_per_site: float = 1.0,
-    gpus_per_site: float | None = None,
     quiet: bool = True,
     force: bool = False,
+    federation: Federation | None = None,
 ) -> dict[str, Any]:
-    """Run the federation described by `cfg`; returns the content of RUN_DIR/results.json."""
+    """Run the federation described by `cfg`; returns the content of RUN_DIR/results.json.
+
+    Args:
+        federation: a scenario's sites, faults and resources (default: one site per folder
+            under `cfg.sites_dir`, no faults, 1 CPU per site); on resume, the one the run was
+            started with.
+
+    """
     # Import Flower lazily: `medfed synth` and `check-data` should not pay for it.
     from flwr.simulation import run_simulation
 
@@ -80,10 +89,13 @@ def simulate(
     if not cfg.sites_dir:
         raise ValueError("--data is required: the folder holding one folder per site")
     run_dir = Path(cfg.out).resolve()
-    refs = site_refs(Path(cfg.sites_dir).resolve(), run_dir / "site-state")
-    if len(refs) < cfg.min_sites:
+    if federation is None and resume:
+        federation = Federation.saved(run_dir)
+    federation = federation or Federation()
+    sites = simulated_sites(cfg, federation, run_dir)
+    if len(sites.refs) < cfg.min_sites:
         raise ValueError(
-            f"--data {cfg.sites_dir} holds {len(refs)} site(s) but --min-sites is "
+            f"--data {cfg.sites_dir} holds {len(sites.refs)} site(s) but --min-sites is "
             f"{cfg.min_sites}; add sites or lower --min-sites"
         )
     cfg = cfg.replace(
@@ -95,19 +107,26 @@ def simulate(
     if not resume:
         _clear_previous_run(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
+    federation.save(run_dir)
 
+    gpus_per_site = federation.resources.gpus
     if gpus_per_site is None:
         import torch
 
         gpus_per_site = 0.0 if not torch.cuda.is_available() or cfg.device == "cpu" else 0.25
+    init_args: dict[str, Any] = {
+        "num_cpus": os.cpu_count() or 1,
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": not quiet,
+    }
+    if "address" in federation.resources.ray:
+        # an existing cluster has its own resources; Ray refuses num_cpus when attaching
+        init_args.pop("num_cpus")
+    init_args.update(federation.resources.ray)
     backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": not quiet,
-        },
+        "client_resources": {"num_cpus": federation.resources.cpus, "num_gpus": gpus_per_site},
+        "init_args": init_args,
     }
     flwr_logger = logging.getLogger("flwr")
     saved_level = flwr_logger.level
@@ -120,10 +139,12 @@ def simulate(
     try:
         run_simulation(
             server_app=make_server_app(
-                cfg, site_dirs=[r.data_dir for r in refs], resume=resume, on_round=on_round
+                cfg, site_dirs=sites.data_dirs, resume=resume, on_round=on_round
             ),
-            client_app=make_client_app(refs),
-            num_supernodes=len(refs),
+            client_app=make_client_app(
+                sites.refs, data=sites.data, mods=sites.mods, outer_mods=sites.outer_mods
+            ),
+            num_supernodes=len(sites.refs),
             backend_config=backend_config,
         )
     finally:

@@ -369,3 +369,40 @@ def test_scan_finds_an_identifier_in_array_bytes() -> None:
     assert scan_for_identifiers(reply, IDENTIFIERS) == ["Doe^John"]
     as_str = _replace(train_reply(), "extra", ArrayRecord({"w": Array(np.array(["Doe^John"]))}))
     assert scan_for_identifiers(as_str, IDENTIFIERS) == ["Doe^John"]
+
+
+def test_secure_aggregation_replies_pass_the_site_guard_and_nothing_else_does() -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    from client.app import GUARD
+
+    masked = np.arange(12, dtype=np.int64).tobytes()
+    shares = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+        {"nids": [3, 5, 9], "shares": [b"\x01\x02", b"\x03"], "masked_params": [masked]}
+    )})
+    GUARD.check(shares)
+    # the audit keeps their size and digest, not the cryptographic material itself
+    entry = describe_reply(shares, run="r", round=1, message_type="train/secagg-unmask")
+    assert entry["configs"][RECORD_KEY_CONFIGS]["masked_params"] == [
+        {"bytes": len(masked), "sha256": hashlib.sha256(masked).hexdigest()}
+    ]
+    assert entry["bytes"] == len(masked) + 3
+    # text under a protocol key, or a key the protocol does not have, is refused
+    for content in (
+        {"shares": ["Doe^Jane"]},
+        {"patient": [b"x"]},
+        {"nids": [1.5]},
+    ):
+        with pytest.raises(OutboundViolation):
+            GUARD.check(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(content)}))
+    # the flattened legacy reply of a SecAgg+ round: only allow-listed metrics, as always
+    legacy = RecordDict({
+        "fitres.metrics": ConfigRecord({"train-loss": 0.3, "site-name": "hospital-a",
+                                        "privacy-epsilon": 1.2}),
+        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+        "fitres.num_examples": MetricRecord({"num_examples": 40}),
+    })
+    GUARD.check(legacy)
+    legacy["fitres.metrics"]["path"] = "/data/scan.dcm"
+    with pytest.raises(OutboundViolation):
+        GUARD.check(legacy)

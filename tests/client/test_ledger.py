@@ -54,3 +54,11 @@ def test_the_ledger_survives_restarts_and_never_forgets(tmp_path: Path) -> None:
         )
     # another dataset has a ledger of its own
     assert PrivacyLedger(tmp_path / "other", tmp_path / "ledger").read().spent() == 0.0
+
+
+def test_virtual_sites_of_one_pooled_folder_keep_separate_ledgers(tmp_path: Path) -> None:
+    pool, ledgers = tmp_path / "pool", tmp_path / "ledger"
+    PrivacyLedger(pool, ledgers, subset="site-0001").commit(run="r1", history=RUN_1, budget=None)
+    assert PrivacyLedger(pool, ledgers, subset="site-0002").read().spent() == 0.0
+    assert PrivacyLedger(pool, ledgers).read().spent() == 0.0
+    assert PrivacyLedger(pool, ledgers, subset="site-0001").read().spent() > 0

@@ -1,5 +1,6 @@
 """A real deployed federation on 127.0.0.1: provisioned kits, `medfed server` (SuperLink with TLS
-and SuperNode authentication), three `medfed site` processes, runs submitted with `medfed run`.
+and SuperNode authentication), three `medfed site` processes whose hospitals approved the app,
+runs submitted with `medfed run`.
 
 The tests share one federation and run in file order: a run over all sites, refusals of a
 stranger's key and of a client without TLS, a site killed mid-run, and a server restart.
@@ -7,6 +8,7 @@ stranger's key and of a client without TLS, a site killed mid-run, and a server 
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -14,12 +16,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from common.apps import build_app_bundle
 from common.certs import SiteKeyPair, write_private, write_public
 from common.procs import descendants, flower_environment, flower_orphans, terminate_tree
 from tests.medfed.helpers import fetch, free_port, samples
@@ -79,6 +83,7 @@ class Federation:
     sites: dict[str, Proc] = field(default_factory=dict)
     site_metrics: dict[str, int] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
+    app: Path | None = None  # the app `medfed run` submits (its sites approved it)
 
     def start_server(self, log_name: str) -> Proc:
         self.server = Proc(
@@ -109,10 +114,29 @@ class Federation:
         return subprocess.Popen(
             [
                 str(BIN / "medfed"), "run", "--kit", str(self.kits / "operator"),
-                "--out", str(self.root / out), "--batch-size", "16", *flags,
+                "--out", str(self.root / out), "--batch-size", "16",
+                *(["--app", str(self.app)] if self.app else []), *flags,
             ],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
+
+
+def snapshot_app(dest: Path) -> tuple[Path, str]:
+    """This repository's app as one consistent copy, and its FAB hash.
+
+    The working tree may change while the tests run, and any change is a new app version that
+    the sites have not approved. The copy holds exactly the files of the bundle `flwr run` builds
+    now, so it builds the same bundle, byte for byte.
+    """
+    content, bundle = build_app_bundle(Path(__file__).resolve().parents[2])
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        for name in archive.namelist():
+            if not name.startswith(".info/"):
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                (dest / name).write_bytes(archive.read(name))
+    if build_app_bundle(dest)[1].sha256 != bundle.sha256:
+        raise RuntimeError(f"{dest}: the app's copy builds another bundle")
+    return dest, bundle.sha256
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str, str]:
@@ -137,6 +161,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         ],
         check=True, capture_output=True,
     )
+    fed.app, fab_hash = snapshot_app(root / "app")
+    for name in SITES:  # each hospital approves the app version it will run
+        subprocess.run(
+            [
+                str(BIN / "medfed"), "site", "approve", "--kit", str(fed.kits / "sites" / name),
+                "--fab-hash", fab_hash,
+            ],
+            check=True, capture_output=True,
+        )
     try:
         fed.start_server("server.log")
         for name in SITES:
@@ -198,6 +231,33 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
             results["privacy"][name]["epsilon"]
         )
         assert site[("medfed_site_privacy_budget_epsilon", labels)] == 8.0
+
+
+def test_secure_aggregation_with_central_dp_runs_across_hospitals(federation: Federation) -> None:
+    code, _, stderr = _finish(federation.run(
+        "run-secagg", "--rounds", "1", "--min-sites", "3", "--secure-agg",
+        "--central-dp", "client-fixed", "--central-noise", "0.5", "--clip-norm", "5",
+    ))
+    assert code == 0, stderr[-3000:]
+    results = _results(federation.root / "run-secagg")
+    (entry,) = results["rounds"]
+    assert sorted(entry["participants"]) == SITES
+    assert results["central_privacy"]["releases"] == 1
+    assert results["central_privacy"]["sites_per_round"] == 3
+    (run_id,) = [
+        p.name for p in (federation.state / "runs").iterdir() if p.name not in federation.runs
+    ]
+    federation.runs.append(run_id)
+    # what left each hospital for this run's training: SecAgg+ messages only, no plain update
+    for name in SITES:
+        trail = [
+            json.loads(line)
+            for line in (federation.root / name / "audit.jsonl").read_text().splitlines()
+        ]
+        sent = [e["message_type"] for e in trail if e["run"] == run_id]
+        assert "train/secagg-collect_masked_vectors" in sent
+        assert "train" not in sent
+        assert all(e["arrays"] == [] for e in trail if e["run"] == run_id)
 
 
 def test_a_stranger_with_a_self_made_key_is_refused(federation: Federation) -> None:

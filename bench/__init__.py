@@ -1,0 +1,1 @@
+"""The benchmark suite behind `make bench`: overhead, privacy cost, quality, traffic and scale."""

@@ -1,0 +1,535 @@
+"""`make bench`: measure medfed's benchmark figures and write bench/results.json and BENCHMARKS.md.
+
+    .venv/bin/python -m bench.run              # quick (about 10 minutes on 2 CPU cores)
+    BENCH=full .venv/bin/python -m bench.run   # long: bigger workloads, more repeats, 1,000 sites
+
+Figures (each a ratio or an amount measured in this one run of the suite):
+    sim_overhead_ratio      wall time of a simulated federation / the same local training steps
+                            run back to back in one plain PyTorch process (bench/jobs.py)
+    dp_overhead_ratio       DP-SGD (Opacus) time per step / plain time per step, same model, data
+    fl_central_auc_ratio    federation's final AUC / centralised training's AUC, same data
+    bytes_ratio             model bytes a site sends per round / the model's float32 size
+    scale_peak_rss_gib      peak resident memory of the whole process tree at N sites
+    scale_ms_per_site_round harness time per site per round at N sites (local compute excluded)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Figure, median, ratio, render_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "results.json"
+REPORT = ROOT / "BENCHMARKS.md"
+PYTHON = sys.executable
+MEDFED = str(Path(sys.executable).with_name("medfed"))
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How big each workload is; `quick` fits in about 10 minutes on 2 CPU cores."""
+
+    name: str
+    repeats: int
+    overhead_sites: int
+    overhead_images: int
+    overhead_rounds: int
+    dp_steps: int
+    quality_sites: int
+    quality_images: int
+    quality_rounds: int
+    central_epochs: int
+    quality_seeds: tuple[int, ...]
+    scale_sites: int
+    scale_rounds: int
+
+
+QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=640, overhead_rounds=12,
+             dp_steps=30, quality_sites=4, quality_images=160, quality_rounds=20,
+             central_epochs=15, quality_seeds=(0,), scale_sites=200, scale_rounds=3)
+FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=1280, overhead_rounds=20,
+            dp_steps=60, quality_sites=4, quality_images=160, quality_rounds=20,
+            central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=3)
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the figures go to the files)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed(argv: list[str], *, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of a command; raises with its output tail if it fails."""
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def synth(folder: Path, *, sites: int, images: int, seed: int, test_images: int = 200) -> Path:
+    """Synthetic hospitals (medfed synth), reused when already written with the same recipe."""
+    recipe = folder / "recipe.json"
+    want = {"sites": sites, "images": images, "seed": seed, "test_images": test_images}
+    if recipe.is_file() and json.loads(recipe.read_text()) == want:
+        return folder
+    from simulations.synth import synthesize
+
+    synthesize(folder, sites=sites, images_per_site=images, seed=seed, test_images=test_images,
+               overwrite=True)
+    recipe.write_text(json.dumps(want))
+    return folder
+
+
+def all_train(sites_dir: Path) -> None:
+    """Mark every image a training image: no validation or test split, so no evaluation."""
+    for labels in sites_dir.glob("*/labels.csv"):
+        with labels.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or all(r["split"] == "train" for r in rows):
+            continue
+        fields = list(rows[0])
+        for row in rows:
+            row["split"] = "train"
+        with labels.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+# --- 1. simulation overhead ----------------------------------------------------------------------
+
+
+def sim_overhead(mode: Mode) -> dict[str, Any]:
+    """Median wall time of the simulation and of the plain PyTorch baseline, alternated."""
+    data = synth(OUT / "overhead-data", sites=mode.overhead_sites, images=mode.overhead_images,
+                 seed=1)
+    all_train(data / "sites")
+    cores = os.cpu_count() or 1
+    spec = {
+        "sites_dir": str(data / "sites"), "rounds": mode.overhead_rounds, "batch_size": 32,
+        "image_size": 64, "dp": True, "target_epsilon": 8.0, "seed": 0,
+        "fraction_evaluate": 0.0,
+        # one site at a time with every core, as the baseline trains: same steps, same threads
+        "cpus_per_site": float(cores),
+    }
+    walls: dict[str, list[float]] = {"sim": [], "baseline": []}
+    inner: dict[str, list[dict[str, Any]]] = {"sim": [], "baseline": []}
+    for rep in range(mode.repeats):
+        for job in ("sim", "baseline"):
+            folder = OUT / f"overhead-{job}"
+            folder.mkdir(parents=True, exist_ok=True)
+            job_spec = {**spec, "out": str(folder / "run"), "result": str(folder / "timing.json")}
+            (folder / "spec.json").write_text(json.dumps(job_spec))
+            seconds = timed([PYTHON, "-m", "bench.jobs", job, str(folder / "spec.json")])
+            walls[job].append(seconds)
+            inner[job].append(json.loads((folder / "timing.json").read_text()))
+            log(f"overhead repeat {rep + 1}/{mode.repeats}: {job} {seconds:.1f} s")
+    steps = {job: [t["steps"] for t in inner[job]] for job in inner}
+    return {
+        "ratio": ratio(median(walls["sim"]), median(walls["baseline"])),
+        "sim_wall_s": walls["sim"],
+        "baseline_wall_s": walls["baseline"],
+        "sim_median_s": median(walls["sim"]),
+        "baseline_median_s": median(walls["baseline"]),
+        "sim_inner": inner["sim"],
+        "baseline_inner": inner["baseline"],
+        "steps": steps,
+        "workload": {**{k: v for k, v in spec.items() if k != "sites_dir"},
+                     "sites": mode.overhead_sites, "images_per_site": mode.overhead_images},
+    }
+
+
+# --- 2. DP overhead ----------------------------------------------------------------------------
+
+
+def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
+    """Per-step time of `train_local_dp` over `train_local`: same model, images, batch size."""
+    import numpy as np
+    import torch
+
+    from client.train import LocalTraining, train_local, train_local_dp
+    from common.privacy import PrivacyState
+    from models import build_model
+
+    device = torch.device(device_name)
+    batch = 32
+    n = batch * mode.dp_steps
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 1, 64, 64)).astype(np.float32)
+    labels = rng.integers(0, 2, n)
+    settings = LocalTraining(epochs=1, batch_size=batch)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model("cnn", in_channels=1, num_classes=2, image_size=64)
+
+    plain, private = [], []
+    for rep in range(mode.repeats + 1):  # the first pair warms up caches and is dropped
+        r = train_local(model(), images, labels, settings=settings, device=device)
+        privacy = PrivacyState.plan(
+            num_examples=n, batch_size=batch, rounds=5, local_epochs=1, target_epsilon=8.0,
+            delta=1e-5, accountant="rdp", max_grad_norm=1.0,
+        )
+        d = train_local_dp(model(), images, labels, settings=settings, device=device,
+                           privacy=privacy)
+        if rep:
+            plain.append(r.seconds / r.steps)
+            private.append(d.seconds / d.steps)
+    return {
+        "ratio": ratio(median(private), median(plain)),
+        "plain_step_s": plain,
+        "dp_step_s": private,
+        "plain_median_s": median(plain),
+        "dp_median_s": median(private),
+        "steps_per_round": mode.dp_steps,
+        "batch_size": batch,
+        "device": device_name,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --- 3 and 4. quality against central training, and bytes per round -----------------------------
+
+
+def quality_and_bytes(mode: Mode) -> dict[str, Any]:
+    """FedAvg (no DP) against central training on the same non-IID synthetic sites."""
+    from models import build_model
+
+    per_seed = []
+    bytes_up: list[float] = []
+    bytes_down: list[float] = []
+    for seed in mode.quality_seeds:
+        data = synth(OUT / f"quality-data-{seed}", sites=mode.quality_sites,
+                     images=mode.quality_images, seed=seed)
+        run, central = OUT / f"quality-fl-{seed}", OUT / f"quality-central-{seed}"
+        fl_s = timed([MEDFED, "simulate", "--data", str(data / "sites"), "--test-data",
+                      str(data / "test"), "--out", str(run), "--rounds", str(mode.quality_rounds),
+                      "--no-dp", "--metrics-port", "0", "--force"])
+        central_s = timed([MEDFED, "central", "--data", str(data / "sites"), "--test-data",
+                           str(data / "test"), "--out", str(central), "--epochs",
+                           str(mode.central_epochs)])
+        results = json.loads((run / "results.json").read_text())
+        fl_auc = float(results["final"]["auc"])
+        central_auc = float(json.loads((central / "central.json").read_text())["final"]["auc"])
+        per_seed.append({"seed": seed, "fl_auc": fl_auc, "central_auc": central_auc,
+                         "ratio": ratio(fl_auc, central_auc), "fl_s": fl_s,
+                         "central_s": central_s})
+        log(f"quality seed {seed}: federated AUC {fl_auc:.3f}, central {central_auc:.3f}")
+        for entry in results["rounds"]:
+            for counts in entry["update_bytes"].values():
+                if counts["up"]:
+                    bytes_up.append(float(counts["up"]))
+                bytes_down.append(float(counts["down"]))
+    cfg = results["config"]
+    model = build_model(cfg["model"], in_channels=cfg["channels"],
+                        num_classes=cfg["num-classes"], image_size=cfg["image-size"])
+    float32 = 4 * sum(t.numel() for t in model.state_dict().values())
+    return {
+        "ratio": median([s["ratio"] for s in per_seed]),
+        "seeds": per_seed,
+        "rounds": mode.quality_rounds,
+        "central_epochs": mode.central_epochs,
+        "sites": mode.quality_sites,
+        "images_per_site": mode.quality_images,
+        "model_float32_bytes": float32,
+        "bytes_up_per_site_round": median(bytes_up),
+        "bytes_down_per_site_round": median(bytes_down),
+        "bytes_ratio": ratio(median(bytes_up), float32),
+        "bytes_down_ratio": ratio(median(bytes_down), float32),
+    }
+
+
+# --- 5. scale ----------------------------------------------------------------------------------
+
+
+def scale(mode: Mode) -> dict[str, Any]:
+    """Peak memory of the process tree and harness time per site-round at `scale_sites` sites.
+
+    Runs the scenario `simulations/scenarios/scale-<N>.toml` (virtual sites cut out of one
+    synthetic pool) through the `medfed simulate` command, measured from outside.
+    """
+    from simulations.memory import peak_rss_of_command
+
+    scenario = ROOT / "simulations" / "scenarios" / f"scale-{mode.scale_sites}.toml"
+    if not scenario.is_file():
+        raise FileNotFoundError(f"{scenario}: no such scenario")
+    pool = synth(OUT / "pool", sites=1, images=3000, seed=1, test_images=400)
+    run = OUT / f"scale-{mode.scale_sites}"
+    argv = [MEDFED, "simulate", "--scenario", str(scenario), "--data",
+            str(pool / "sites" / "hospital-01"), "--test-data", str(pool / "test"), "--out",
+            str(run), "--rounds", str(mode.scale_rounds), "--metrics-port", "0", "--force"]
+    started = time.perf_counter()
+    code, peak_gib = peak_rss_of_command(argv, interval=0.2, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {code}")
+    results = json.loads((run / "results.json").read_text())
+    cores = os.cpu_count() or 1
+    per_round = []
+    for entry in results["rounds"]:
+        sites = entry["federated"]["sites"]
+        compute = sum(
+            float((s.get("train") or {}).get("train-seconds", 0.0)) for s in sites.values()
+        )
+        sampled = max(1, len(entry.get("sampled") or sites))
+        duration = float(entry["duration_s"])
+        per_round.append({
+            "round": entry["round"], "duration_s": duration, "sampled": sampled,
+            "connected": entry.get("sites_connected"), "site_train_s": compute,
+            "gross_ms_per_site": 1000 * duration / sampled,
+            "net_ms_per_site": 1000 * (duration - compute / cores) / sampled,
+            "ms_per_connected_site": 1000 * duration / max(1, entry.get("sites_connected") or 1),
+        })
+    steady = per_round[1:] if len(per_round) > 1 else per_round
+    return {
+        "peak_rss_gib": peak_gib,
+        "ms_per_site_round": median([r["net_ms_per_site"] for r in steady]),
+        "gross_ms_per_site_round": median([r["gross_ms_per_site"] for r in steady]),
+        "ms_per_connected_site_round": median([r["ms_per_connected_site"] for r in steady]),
+        "first_round_ms_per_site": per_round[0]["gross_ms_per_site"] if per_round else math.nan,
+        "rounds": per_round,
+        "sites": mode.scale_sites,
+        "wall_s": wall,
+        "scenario": str(scenario.relative_to(ROOT)),
+        "dp": bool(results["config"].get("dp")),
+        "command": " ".join(
+            [Path(argv[0]).name, *[str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT))
+                                   else a for a in argv[1:]]]
+        ),
+    }
+
+
+# --- machine and report ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import flwr
+    import opacus
+    import torch
+
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = math.nan
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = int(line.split()[1]) / 2**20
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
+        "os": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "flwr": flwr.__version__, "opacus": opacus.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    return info
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    """The six figures with their goals and how each was measured."""
+    o, d, q, s = (results.get(k, {}) for k in ("sim_overhead", "dp_overhead", "quality", "scale"))
+    nan = math.nan
+    wl = o.get("workload", {})
+    return [
+        Figure(
+            "sim_overhead_ratio", "Simulation overhead", results["sim_overhead_ratio"], 1.15,
+            how=(
+                f"median of {len(o.get('sim_wall_s', []))} alternated repeats: wall time of "
+                "`simulations.runner.simulate` in a fresh process "
+                f"({o.get('sim_median_s', nan):.1f} s: Flower + Ray start-up, "
+                f"{wl.get('sites')} sites x {wl.get('rounds')} rounds "
+                f"of DP-SGD, {wl.get('images_per_site')} images per site, batch 32, one site at a "
+                f"time on all cores, no evaluation) over a plain PyTorch process running the same "
+                f"local steps back to back ({o.get('baseline_median_s', nan):.1f} s, "
+                "`bench/jobs.py`); both timed from the outside, imports and data loading included"
+            ),
+        ),
+        Figure(
+            "dp_overhead_ratio", "DP-SGD overhead", results["dp_overhead_ratio"], 1.6,
+            how=(
+                f"median time per step of `train_local_dp` ({d.get('dp_median_s', nan) * 1e3:.1f}"
+                f" ms) over `train_local` ({d.get('plain_median_s', nan) * 1e3:.1f} ms): CNN, "
+                f"64x64, batch 32, {d.get('steps_per_round')} steps per call (Opacus set-up "
+                f"included), {len(d.get('dp_step_s', []))} repeats, {d.get('threads')} threads"
+            ),
+        ),
+        Figure(
+            "fl_central_auc_ratio", "Federated / central AUC", results["fl_central_auc_ratio"],
+            0.97, higher_is_better=True,
+            how=(
+                f"FedAvg without DP, {q.get('rounds')} rounds, over central training "
+                f"({q.get('central_epochs')} epochs, pooled data) on the same "
+                f"{q.get('sites')} non-IID `medfed synth` sites (about {q.get('images_per_site')}"
+                " images each), same held-out test set; AUCs "
+                + ", ".join(f"seed {x['seed']}: {x['fl_auc']:.3f} / {x['central_auc']:.3f}"
+                            for x in q.get("seeds", []))
+            ),
+        ),
+        Figure(
+            "bytes_ratio", "Bytes per site per round", results["bytes_ratio"], 1.05,
+            how=(
+                "median bytes a site sends up per round "
+                f"({q.get('bytes_up_per_site_round', nan):,.0f} B, results.json "
+                "`update_bytes`) over the model's float32 size "
+                f"({q.get('model_float32_bytes', 0):,} B); down per round is "
+                f"{q.get('bytes_down_ratio', nan):.2f}x (the model is sent for training and again "
+                "for evaluation)"
+            ),
+        ),
+        Figure(
+            "scale_peak_rss_gib", f"Peak memory at {s.get('sites', '?')} sites",
+            results["scale_peak_rss_gib"], 4.0, unit="GiB",
+            how=(
+                "peak of the summed RSS of the whole process tree (driver, Ray GCS, raylet and "
+                "workers), sampled every 0.2 s from outside by "
+                f"`simulations.memory.peak_rss_of_command`: `{s.get('command', '')}` "
+                f"({s.get('wall_s', nan):.0f} s)"
+            ),
+        ),
+        Figure(
+            "scale_ms_per_site_round",
+            f"Harness time per site-round at {s.get('sites', '?')} sites",
+            results["scale_ms_per_site_round"], 20.0, unit="ms",
+            how=(
+                "same run; median over rounds 2.. of (round wall time - the sampled sites' local "
+                "training seconds / cores) / sites sampled in the round; gross round time per "
+                f"sampled site {s.get('gross_ms_per_site_round', nan):.1f} ms, per connected "
+                f"site {s.get('ms_per_connected_site_round', nan):.2f} ms; round 1 (worker "
+                f"start-up) {s.get('first_round_ms_per_site', nan):.0f} ms per sampled site"
+            ),
+        ),
+    ]
+
+
+def _attempt(name: str, fn: Callable[[], dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
+    log(f"{name}...")
+    started = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # one broken workload must not cost the other figures
+        errors[name] = f"{type(exc).__name__}: {exc}"
+        log(f"{name} FAILED: {errors[name][:500]}")
+        return {}
+    log(f"{name} done in {time.perf_counter() - started:.0f} s")
+    return {**result, "bench_seconds": time.perf_counter() - started}
+
+
+def main() -> int:
+    """Run every workload of the chosen mode and write bench/results.json and BENCHMARKS.md."""
+    name = os.environ.get("BENCH", "quick").strip().lower() or "quick"
+    if name not in ("quick", "full"):
+        print(f"error: BENCH must be quick or full, got {name!r}", file=sys.stderr)
+        return 2
+    mode = QUICK if name == "quick" else FULL
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    errors: dict[str, str] = {}
+    import torch
+
+    dp = _attempt("dp_overhead", lambda: dp_overhead(mode), errors)
+    gpu: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        gpu["dp_overhead"] = _attempt("dp_overhead_cuda", lambda: dp_overhead(mode, "cuda"),
+                                      errors)
+    overhead = _attempt("sim_overhead", lambda: sim_overhead(mode), errors)
+    quality = _attempt("quality_and_bytes", lambda: quality_and_bytes(mode), errors)
+    scaled = _attempt("scale", lambda: scale(mode), errors)
+    nan = math.nan
+    results: dict[str, Any] = {
+        "sim_overhead_ratio": overhead.get("ratio", nan),
+        "dp_overhead_ratio": dp.get("ratio", nan),
+        "fl_central_auc_ratio": quality.get("ratio", nan),
+        "bytes_ratio": quality.get("bytes_ratio", nan),
+        "scale_peak_rss_gib": scaled.get("peak_rss_gib", nan),
+        "scale_ms_per_site_round": scaled.get("ms_per_site_round", nan),
+        "machine": machine(),
+        "mode": mode.name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": time.perf_counter() - started,
+        # 1-minute load average: above the core count, other processes competed for the CPUs
+        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
+        "sim_overhead": overhead,
+        "dp_overhead": dp,
+        "quality": quality,
+        "scale": scaled,
+        "gpu": gpu,
+        "errors": errors,
+    }
+    figs = figures(results)
+    results["passed"] = {f.key: f.passed for f in figs}
+    RESULTS.write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
+    notes = [
+        f"Measured {results['date']} in {results['seconds'] / 60:.1f} minutes.",
+        *_mode_notes(mode),
+        _load_note(results["load_average"], results["machine"].get("cores") or 1),
+        *[f"`{k}` could not be measured: {v.splitlines()[0][:300]}" for k, v in errors.items()],
+    ]
+    REPORT.write_text(render_markdown(figs, results["machine"], mode=mode.name, notes=notes,
+                                      command="make bench" if mode.name == "quick"
+                                      else "BENCH=full make bench"))
+    for f in figs:
+        log(f"{f.key}: {f.measured_text()} (goal {f.goal_text()}): {f.verdict}")
+    log(f"wrote {RESULTS.relative_to(ROOT)} and {REPORT.relative_to(ROOT)}")
+    return 1 if errors else 0
+
+
+def _load_note(load: dict[str, float], cores: int) -> str:
+    text = (
+        f"1-minute load average {load['start']:.1f} at the start and {load['end']:.1f} at the "
+        f"end, on {cores} cores"
+    )
+    if max(load.values()) > cores:
+        return text + (
+            ": other processes were competing for the CPUs, so the timings (and the timing "
+            "ratios, whose two sides may have met different load) are noisy."
+        )
+    return text + "."
+
+
+def _mode_notes(mode: Mode) -> list[str]:
+    if mode.name != "quick":
+        return []
+    return [
+        f"Quick mode: the scale figures come from the {mode.scale_sites}-site scenario "
+        f"(`scale-{mode.scale_sites}.toml`, {mode.scale_rounds} rounds), not 1,000 sites; "
+        "`BENCH=full make bench` runs `scale-1000.toml`. The simulation-overhead workload is "
+        "short, so Ray's fixed start-up weighs more than in a long run, and the quality "
+        "figure uses one data seed (full: three).",
+    ]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
