@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,29 +42,16 @@ from client.secure import (
     is_secure_stage,
     legacy_mod,
 )
-from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
+from client.tasks import TASKS, Fit, SplitLoader, get_task
+from client.tasks.base import site_data
+from client.train import LocalTraining, resolve_device
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
 from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
-from models import build_model
 
 log = logging.getLogger("medfed.client")
-
-# A simulation worker hosts many virtual sites in turn; keep only the few most recent in memory.
-_SITE_CACHE_SIZE = 2
-_site_cache: OrderedDict[tuple[Path, Preprocess], SiteData] = OrderedDict()
-
-
-def _site_data(site: SiteRef, pre: Preprocess, seed: int) -> SiteData:
-    key = (site.data_dir.resolve(), pre)
-    data = _site_cache.pop(key, None) or SiteData(site.data_dir, pre, seed=seed)
-    _site_cache[key] = data
-    while len(_site_cache) > _SITE_CACHE_SIZE:
-        _site_cache.popitem(last=False)
-    return data
-
 
 def _labelled(data: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
     arrays = data.split(split)
@@ -73,15 +59,11 @@ def _labelled(data: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
     return arrays.images[keep], arrays.labels[keep]
 
 
-# (site, preprocessing, seed, split) -> the site's labelled images and labels of that split
-SplitLoader = Callable[[SiteRef, Preprocess, int, str], tuple[np.ndarray, np.ndarray]]
-
-
 def load_labelled(
     site: SiteRef, pre: Preprocess, seed: int, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """A site folder's labelled samples of `split`: how a real site reads its data."""
-    return _labelled(_site_data(site, pre, seed), split)
+    return _labelled(site_data(site, pre, seed), split)
 
 
 def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | None) -> SiteRef:
@@ -107,14 +89,6 @@ def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | No
     if index >= len(sites):
         raise ValueError(f"partition-id {index} but only {len(sites)} site folders were found")
     return sites[index]
-
-
-def _check_labels(labels: np.ndarray, cfg: RunConfig, site: SiteRef) -> None:
-    if len(labels) and int(labels.max()) >= cfg.num_classes:
-        raise ValueError(
-            f"site {site.name}: label {int(labels.max())} found but the run has "
-            f"--num-classes {cfg.num_classes}; labels must be 0..{cfg.num_classes - 1}"
-        )
 
 
 def _privacy_path(site: SiteRef, run_key: str) -> Path:
@@ -154,7 +128,8 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
 
 
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
-_METRICS = DEFAULT_METRICS | {UNIT_WEIGHT, NORM_BIT}
+_TASK_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TASKS.values()))
+_METRICS = DEFAULT_METRICS | {UNIT_WEIGHT, NORM_BIT} | _TASK_METRICS
 # SecAgg+ replies are Flower's legacy FitRes/EvaluateRes: the same metrics, flattened (with the
 # site's name and its privacy report), plus the protocol's keys, shares and masked vectors.
 _LEGACY_METRICS = (
@@ -273,16 +248,14 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
-        pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-        images, labels = load(site, pre, cfg.seed, "train")
-        if len(labels) == 0:
-            raise ValueError(f"site {site.name} has no readable labelled training images")
-        _check_labels(labels, cfg, site)
+        task = get_task(cfg.task)
+        samples = task.load(site, cfg, "train", load)
+        n = len(samples[0])
+        if n == 0:
+            raise ValueError(f"site {site.name} has no readable training images for --task "
+                             f"{cfg.task}")
         device = resolve_device(cfg.device)
-        model = build_model(
-            cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-            image_size=cfg.image_size,
-        )
+        model = task.build(cfg)
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         config = msg.content.config_records["config"]
         mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
@@ -303,8 +276,8 @@ def make_client_app(
             )
         if cfg.dp:
             run_key = cfg.run_key or str(context.run_id)
-            privacy = _load_or_plan_privacy(site, cfg, run_key, len(labels))
-            per_epoch = batches_per_epoch(len(labels), cfg.batch_size)
+            privacy = _load_or_plan_privacy(site, cfg, run_key, n)
+            per_epoch = batches_per_epoch(n, cfg.batch_size)
             rounds_left = max(1, cfg.rounds - server_round + 1)
             privacy.ensure_room(rounds_left * cfg.local_epochs * per_epoch)
             if budget is not None:
@@ -314,9 +287,10 @@ def make_client_app(
                     run=run_key, history_after=[*privacy.history, this_round], budget=budget,
                     site=site.name,
                 )
-            report = train_local_dp(
-                model, images, labels, settings=settings, device=device, privacy=privacy,
-                proximal=mu > 0,
+            report = task.train(
+                model, samples, cfg,
+                Fit(settings, device, privacy, seed=cfg.seed * 1000 + server_round,
+                    proximal=mu > 0),
             )
             privacy.save(_privacy_path(site, run_key))
             ledger.commit(run=run_key, history=privacy.history, budget=budget)
@@ -326,10 +300,12 @@ def make_client_app(
             privacy_record: dict[str, ConfigRecordValues] = dict(summary)
             records["privacy"] = ConfigRecord(privacy_record)
         else:
-            report = train_local(
-                model, images, labels, settings=settings, device=device,
-                seed=cfg.seed * 1000 + server_round, proximal=mu > 0,
+            report = task.train(
+                model, samples, cfg,
+                Fit(settings, device, None, seed=cfg.seed * 1000 + server_round,
+                    proximal=mu > 0),
             )
+        metrics.update(report.extra)
         metrics.update(
             {
                 "train-loss": report.loss,
@@ -358,29 +334,27 @@ def make_client_app(
     def evaluate_global(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
-        pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-        images, labels = load(site, pre, cfg.seed, "val")
-        if len(labels) == 0:
-            raise ValueError(f"site {site.name} has no readable labelled validation images")
-        _check_labels(labels, cfg, site)
-        model = build_model(
-            cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-            image_size=cfg.image_size,
-        )
+        task = get_task(cfg.task)
+        samples = task.load(site, cfg, "val", load)
+        n = len(samples[0])
+        if n == 0:
+            raise ValueError(f"site {site.name} has no readable validation images for --task "
+                             f"{cfg.task}")
+        model = task.build(cfg)
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         config = msg.content.config_records["config"]
         started = time.perf_counter()
-        result = evaluate(model, images, labels, device=resolve_device(cfg.device))
+        result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
         progress.record(
             site.state_dir,
             progress.Progress(
                 run=cfg.run_key or str(context.run_id),
                 round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
                 phase="evaluate", seconds=time.perf_counter() - started,
-                loss=float(result.get("loss", float("nan"))), examples=len(labels),
+                loss=float(result.get("loss", float("nan"))), examples=n,
             ),
         )
-        values: dict[str, MetricRecordValues] = {**result, "num-examples": len(labels)}
+        values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
         if cfg.central_dp != "off":
             values[UNIT_WEIGHT] = 1
         content = RecordDict(

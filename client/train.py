@@ -17,8 +17,8 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,16 +68,53 @@ class TrainReport:
     num_examples: int
     steps: int
     seconds: float
+    # a task's own training metrics beyond the loss (a GAN's generator loss)
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+
+# The loss of one batch: the mean over its samples of a per-sample loss. A loss that couples
+# samples (a Dice over the whole batch) would make Opacus's per-sample gradients wrong and the
+# DP guarantee void, so every task's loss is computed per sample and then averaged.
+LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+
+
+class StepHooks:
+    """What a task adds to each optimiser step beyond the gradient of its data loss.
+
+    `add_gradient` runs after Opacus has clipped and noised the data gradient (after
+    `backward` without DP) and before the step: only gradients that do not depend on the
+    site's data may be added there (FedProx's term, a GAN discriminator's loss on generated
+    images). `after_step` runs after each step (a GAN's generator update).
+    """
+
+    def add_gradient(self, model: nn.Module) -> None:
+        """Add data-independent gradients to `model`'s parameters' `.grad`."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Anything to do after the step."""
+
+
+def tensor_dataset(*arrays: np.ndarray, dtypes: Sequence[torch.dtype]) -> TensorDataset:
+    """A TensorDataset of equally long arrays; no samples at all is an error a site can read."""
+    lengths = {len(a) for a in arrays}
+    if len(lengths) != 1:
+        raise ValueError(f"arrays of different lengths {sorted(lengths)}: one entry per sample")
+    if lengths == {0}:
+        raise ValueError("no training images at this site")
+    return TensorDataset(
+        *(torch.as_tensor(a, dtype=d) for a, d in zip(arrays, dtypes, strict=True))
+    )
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if len(images) == 0:
-        raise ValueError("no training images at this site")
-    return TensorDataset(
-        torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    )
+    return tensor_dataset(images, labels, dtypes=(torch.float32, torch.long))
+
+
+def _cross_entropy(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,16 +128,18 @@ def _run_epochs(
     settings: LocalTraining,
     device: torch.device,
     global_params: Mapping[str, torch.Tensor] | None,
+    loss_fn: LossFn,
+    hooks: StepHooks,
 ) -> tuple[float, int]:
     """Train for `settings.epochs`; returns (mean loss per sample, optimiser steps)."""
-    criterion = nn.CrossEntropyLoss()
     params = dict(model.named_parameters())
     total_loss, seen, steps = 0.0, 0, 0
     model.train()
     for _ in range(settings.epochs):
-        for x, y in loader:
+        for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(x) == 0:
+            n = len(batch[0])
+            if n == 0:
                 # Poisson sampling can draw an empty batch. Without DP there is nothing to learn
                 # from; with DP the step must still happen (noise only) and be accounted, or
                 # whether a batch was empty would leak and the ledger would under-count steps.
@@ -109,20 +148,24 @@ def _run_epochs(
                 else:
                     continue
             else:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = criterion(model(x), y)
+                batch = [t.to(device, non_blocking=True) for t in batch]
+                loss = loss_fn(model, batch)
                 loss.backward()
-                total_loss += float(loss.detach()) * len(y)
-                seen += len(y)
+                total_loss += float(loss.detach()) * n
+                seen += n
             if isinstance(optimizer, DPOptimizer):
-                # What DPOptimizer.step does, with the proximal gradient added after the noise.
+                # What DPOptimizer.step does, with data-independent gradients added after the
+                # noise.
                 if not optimizer.pre_step():
                     continue
+                hooks.add_gradient(model)
                 _add_proximal_gradient(params, global_params, settings.proximal_mu)
                 optimizer.original_optimizer.step()
             else:
+                hooks.add_gradient(model)
                 _add_proximal_gradient(params, global_params, settings.proximal_mu)
                 optimizer.step()
+            hooks.after_step(model)
             steps += 1
     return (total_loss / seen if seen else float("nan")), steps
 
@@ -147,17 +190,18 @@ def _add_proximal_gradient(
             p.grad.add_(p - reference, alpha=mu)
 
 
-def train_local(
+def fit(
     model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
+    dataset: TensorDataset,
+    loss_fn: LossFn,
     *,
     settings: LocalTraining,
     device: torch.device,
     seed: int = 0,
     proximal: bool = False,
+    hooks: StepHooks | None = None,
 ) -> TrainReport:
-    """Plain (non-private) local training.
+    """Plain (non-private) local training of `model` on `dataset` with `loss_fn`.
 
     Args:
         proximal: anchor the FedProx term at the weights `model` holds on entry.
@@ -167,30 +211,34 @@ def train_local(
     model.to(device)
     anchor = _snapshot(model) if proximal else None
     loader = DataLoader(
-        _dataset(images, labels),
+        dataset,
         batch_size=settings.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
     optimizer = settings.make_optimizer(model)
-    loss, steps = _run_epochs(model, optimizer, loader, settings, device, anchor)
-    return TrainReport(loss, len(labels), steps, time.perf_counter() - started)
+    loss, steps = _run_epochs(
+        model, optimizer, loader, settings, device, anchor, loss_fn, hooks or StepHooks()
+    )
+    return TrainReport(loss, len(dataset), steps, time.perf_counter() - started)
 
 
-def train_local_dp(
+def fit_dp(
     model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
+    dataset: TensorDataset,
+    loss_fn: LossFn,
     *,
     settings: LocalTraining,
     device: torch.device,
     privacy: PrivacyState,
     proximal: bool = False,
+    hooks: StepHooks | None = None,
 ) -> TrainReport:
     """DP-SGD local training; appends this round's steps to `privacy.history`.
 
     `model` must be a fresh module (Opacus hooks are attached here and removed on exit). Its own
     parameters are trained in place, so its state dict has no `_module.` prefix afterwards.
+    `loss_fn` and `hooks` are called with Opacus's wrapper of `model`.
     """
     started = time.perf_counter()
     model.to(device)
@@ -200,7 +248,7 @@ def train_local_dp(
     optimizer = settings.make_optimizer(model)
     # Opacus turns this into Poisson sampling at rate 1 / len(loader): the rate the plan assumed,
     # and the accountant records the rate actually used if the site's data changed since.
-    loader = DataLoader(_dataset(images, labels), batch_size=settings.batch_size)
+    loader = DataLoader(dataset, batch_size=settings.batch_size)
     noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     private_model, private_opt, private_loader = engine.make_private(
         module=model,
@@ -216,12 +264,52 @@ def train_local_dp(
             # Opacus's hooks fire on module outputs because images do not require grad: expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss, steps = _run_epochs(
-                private_model, private_opt, private_loader, settings, device, _prefixed(anchor)
+                private_model, private_opt, private_loader, settings, device, _prefixed(anchor),
+                loss_fn, hooks or StepHooks(),
             )
     finally:
         private_model._close()
     privacy.record(engine.accountant.history)
-    return TrainReport(loss, len(labels), steps, time.perf_counter() - started)
+    return TrainReport(loss, len(dataset), steps, time.perf_counter() - started)
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings: LocalTraining,
+    device: torch.device,
+    seed: int = 0,
+    proximal: bool = False,
+) -> TrainReport:
+    """Plain (non-private) local training of a classifier (cross-entropy).
+
+    Args:
+        proximal: anchor the FedProx term at the weights `model` holds on entry.
+
+    """
+    return fit(
+        model, _dataset(images, labels), _cross_entropy, settings=settings, device=device,
+        seed=seed, proximal=proximal,
+    )
+
+
+def train_local_dp(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings: LocalTraining,
+    device: torch.device,
+    privacy: PrivacyState,
+    proximal: bool = False,
+) -> TrainReport:
+    """DP-SGD local training of a classifier; see `fit_dp`."""
+    return fit_dp(
+        model, _dataset(images, labels), _cross_entropy, settings=settings, device=device,
+        privacy=privacy, proximal=proximal,
+    )
 
 
 def _prefixed(anchor: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

@@ -13,11 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-TASKS = ("classify",)
+TASKS = ("classify", "segment", "autoencode", "synthesize")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 OPTIMIZERS = ("adam", "sgd")
-MODELS = ("cnn",)
+# the networks each task can train; the first is the task's default (`--model` left empty)
+TASK_MODELS: Mapping[str, tuple[str, ...]] = {
+    "classify": ("cnn",),
+    "segment": ("unet",),
+    "autoencode": ("autoencoder",),
+    "synthesize": ("cgan",),
+}
+MODELS = tuple(m for models in TASK_MODELS.values() for m in models)
 # user-level (central) DP with Flower's wrappers: who clips each site's update, fixed or adaptive
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 # strategies whose aggregate is a (weighted) mean of the updates: what central DP's sensitivity
@@ -41,7 +48,8 @@ class RunConfig:
     test_data: str = ""
     out: str = "runs/latest"
     task: str = "classify"
-    model: str = "cnn"
+    # empty: the task's default network (TASK_MODELS)
+    model: str = ""
     image_size: int = 64
     channels: int = 1
     num_classes: int = 2
@@ -88,6 +96,8 @@ class RunConfig:
     # the model to 2**22 levels over [-8, 8]: set it near the largest site's training set (a
     # much larger value costs precision, a larger site counts as max-weight examples).
     secagg_max_weight: float = 1000.0
+    # classify only: a finished `--task autoencode` run whose encoder initialises the classifier
+    init_encoder: str = ""
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -98,7 +108,18 @@ class RunConfig:
                 raise ConfigError(f"{_flag(name)} {rule}, got {getattr(self, name)!r}")
 
         need(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
-        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
+        if not self.model:
+            # frozen: resolving the default once here keeps every reader on the same network
+            object.__setattr__(self, "model", TASK_MODELS[self.task][0])
+        need(
+            self.model in TASK_MODELS[self.task], "model",
+            f"must be one of {', '.join(TASK_MODELS[self.task])} for --task {self.task} "
+            "(or leave it out for the task's default)",
+        )
+        need(
+            not self.init_encoder or self.task == "classify", "init_encoder",
+            "initialises a classifier: use it with --task classify",
+        )
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         need(
             self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}"

@@ -117,6 +117,9 @@ def simulate(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder to write.")] = None,
     test_data: opt.TestData = None,
+    task: opt.TaskOpt = None,
+    init_encoder: opt.InitEncoder = None,
+    num_classes: opt.NumClasses = None,
     rounds: opt.Rounds = None,
     strategy: opt.StrategyOpt = None,
     dp: opt.Dp = None,
@@ -181,7 +184,9 @@ def simulate(
 
     overrides = given(
         sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
-        test_data=str(test_data) if test_data else None, rounds=rounds, strategy=strategy,
+        test_data=str(test_data) if test_data else None, task=task,
+        init_encoder=str(init_encoder.resolve()) if init_encoder else None,
+        num_classes=num_classes, rounds=rounds, strategy=strategy,
         dp=dp, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
@@ -329,6 +334,24 @@ def central(
     out.print(f"results: {out_dir / 'central.json'}")
 
 
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `--task synthesize` run folder.")],
+    n: Annotated[int, typer.Option("--n", help="Images to generate (classes in turn).")] = 100,
+    out_dir: Annotated[Path, typer.Option("--out", help="Site folder to write.")] = Path(
+        "data/synthetic"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the generator's noise.")] = 0,
+) -> None:
+    """Write a GAN run's generated images as synthetic DICOM in the site layout (labels.csv)."""
+    from server.sample import write_samples
+
+    counts = guard(lambda: write_samples(run_dir, out_dir, n=n, seed=seed))
+    shown = ", ".join(f"class {c}: {k}" for c, k in counts.items())
+    out.print(f"{n} synthetic images ({shown}) in {out_dir}")
+    out.print(f"next: medfed check-data {out_dir}")
+
+
 @app.command("audit-privacy")
 def audit_privacy(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (with model.pt).")],
@@ -386,9 +409,13 @@ def _run_with_progress(
         def on_round(update: RoundUpdate) -> None:
             central = update.entry.get("central") or {}
             fed = update.entry["federated"]["evaluate"]
-            auc = central.get("auc", fed.get("auc"))
+            status = ""
+            for key in ("auc", "dice", "anomaly_auroc", "anomaly-auroc", "fid"):
+                value = central.get(key, fed.get(key))
+                if isinstance(value, float):
+                    status = f"{key} {value:.3f}"
+                    break
             failed = len(update.entry["failures"])
-            status = f"AUC {auc:.3f}" if isinstance(auc, float) else ""
             status += f", {len(update.entry['participants'])} sites"
             status += f", {failed} failed" if failed else ""
             progress.update(task, completed=update.round, status=status)

@@ -73,7 +73,8 @@ def print_results(results: dict[str, Any], run_dir: Path) -> None:
     final = results.get("final", {})
     table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} rounds "
                   f"({final.get('source', 'central')} evaluation)")
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "hd95",
+                "anomaly_auroc", "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
         if final.get(key) is not None:
             table.add_row(key, f"{final[key]:.4f}")
     out.print(table)

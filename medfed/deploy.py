@@ -497,6 +497,9 @@ def run(
         typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation "
                      "(default: none; the sites' federated evaluation is used)."),
     ] = None,
+    task: opt.TaskOpt = None,
+    init_encoder: opt.InitEncoder = None,
+    num_classes: opt.NumClasses = None,
     rounds: opt.Rounds = None,
     strategy: opt.StrategyOpt = None,
     dp: opt.Dp = None,
@@ -534,7 +537,9 @@ def run(
     operator = guard(lambda: OperatorKit.load(kit))
     app_path = guard(lambda: find_app_dir(app_dir))
     values = given(
-        test_data=test_data or "", rounds=rounds, strategy=strategy, dp=dp,
+        test_data=test_data or "", task=task,
+        init_encoder=str(init_encoder) if init_encoder else None, num_classes=num_classes,
+        rounds=rounds, strategy=strategy, dp=dp,
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,

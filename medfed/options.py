@@ -25,6 +25,30 @@ class Strategy(StrEnum):
     krum = "krum"
 
 
+class Task(StrEnum):
+    """What the federation learns."""
+
+    classify = "classify"
+    segment = "segment"
+    autoencode = "autoencode"
+    synthesize = "synthesize"
+
+
+TaskOpt = Annotated[
+    Task | None,
+    typer.Option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
+                 "or synthesize (DP conditional GAN). [default: classify]"),
+]
+InitEncoder = Annotated[
+    Path | None,
+    typer.Option(help="With --task classify: a finished --task autoencode run folder whose "
+                 "encoder initialises the classifier (federated pretraining)."),
+]
+NumClasses = Annotated[
+    int | None,
+    typer.Option(help="Classes (classify, synthesize) or mask labels incl. background (segment). "
+                 "[default: 2]"),
+]
 TestData = Annotated[
     Path | None, typer.Option(help="Held-out folder; every image in it is a test image.")
 ]

@@ -2,17 +2,58 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from models.autoencoder import ConvAutoencoder
+from models.cgan import ConditionalGAN
 from models.cnn import CNNClassifier
+from models.unet import UNet
 
-__all__ = ["CNNClassifier", "build_model"]
+__all__ = ["CNNClassifier", "ConditionalGAN", "ConvAutoencoder", "UNet", "build_model"]
 
-
-def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """The network called `name`, sized for the run's images and classes."""
-    if name == "cnn":
-        return CNNClassifier(
+# name -> constructor taking (in_channels, num_classes, image_size); `dims` picks 2D or 3D
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "cnn": lambda *, in_channels, num_classes, image_size, dims: _only_2d(
+        "cnn", dims, CNNClassifier(
             in_channels=in_channels, num_classes=num_classes, image_size=image_size
         )
-    raise ValueError(f"unknown model {name!r}; available: cnn")
+    ),
+    "unet": lambda *, in_channels, num_classes, image_size, dims: UNet(
+        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims
+    ),
+    "autoencoder": lambda *, in_channels, num_classes, image_size, dims: ConvAutoencoder(
+        in_channels=in_channels, image_size=image_size, dims=dims
+    ),
+    "cgan": lambda *, in_channels, num_classes, image_size, dims: _only_2d(
+        "cgan", dims, ConditionalGAN(
+            in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
+    ),
+}
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def _only_2d(name: str, dims: int, model: nn.Module) -> nn.Module:
+    if dims != 2:
+        raise ValueError(f"model {name!r} is 2D only, got dims={dims}; 3D: unet or autoencoder")
+    return model
+
+
+def build_model(
+    name: str, *, in_channels: int, num_classes: int, image_size: int, dims: int = 2
+) -> nn.Module:
+    """The network called `name`, sized for the run's images and classes.
+
+    Args:
+        num_classes: classes of a classifier or GAN, mask classes (background included) of a
+            U-Net; an autoencoder ignores it.
+        dims: 2 (images, slices) or 3 (volumes; unet and autoencoder).
+
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](
+        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims
+    )

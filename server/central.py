@@ -1,7 +1,6 @@
 """Central evaluation of the global model on held-out images the aggregator may read.
 
-In simulation that is the `--test-data` folder, or else every site's `test` split. A deployed
-aggregator holds no patient images; without `test-data` it relies on federated evaluation.
+The test set is `server.heldout.held_out`: `--test-data`, else the sites' test splits.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import torch
 
 from client.train import evaluate, resolve_device
 from common.config import RunConfig
-from common.data import Preprocess, SiteData
 from models import build_model
+from server.heldout import held_out
 
 log = logging.getLogger("medfed.server")
 
@@ -35,22 +34,10 @@ class CentralEvaluator:
         cls, cfg: RunConfig, site_dirs: Sequence[Path] = ()
     ) -> CentralEvaluator | None:
         """Test images from `cfg.test_data` (all of them), else the sites' test splits."""
-        pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
-        if cfg.test_data:
-            folder = Path(cfg.test_data)
-            if not (folder / "labels.csv").is_file():
-                raise FileNotFoundError(
-                    f"--test-data {folder}: no labels.csv there; pass a folder in the site "
-                    "layout (e.g. the `test/` folder that `medfed synth` writes)"
-                )
-            parts = [SiteData(folder, pre, seed=cfg.seed).split("all")]
-        elif site_dirs:
-            # virtual sites cut out of one pool all name the pool: read its test split once
-            unique = dict.fromkeys(Path(d).resolve() for d in site_dirs)
-            parts = [SiteData(d, pre, seed=cfg.seed).split("test") for d in unique]
-        else:
-            log.warning("no --test-data: central evaluation is off, federated evaluation only")
+        sources = held_out(cfg, site_dirs)
+        if not sources:
             return None
+        parts = [data.split(split) for data, split in sources]
         images = np.concatenate([p.images for p in parts])
         labels = np.concatenate([p.labels for p in parts])
         keep = labels >= 0

@@ -32,6 +32,11 @@ RESULTS = "results.json"
 MODEL = "model.pt"
 PLOT = "metrics.png"
 CHECKPOINT = "checkpoint"
+# the per-site validation metric metrics.png shows for each task
+SITE_PLOT_METRIC = {
+    "classify": "auc", "segment": "dice", "autoencode": "anomaly-auroc",
+    "synthesize": "d-accuracy",
+}
 
 
 def json_clean(value: Any) -> Any:
@@ -70,6 +75,8 @@ class RunRecord:
         # central (user-level) DP: the aggregator's own releases; state kept for resumes
         self.central_ledger: CentralLedger | None = None
         self.central_privacy: dict[str, Any] = {}
+        # the task's metrics of the final model beyond each round's (a GAN's TSTR AUC)
+        self.final_extra: dict[str, float] = {}
 
     @property
     def last_round(self) -> int:
@@ -114,8 +121,8 @@ class RunRecord:
             return {}
         last = self.rounds[-1]
         if last["central"]:
-            return {**last["central"], "source": "central"}
-        return {**last["federated"]["evaluate"], "source": "federated"}
+            return {**last["central"], **self.final_extra, "source": "central"}
+        return {**last["federated"]["evaluate"], **self.final_extra, "source": "federated"}
 
     def privacy_section(self) -> dict[str, dict[str, Any]]:
         """Each site's privacy spend; sites without DP get epsilon null (no guarantee)."""
@@ -232,7 +239,8 @@ class RunRecord:
         path = self.run_dir / PLOT
         fig, (ax_central, ax_sites) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
         rounds = [r["round"] for r in self.rounds]
-        for name in ("auc", "accuracy", "sensitivity", "specificity"):
+        for name in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou",
+                     "anomaly_auroc"):
             xs = ([0] if self.initial else []) + rounds
             ys = ([self.initial.get(name)] if self.initial else []) + [
                 (r["central"] or {}).get(name) for r in self.rounds
@@ -243,15 +251,17 @@ class RunRecord:
         ax_central.set(title="Global model, central test set", xlabel="round", ylim=(0, 1.02))
         ax_central.legend(loc="lower right")
         sites = sorted({s for r in self.rounds for s in r["federated"]["sites"]})
+        site_metric = SITE_PLOT_METRIC.get(self.cfg.task, "auc")
         for site in sites:
             pts = []
             for r in self.rounds:
                 ev = (r["federated"]["sites"].get(site) or {}).get("evaluate") or {}
-                if ev.get("auc") is not None and not math.isnan(ev["auc"]):
-                    pts.append((r["round"], ev["auc"]))
+                value = ev.get(site_metric)
+                if value is not None and not math.isnan(value):
+                    pts.append((r["round"], value))
             if pts:
                 ax_sites.plot(*zip(*pts, strict=True), marker=".", label=site)
-        ax_sites.set(title="Global model AUC at each site (validation)", xlabel="round",
+        ax_sites.set(title=f"Global model {site_metric} at each site (validation)", xlabel="round",
                      ylim=(0, 1.02))
         if sites:
             ax_sites.legend(loc="lower right", fontsize="small")

@@ -14,12 +14,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from server.central import CentralEvaluator
 from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
 from server.record import RunRecord
 from server.screening import ScreeningStrategy
 from server.strategies import build_strategy
+from server.tasks import central_task
 
 log = logging.getLogger("medfed.server")
 
@@ -37,15 +37,9 @@ ProgressFn = Callable[[RoundUpdate], None]
 
 
 def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:
-    """Seeded initial weights of the run's model."""
-    from models import build_model
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-    )
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    """Seeded initial weights of the run's model (the task's: e.g. a pretrained encoder)."""
+    state = central_task(cfg.task).initial_state(cfg)
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
 def _train_config(cfg: RunConfig) -> ConfigRecord:
@@ -101,7 +95,8 @@ def run_federation(
             "pass a larger --rounds to train further"
         )
 
-    evaluator = CentralEvaluator.from_config(cfg, site_dirs)
+    task = central_task(cfg.task)
+    evaluator = task.evaluator(cfg, site_dirs)
     screened = ScreeningStrategy(central or strategy, z_threshold=cfg.screen_z or None)
     recording = RecordingStrategy(screened, round_offset=record.last_round)
 
@@ -113,6 +108,7 @@ def run_federation(
                 record.initial = central
             return _metric_record(central)
         entry = record.add_round(recording.rounds[server_round + recording.round_offset], central)
+        task.after_round(run_dir, cfg, entry["round"], state_dict)
         record.save_checkpoint(_to_numpy(arrays), strategy_state(strategy))
         record.write_results()
         if on_round:
@@ -129,6 +125,9 @@ def run_federation(
         evaluate_fn=after_round,
     )
     final = _to_numpy(result.arrays) if len(result.arrays) else start
+    record.final_extra = task.finish(
+        run_dir, cfg, {k: torch.from_numpy(np.array(v)) for k, v in final.items()}, site_dirs
+    )
     record.save_model(final)
     record.plot()
     record.write_results()

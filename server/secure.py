@@ -52,11 +52,11 @@ from common.apps import parse_app_refusal
 from common.config import RunConfig
 from common.privacy import parse_refusal
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
-from server.central import CentralEvaluator
 from server.central_dp import CentralLedger, central_noise_multiplier, sampled_sites
 from server.federation import RoundLog
 from server.record import RunRecord
 from server.run import ProgressFn, RoundUpdate, initial_arrays
+from server.tasks import Evaluator, central_task
 
 log = logging.getLogger("medfed.server")
 
@@ -110,7 +110,7 @@ class SecureRecorder(LegacyStrategy):
         cfg: RunConfig,
         record: RunRecord,
         start: dict[str, np.ndarray],
-        evaluator: CentralEvaluator | None,
+        evaluator: Evaluator | None,
         ledger: CentralLedger | None,
         on_round: ProgressFn | None,
     ) -> None:
@@ -345,7 +345,8 @@ def run_secure_federation(
         record.write_results()
     recorder = SecureRecorder(
         strategy, cfg=cfg, record=record, start=start,
-        evaluator=CentralEvaluator.from_config(cfg, site_dirs), ledger=ledger, on_round=on_round,
+        evaluator=central_task(cfg.task).evaluator(cfg, site_dirs), ledger=ledger,
+        on_round=on_round,
     )
     legacy = LegacyContext(
         context=context,

@@ -88,6 +88,11 @@ def simulated_sites(cfg: RunConfig, federation: Federation, run_dir: Path) -> Si
     source = Path(cfg.sites_dir).resolve()
     refs: Sequence[SiteRef]
     virtual: VirtualSites | None = None
+    if federation.data.pooled and cfg.task != "classify":
+        raise ConfigError(
+            f"--task {cfg.task} reads site folders (masks, unlabelled images): drop the "
+            "scenario's data.partition and point --data at a folder of site folders"
+        )
     if federation.data.pooled:
         if not (source / "labels.csv").is_file():
             raise ConfigError(

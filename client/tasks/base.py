@@ -1,0 +1,114 @@
+"""What every task's trainer provides, and how a site's folder is read. No Flower here.
+
+A task turns a site's split into arrays (`load`), builds its network (`build`), trains it for
+one round with or without DP-SGD (`train`), and scores the global model on local data
+(`evaluate`). The ClientApp calls only this interface, so the four tasks share one privacy
+path: the same PrivacyState, the same ledger, the same outbound guard.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.train import LocalTraining, TrainReport
+from common.config import RunConfig
+from common.data import Preprocess, SiteData
+from common.privacy import PrivacyState
+from common.sites import SiteRef
+from models import build_model
+
+# (site, preprocessing, seed, split) -> the site's labelled images and labels of that split;
+# how classification reads a site (a simulation wraps it with scanner shift and label flips)
+SplitLoader = Callable[[SiteRef, Preprocess, int, str], tuple[np.ndarray, np.ndarray]]
+
+# A task's samples of one split: arrays of equal length, images first.
+Samples = tuple[np.ndarray, ...]
+
+# A simulation worker hosts many virtual sites in turn; keep only the few most recent in memory.
+_SITE_CACHE_SIZE = 2
+_site_cache: OrderedDict[tuple[Path, Preprocess, bool], SiteData] = OrderedDict()
+
+
+def site_data(site: SiteRef, pre: Preprocess, seed: int, *, masks: bool = False) -> SiteData:
+    """The site folder's SiteData (kept for the next round: decoding is the slow part)."""
+    key = (site.data_dir.resolve(), pre, masks)
+    data = _site_cache.pop(key, None) or SiteData(site.data_dir, pre, seed=seed, masks=masks)
+    _site_cache[key] = data
+    while len(_site_cache) > _SITE_CACHE_SIZE:
+        _site_cache.popitem(last=False)
+    return data
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one round of local training runs."""
+
+    settings: LocalTraining
+    device: torch.device
+    privacy: PrivacyState | None  # None: no DP
+    seed: int
+    proximal: bool
+
+
+class Task(Protocol):
+    """A trainer for one `--task`."""
+
+    name: str
+    # metric names a site's train and evaluate replies may carry (the outbound guard's list)
+    metrics: frozenset[str]
+
+    def load(
+        self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader
+    ) -> Samples:
+        """The samples of `split` this task learns from or scores on."""
+        ...
+
+    def build(self, cfg: RunConfig) -> nn.Module:
+        """The task's network for this run."""
+        ...
+
+    def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit: Fit) -> TrainReport:
+        """One round of local training (DP-SGD when `fit.privacy` is set)."""
+        ...
+
+    def evaluate(
+        self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device
+    ) -> dict[str, float]:
+        """Metrics of `model` on the samples (loss and the task's own)."""
+        ...
+
+
+def preprocess(cfg: RunConfig) -> Preprocess:
+    """The run's image preprocessing."""
+    return Preprocess(image_size=cfg.image_size, channels=cfg.channels)
+
+
+def build(cfg: RunConfig) -> nn.Module:
+    """The run's network, as `models.build_model` sizes it."""
+    return build_model(
+        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+    )
+
+
+@torch.no_grad()
+def batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """`fn` over images in batches, results concatenated as numpy."""
+    parts = [
+        fn(torch.as_tensor(images[i : i + batch_size], dtype=torch.float32).to(device))
+        .cpu()
+        .numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float32)

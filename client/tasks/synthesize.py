@@ -1,0 +1,184 @@
+"""Synthesis: a class-conditional DCGAN whose discriminator alone sees real images.
+
+Privacy: the discriminator's loss on real images is the only term that touches the site's data,
+so it alone goes through DP-SGD (Opacus clips each real image's gradient and adds noise, and the
+site's PrivacyState accounts the steps exactly as for a classifier). The discriminator's loss on
+generated images, and the generator's whole update, depend on the site's data only through the
+discriminator's (already private) weights: they are added after the noise, like FedProx's term,
+and cost no privacy. Fake classes are drawn uniformly, never from the site's labels.
+
+Unlabelled images (empty label) train the discriminator's "no class" input (class
+`num_classes`), so the generator also learns to draw images without a class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess, site_data
+from client.train import StepHooks, TrainReport, fit, fit_dp, tensor_dataset
+from common.config import RunConfig
+from common.sites import SiteRef
+from models.cgan import ConditionalGAN
+from models.cgan_generator import ConditionalGenerator
+
+GENERATOR_BETAS = (0.5, 0.999)  # DCGAN's Adam settings for the generator
+
+
+def gan_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labels as the GAN's classes: an unlabelled image (-1) is class `num_classes`."""
+    return np.where(labels < 0, num_classes, labels).astype(np.int64)
+
+
+def real_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The discriminator's loss on real images (per sample, then the batch mean)."""
+    images, classes = batch
+    logits = model(images, classes)
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+@contextmanager
+def per_sample_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Forward and backward passes that Opacus must not record as per-sample gradients."""
+    if isinstance(model, GradSampleModule):
+        model.disable_hooks()
+        try:
+            yield
+        finally:
+            model.enable_hooks()
+    else:
+        yield
+
+
+class AdversarialSteps(StepHooks):
+    """The data-independent half of each GAN step: fakes for the discriminator, then G's step."""
+
+    def __init__(
+        self, generator: ConditionalGenerator, *, batch_size: int, lr: float,
+        device: torch.device,
+    ) -> None:
+        self.generator = generator
+        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=GENERATOR_BETAS)
+        self.batch_size = batch_size
+        self.device = device
+        self.generator_losses: list[float] = []
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = torch.randint(
+            0, self.generator.num_classes + 1, (self.batch_size,), device=self.device
+        )
+        return self.generator.sample(classes), classes
+
+    def add_gradient(self, model: nn.Module) -> None:
+        """Add the discriminator's gradient on generated images (labelled fake)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        with per_sample_hooks_off(model):
+            fake, classes = self._fakes()
+            logits = model(fake.detach(), classes)
+            loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+            grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g if p.grad is None else p.grad + g
+
+    def after_step(self, model: nn.Module) -> None:
+        """One generator step: make the (private) discriminator call its images real."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with per_sample_hooks_off(model):
+            fake, classes = self._fakes()
+            logits = model(fake, classes)
+            loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            grads = torch.autograd.grad(loss, list(self.generator.parameters()))
+        for p, g in zip(self.generator.parameters(), grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        self.generator_losses.append(float(loss.detach()))
+
+
+@torch.no_grad()
+def discriminator_scores(
+    gan: ConditionalGAN, images: np.ndarray, classes: np.ndarray, device: torch.device,
+    *, seed: int = 0,
+) -> dict[str, float]:
+    """The discriminator's loss and accuracy on real images and as many generated ones."""
+    gan.to(device).eval()
+    if len(images) == 0:
+        return {"loss": math.nan, "d-accuracy": math.nan}
+    x = torch.as_tensor(images, dtype=torch.float32, device=device)
+    c = torch.as_tensor(classes, device=device)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    fake = gan.generator.sample(c, generator=rng)
+    logits = torch.cat([gan.discriminator(x, c), gan.discriminator(fake, c)])
+    target = torch.cat([torch.ones(len(x)), torch.zeros(len(x))]).to(device)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    accuracy = ((logits > 0).float() == target).float().mean()
+    return {"loss": float(loss), "d-accuracy": float(accuracy)}
+
+
+class SynthesizeTask:
+    """`--task synthesize`: a federated class-conditional GAN, DP on the discriminator."""
+
+    name = "synthesize"
+    metrics = frozenset({"loss", "d-accuracy", "generator-loss"})
+
+    def load(self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader) -> Samples:
+        """Every image of `split` and its GAN class (unlabelled: "no class")."""
+        arrays = site_data(site, preprocess(cfg), cfg.seed).split(split)
+        if len(arrays.labels) and int(arrays.labels.max()) >= cfg.num_classes:
+            raise ValueError(
+                f"site {site.name}: label {int(arrays.labels.max())} found but the run has "
+                f"--num-classes {cfg.num_classes}; labels must be 0..{cfg.num_classes - 1}"
+            )
+        return arrays.images, gan_classes(arrays.labels, cfg.num_classes)
+
+    def build(self, cfg: RunConfig) -> nn.Module:
+        """Generator and discriminator in one module."""
+        return build(cfg)
+
+    def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit_: Fit) -> TrainReport:
+        """Alternating discriminator (DP-SGD on real images) and generator steps."""
+        if not isinstance(model, ConditionalGAN):
+            raise TypeError(
+                f"--task synthesize trains a ConditionalGAN, got {type(model).__name__}"
+            )
+        model.to(fit_.device)
+        dataset = tensor_dataset(*samples, dtypes=(torch.float32, torch.long))
+        steps = AdversarialSteps(
+            model.generator, batch_size=fit_.settings.batch_size, lr=fit_.settings.lr,
+            device=fit_.device,
+        )
+        if fit_.privacy is not None:
+            report = fit_dp(
+                model.discriminator, dataset, real_loss, settings=fit_.settings,
+                device=fit_.device, privacy=fit_.privacy, proximal=fit_.proximal, hooks=steps,
+            )
+        else:
+            report = fit(
+                model.discriminator, dataset, real_loss, settings=fit_.settings,
+                device=fit_.device, seed=fit_.seed, proximal=fit_.proximal, hooks=steps,
+            )
+        losses = steps.generator_losses
+        g_loss = float(np.mean(losses)) if losses else math.nan
+        return TrainReport(
+            report.loss, report.num_examples, report.steps, report.seconds,
+            extra={"generator-loss": g_loss},
+        )
+
+    def evaluate(
+        self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device
+    ) -> dict[str, float]:
+        """The discriminator's loss and accuracy, real against generated."""
+        if not isinstance(model, ConditionalGAN):
+            raise TypeError(
+                f"--task synthesize scores a ConditionalGAN, got {type(model).__name__}"
+            )
+        images, classes = samples
+        return discriminator_scores(model, images, classes, device, seed=cfg.seed)

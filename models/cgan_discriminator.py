@@ -1,0 +1,78 @@
+"""The discriminator of the class-conditional DCGAN: (image, class) -> real/fake logit.
+
+The only network of the GAN that sees real images, so the one trained with DP-SGD: GroupNorm
+(Opacus accepts no BatchNorm), and the class enters as one-hot planes stacked on the image,
+which keeps every layer one that Opacus computes per-sample gradients for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from models.cgan_generator import START, check_gan_size
+from models.layers import groups
+
+
+class DownBlock(nn.Sequential):
+    """Strided 4x4 convolution halving the size, GroupNorm, LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1),
+            nn.GroupNorm(groups(out_channels), out_channels),
+            nn.LeakyReLU(0.2),
+        )
+
+
+class ConditionalDiscriminator(nn.Module):
+    """DCGAN discriminator; class `num_classes` is "no class" (unlabelled images).
+
+    Args:
+        width: channels of the first block; each further block doubles it.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        image_size: int = 64,
+        width: int = 8,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        steps = check_gan_size(image_size)
+        self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size
+        blocks: list[nn.Module] = []
+        channels = in_channels + num_classes + 1
+        for i in range(steps):
+            out = width * 2**i
+            blocks.append(DownBlock(channels, out))
+            channels = out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * START * START, 1)
+        )
+
+    def forward(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Realness logits (N,) of images (N, C, S, S) of the given classes (N,)."""
+        size = self.image_size
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, size, size):
+            raise ValueError(
+                f"expected images of shape (N, {self.in_channels}, {size}, {size}), "
+                f"got {tuple(x.shape)}"
+            )
+        if classes.shape != (len(x),):
+            raise ValueError(f"expected {len(x)} classes, got shape {tuple(classes.shape)}")
+        planes = F.one_hot(classes.long(), self.num_classes + 1).to(x.dtype)
+        planes = planes[:, :, None, None].expand(-1, -1, size, size)
+        return self.head(self.blocks(torch.cat([x, planes], dim=1))).squeeze(1)

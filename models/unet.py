@@ -1,0 +1,103 @@
+"""A U-Net for segmentation, 2D (slices) or 3D (volumes), with GroupNorm so Opacus accepts it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.layers import conv, groups, max_pool
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3(x3) convolutions, each followed by GroupNorm and ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dims: int) -> None:
+        super().__init__(
+            conv(dims)(in_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(groups(out_channels), out_channels),
+            nn.ReLU(),
+            conv(dims)(out_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(groups(out_channels), out_channels),
+            nn.ReLU(),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al.) returning per-pixel class logits.
+
+    Input (N, in_channels, *spatial) with `dims` spatial axes; output (N, num_classes,
+    *spatial). Every spatial size must be divisible by 2**depth.
+
+    Args:
+        num_classes: segmentation classes, background included (a lesion mask: 2).
+        width: channels of the first level; each deeper level doubles it.
+        depth: down-sampling steps.
+        dims: 2 for images and slices, 3 for volumes.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        image_size: int = 64,
+        width: int = 8,
+        depth: int = 3,
+        dims: int = 2,
+    ) -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if num_classes < 2:
+            raise ValueError(
+                f"num_classes must be >= 2 (background and at least one structure), "
+                f"got {num_classes}"
+            )
+        if depth < 1 or image_size % (2**depth) != 0:
+            raise ValueError(
+                f"image_size must be a positive multiple of {2**depth} for a depth-{depth} "
+                f"U-Net, got {image_size}; choose e.g. {max(2**depth, 64)}"
+            )
+        self.dims, self.depth, self.in_channels = dims, depth, in_channels
+        self.down = nn.ModuleList()
+        channels, skips = in_channels, []
+        for level in range(depth):
+            out = width * 2**level
+            self.down.append(DoubleConv(channels, out, dims=dims))
+            skips.append(out)
+            channels = out
+        self.pool = max_pool(dims)(2)
+        self.bottom = DoubleConv(channels, channels * 2, dims=dims)
+        channels *= 2
+        transpose = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for skip in reversed(skips):
+            self.up.append(transpose(channels, skip, 2, stride=2))
+            self.merge.append(DoubleConv(2 * skip, skip, dims=dims))
+            channels = skip
+        self.head = conv(dims)(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits per pixel (voxel)."""
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            axes = ", ".join("HW" if self.dims == 2 else "DHW")
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, {axes}), got {tuple(x.shape)}"
+            )
+        if any(s % 2**self.depth for s in x.shape[2:]):
+            raise ValueError(
+                f"every spatial size must be divisible by {2**self.depth}, got {tuple(x.shape[2:])}"
+            )
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips), strict=True):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)

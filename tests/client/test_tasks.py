@@ -1,0 +1,136 @@
+"""Each task's trainer on tiny synthetic data: it learns, DP is applied and accounted."""
+
+import numpy as np
+import pytest
+import torch
+
+from client.tasks import Fit, get_task
+from client.tasks.synthesize import AdversarialSteps, real_loss
+from client.train import LocalTraining, fit_dp, tensor_dataset
+from common.config import RunConfig
+from common.privacy import PrivacyState, epsilon_of
+
+SIZE, N = 16, 32
+
+
+def _blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    images = (rng.random((N, 1, SIZE, SIZE)) * 0.2).astype(np.float32)
+    masks = np.zeros((N, SIZE, SIZE), np.int64)
+    labels = np.arange(N) % 2
+    for i in np.flatnonzero(labels):
+        r, c = rng.integers(2, SIZE - 7, 2)
+        images[i, 0, r : r + 5, c : c + 5] += 0.7
+        masks[i, r : r + 5, c : c + 5] = 1
+    return images, masks, labels
+
+
+def _privacy(rounds=1, epochs=2, batch=8):
+    return PrivacyState.plan(
+        num_examples=N, batch_size=batch, rounds=rounds, local_epochs=epochs, target_epsilon=8,
+        delta=1e-5, accountant="rdp", max_grad_norm=1.0,
+    )
+
+
+@pytest.mark.parametrize("task", ["segment", "autoencode", "synthesize"])
+def test_trainer_improves_its_loss(task):
+    torch.manual_seed(0)
+    images, masks, labels = _blobs()
+    samples = (images, masks) if task == "segment" else (images, labels)
+    cfg = RunConfig(task=task, image_size=SIZE)
+    trainer = get_task(task)
+    model = trainer.build(cfg)
+    settings = LocalTraining(epochs=4, batch_size=8, lr=3e-3)
+    first = trainer.train(model, samples, cfg, Fit(settings, torch.device("cpu"), None, 0, False))
+    later = trainer.train(model, samples, cfg, Fit(settings, torch.device("cpu"), None, 1, False))
+    if task == "synthesize":  # adversarial losses do not fall monotonically; both must move
+        assert np.isfinite(later.loss) and np.isfinite(later.extra["generator-loss"])
+        assert later.loss != pytest.approx(first.loss)
+    else:
+        assert later.loss < first.loss
+    assert later.steps == 4 * (N // 8)
+    metrics = trainer.evaluate(model, samples, cfg, torch.device("cpu"))
+    assert set(metrics) <= trainer.metrics
+
+
+@pytest.mark.parametrize("task", ["segment", "autoencode", "synthesize"])
+def test_dp_training_is_accounted_like_the_classifier(task):
+    images, masks, labels = _blobs()
+    samples = (images, masks) if task == "segment" else (images, labels)
+    cfg = RunConfig(task=task, image_size=SIZE)
+    trainer = get_task(task)
+    privacy = _privacy()
+    report = trainer.train(
+        trainer.build(cfg), samples, cfg,
+        Fit(LocalTraining(epochs=2, batch_size=8), torch.device("cpu"), privacy, 0, False),
+    )
+    assert privacy.steps == report.steps == 2 * (N // 8)
+    assert privacy.epsilon() == pytest.approx(
+        epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, privacy.steps)],
+                   delta=1e-5, accountant="rdp"), rel=1e-9)
+    assert privacy.epsilon() <= 8 + 1e-6
+
+
+def test_gan_discriminator_per_sample_gradients_are_clipped(monkeypatch):
+    """DP on the discriminator: each real image's gradient is clipped before the noise."""
+    from opacus.optimizers import DPOptimizer
+
+    images, _, labels = _blobs()
+    cfg = RunConfig(task="synthesize", image_size=SIZE)
+    gan = get_task("synthesize").build(cfg)
+    norms: list[float] = []
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        per_sample = torch.stack(
+            [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in self.params]
+        ).norm(dim=0)
+        factor = (self.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
+        norms.extend((per_sample * factor).tolist())
+        assert self.max_grad_norm == pytest.approx(0.05)
+        return original(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    privacy = _privacy()
+    privacy.max_grad_norm = 0.05
+    steps = AdversarialSteps(gan.generator, batch_size=8, lr=1e-3, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in gan.generator.state_dict().items()}
+    fit_dp(
+        gan.discriminator, tensor_dataset(images, labels, dtypes=(torch.float32, torch.long)),
+        real_loss, settings=LocalTraining(epochs=1, batch_size=8), device=torch.device("cpu"),
+        privacy=privacy, hooks=steps,
+    )
+    assert norms and max(norms) <= 0.05 + 1e-6
+    assert len(steps.generator_losses) == N // 8  # one generator step per DP step
+    assert any(not torch.equal(before[k], v) for k, v in gan.generator.state_dict().items())
+
+
+def test_segment_skips_a_mask_whose_geometry_does_not_match(tmp_path):
+    import nibabel as nib
+
+    from client.tasks.base import site_data
+    from common.sites import SiteRef
+
+    site = tmp_path / "site"
+    (site / "img").mkdir(parents=True)
+    lines = ["path,label,mask,split"]
+    for i, shape in enumerate([(16, 16), (16, 16), (16, 16)]):
+        nib.save(nib.Nifti1Image(np.random.rand(*shape).astype(np.float32), np.eye(4)),
+                 site / "img" / f"i{i}.nii.gz")
+        mask_shape = (12, 16) if i == 2 else shape
+        nib.save(nib.Nifti1Image(np.zeros(mask_shape, np.uint8), np.eye(4)),
+                 site / "img" / f"m{i}.nii.gz")
+        lines.append(f"img/i{i}.nii.gz,{i % 2},img/m{i}.nii.gz,train")
+    (site / "labels.csv").write_text("\n".join(lines) + "\n")
+    ref = SiteRef("site", site, tmp_path / "state")
+    cfg = RunConfig(task="segment", image_size=SIZE)
+    images, masks = get_task("segment").load(ref, cfg, "train", lambda *a: (None, None))
+    assert len(images) == len(masks) == 2
+    problems = site_data(ref, site_data(ref, *_pre(cfg)).pre, cfg.seed, masks=True).problems
+    assert any("geometry does not match" in p.reason and p.path == "img/m2.nii.gz"
+               for p in problems)
+
+
+def _pre(cfg):
+    from client.tasks.base import preprocess
+    return preprocess(cfg), cfg.seed

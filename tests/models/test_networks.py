@@ -1,0 +1,105 @@
+"""Shapes of every network (2D and 3D where present), and the inputs that must raise."""
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from models import build_model
+from models.autoencoder import classifier_init
+from models.cgan_discriminator import ConditionalDiscriminator
+from models.cgan_generator import ConditionalGenerator
+
+SHAPES = [
+    # name, in_channels, classes, size, dims, input shape, output shape
+    ("cnn", 1, 2, 32, 2, (2, 1, 32, 32), (2, 2)),
+    ("cnn", 3, 4, 64, 2, (1, 3, 64, 64), (1, 4)),
+    ("unet", 1, 2, 32, 2, (2, 1, 32, 32), (2, 2, 32, 32)),
+    ("unet", 3, 3, 64, 2, (1, 3, 64, 64), (1, 3, 64, 64)),
+    ("unet", 1, 2, 16, 3, (1, 1, 16, 16, 16), (1, 2, 16, 16, 16)),
+    ("autoencoder", 1, 2, 32, 2, (2, 1, 32, 32), (2, 1, 32, 32)),
+    ("autoencoder", 3, 2, 64, 2, (1, 3, 64, 64), (1, 3, 64, 64)),
+    ("autoencoder", 1, 2, 16, 3, (1, 1, 16, 16, 8), (1, 1, 16, 16, 8)),
+]
+
+
+@pytest.mark.parametrize(("name", "channels", "classes", "size", "dims", "shape", "expected"), SHAPES)
+def test_output_shapes_and_opacus_compatibility(name, channels, classes, size, dims, shape, expected):
+    model = build_model(name, in_channels=channels, num_classes=classes, image_size=size, dims=dims)
+    assert tuple(model(torch.rand(shape)).shape) == expected
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+@pytest.mark.parametrize(("channels", "classes", "size"), [(1, 2, 32), (3, 3, 64), (1, 2, 16)])
+def test_gan_shapes(channels, classes, size):
+    gan = build_model("cgan", in_channels=channels, num_classes=classes, image_size=size)
+    z, c = torch.randn(3, gan.generator.latent_dim), torch.tensor([0, classes - 1, classes])
+    images = gan.generator(z, c)
+    assert images.shape == (3, channels, size, size)
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert gan.discriminator(images, c).shape == (3,)
+    assert ModuleValidator.validate(gan.discriminator, strict=False) == []
+    keys = gan.state_dict().keys()
+    assert all(k.startswith(("generator.", "discriminator.")) for k in keys)
+
+
+MUST_RAISE = [
+    (lambda: build_model("unet", in_channels=1, num_classes=2, image_size=30), "multiple of 8"),
+    (lambda: build_model("unet", in_channels=2, num_classes=2, image_size=32), "in_channels"),
+    (lambda: build_model("unet", in_channels=1, num_classes=1, image_size=32), "num_classes"),
+    (lambda: build_model("unet", in_channels=1, num_classes=2, image_size=32, dims=4), "dims"),
+    (lambda: build_model("autoencoder", in_channels=1, num_classes=2, image_size=20), "multiple"),
+    (lambda: build_model("cgan", in_channels=1, num_classes=2, image_size=48), "power of two"),
+    (lambda: build_model("cgan", in_channels=1, num_classes=2, image_size=32, dims=3), "2D only"),
+    (lambda: build_model("vit", in_channels=1, num_classes=2, image_size=32), "unknown model"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), MUST_RAISE)
+def test_bad_construction_raises(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+BAD_INPUTS = [
+    ("unet", 2, (1, 1, 32, 32, 32)),  # 3D input to a 2D net
+    ("unet", 2, (1, 3, 32, 32)),  # wrong channels
+    ("unet", 2, (1, 1, 36, 36)),  # not divisible by 8
+    ("unet", 3, (1, 1, 32, 32)),  # 2D input to a 3D net
+    ("autoencoder", 2, (1, 1, 32)),
+]
+
+
+@pytest.mark.parametrize(("name", "dims", "shape"), BAD_INPUTS)
+def test_bad_inputs_raise(name, dims, shape):
+    model = build_model(name, in_channels=1, num_classes=2, image_size=32, dims=dims)
+    with pytest.raises(ValueError, match="expected input|divisible"):
+        model(torch.rand(shape))
+
+
+def test_gan_inputs_that_must_raise():
+    g = ConditionalGenerator(image_size=32)
+    d = ConditionalDiscriminator(image_size=32)
+    with pytest.raises(ValueError, match="noise"):
+        g(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="classes"):
+        g(torch.randn(2, g.latent_dim), torch.tensor([0]))
+    with pytest.raises(ValueError, match="images of shape"):
+        d(torch.rand(2, 1, 16, 16), torch.tensor([0, 1]))
+
+
+def test_autoencoder_encoder_initialises_the_classifier():
+    torch.manual_seed(0)
+    ae = build_model("autoencoder", in_channels=1, num_classes=2, image_size=32)
+    cnn = build_model("cnn", in_channels=1, num_classes=2, image_size=32)
+    merged = classifier_init(ae.state_dict(), cnn.state_dict())
+    cnn.load_state_dict(merged)
+    for key, value in ae.state_dict().items():
+        if key.startswith("encoder."):
+            assert torch.equal(cnn.state_dict()["features." + key[len("encoder."):]], value)
+    other = build_model("autoencoder", in_channels=1, num_classes=2, image_size=32)
+    wide = {k: torch.zeros(3, *v.shape[1:]) if k == "encoder.0.0.weight" else v
+            for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        classifier_init(wide, cnn.state_dict())
+    with pytest.raises(ValueError, match="no encoder"):
+        classifier_init({"head.weight": torch.zeros(1)}, cnn.state_dict())
