@@ -22,8 +22,12 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "channels", "classes", "size", "dims", "shape", "expected"), SHAPES)
-def test_output_shapes_and_opacus_compatibility(name, channels, classes, size, dims, shape, expected):
+@pytest.mark.parametrize(
+    ("name", "channels", "classes", "size", "dims", "shape", "expected"), SHAPES
+)
+def test_output_shapes_and_opacus_compatibility(
+    name, channels, classes, size, dims, shape, expected
+):
     model = build_model(name, in_channels=channels, num_classes=classes, image_size=size, dims=dims)
     assert tuple(model(torch.rand(shape)).shape) == expected
     assert ModuleValidator.validate(model, strict=False) == []

@@ -27,7 +27,8 @@ def _run(hospitals: Path, out: Path, **kw) -> dict:
 
 @pytest.mark.parametrize(
     ("task", "headline", "output"),
-    [("segment", "dice", "segmentation.png"), ("autoencode", "anomaly_auroc", "reconstructions.png"),
+    [("segment", "dice", "segmentation.png"),
+     ("autoencode", "anomaly_auroc", "reconstructions.png"),
      ("synthesize", "tstr_auc", "samples/round-001.png")],
 )
 def test_task_federation_writes_outputs_metrics_and_privacy(hospitals, tmp_path, task, headline,
