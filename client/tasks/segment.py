@@ -21,6 +21,9 @@ from common.sites import SiteRef
 
 # Dice's smoothing term: a sample without the structure that predicts none scores ~1, not 0/0.
 SMOOTH = 1.0
+# Cross-entropy weight of each structure class against background: a lesion is well under 1% of
+# the pixels, and unweighted cross-entropy is nearly minimised by predicting none.
+STRUCTURE_WEIGHT = 10.0
 
 
 def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -39,10 +42,17 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy plus soft Dice (each a per-sample mean)."""
+    """Class-weighted cross-entropy plus soft Dice, each a per-sample mean, then the batch mean.
+
+    The weighted cross-entropy is divided by the pixel count, not by the batch's total weight
+    (PyTorch's `weight=` mean): that would tie each sample's gradient to the rest of its batch,
+    which DP-SGD's per-sample clipping must not see.
+    """
     images, masks = batch
     logits = model(images)
-    return F.cross_entropy(logits, masks) + soft_dice_loss(logits, masks)
+    per_pixel = F.cross_entropy(logits, masks, reduction="none")
+    weighted = torch.where(masks > 0, STRUCTURE_WEIGHT * per_pixel, per_pixel)
+    return weighted.mean() + soft_dice_loss(logits, masks)
 
 
 def masked_samples(site: SiteRef, cfg: RunConfig, split: str) -> Samples:
