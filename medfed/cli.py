@@ -72,6 +72,11 @@ def synth(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
+    labelled_fraction: Annotated[
+        float,
+        typer.Option(help="Share of each site's training rows that keep their label; the rest "
+                          "get an empty label (unlabelled)."),
+    ] = 1.0,
 ) -> None:
     """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site."""
     from simulations.synth import synthesize
@@ -79,7 +84,7 @@ def synth(
     summary = guard(
         lambda: synthesize(
             out_dir, sites=sites, images_per_site=images_per_site, seed=seed,
-            test_images=test_images, overwrite=force,
+            test_images=test_images, overwrite=force, labelled_fraction=labelled_fraction,
         )
     )
     table = Table("site", "images", "lesion share", title=f"Synthetic hospitals in {out_dir}")

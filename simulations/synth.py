@@ -174,6 +174,7 @@ def synthesize(
     seed: int = 0,
     test_images: int | None = None,
     overwrite: bool = False,
+    labelled_fraction: float = 1.0,
 ) -> SynthSummary:
     """Write ``sites`` synthetic hospital folders and a held-out test folder under ``out``.
 
@@ -181,6 +182,9 @@ def synthesize(
         images_per_site: mean site size; each site scales it by a factor in 0.5..1.5.
         test_images: size of ``out/test`` (default ``max(200, 2 * images_per_site)``), with
             about 50% lesions and each image in the scanner style of a randomly chosen site.
+        labelled_fraction: share of each site's training rows that keep their label; the
+            others get an empty label (unlabelled: classification skips them, an autoencoder
+            learns from them). Validation, site test and ``out/test`` rows stay labelled.
         overwrite: replace ``sites/``, ``test/`` and ``identifiers.json`` in a non-empty ``out``
             (the CLI's ``--force``); other files there are left alone.
 
@@ -195,6 +199,8 @@ def synthesize(
         raise ValueError(f"--images-per-site must be >= {MIN_IMAGES}, got {images_per_site}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
+    if not 0 < labelled_fraction <= 1:
+        raise ValueError(f"--labelled-fraction must be in (0, 1], got {labelled_fraction}")
     n_test = max(200, 2 * images_per_site) if test_images is None else test_images
     if n_test < MIN_IMAGES:
         raise ValueError(f"--test-images must be >= {MIN_IMAGES}, got {n_test}")
@@ -207,14 +213,15 @@ def synthesize(
         labels = _site_labels(profile, seed)
         splits = _stratified_splits(labels, _rng(seed, 2, profile.index))
         jobs = [(profile, int(y), s) for y, s in zip(labels, splits, strict=True)]
-        identifiers[profile.name] = _write_folder(out / "sites" / profile.name, jobs, seed,
-                                                  profile.index)
+        identifiers[profile.name] = _write_folder(
+            out / "sites" / profile.name, jobs, seed, labelled_fraction, profile.index
+        )
     rng = _rng(seed, 3)
     test_labels = rng.permutation(np.arange(n_test) < n_test // 2)
     scanners = rng.integers(len(profiles), size=n_test)
     test_jobs = [(profiles[int(i)], int(y), "test") for i, y in zip(scanners, test_labels,
                                                                     strict=True)]
-    identifiers["test"] = _write_folder(out / "test", test_jobs, seed, 0)
+    identifiers["test"] = _write_folder(out / "test", test_jobs, seed, 1.0, 0)
     (out / "identifiers.json").write_text(json.dumps(identifiers, indent=1) + "\n")
 
     return SynthSummary(
@@ -353,7 +360,8 @@ def _stratified_splits(labels: np.ndarray, rng: np.random.Generator) -> list[str
 
 
 def _write_folder(
-    folder: Path, jobs: list[tuple[SiteProfile, int, str]], seed: int, site_index: int
+    folder: Path, jobs: list[tuple[SiteProfile, int, str]], seed: int, labelled_fraction: float,
+    site_index: int,
 ) -> dict[str, list[str]]:
     """Write images, masks and labels.csv for one folder; return its fake identifiers."""
     (folder / "images").mkdir(parents=True)
@@ -370,7 +378,10 @@ def _write_folder(
         ds = _dataset(profile, _encode(profile, image), rng, seed, site_index, n)
         ds.save_as(folder / "images" / f"{stem}.dcm", enforce_file_format=True)
         nib.save(_mask_nifti(mask, ds), folder / "masks" / f"{stem}.nii.gz")
-        rows.append((f"images/{stem}.dcm", label, f"masks/{stem}.nii.gz", split))
+        # a separate stream, so the images are the same whatever the labelled fraction
+        blank = split == "train" and _rng(seed, 5, site_index, n).random() >= labelled_fraction
+        written = "" if blank else label
+        rows.append((f"images/{stem}.dcm", written, f"masks/{stem}.nii.gz", split))
         ids["patient_names"].append(str(ds.PatientName))
         ids["patient_ids"].append(ds.PatientID)
         ids["accession_numbers"].append(ds.AccessionNumber)

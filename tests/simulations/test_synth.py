@@ -248,3 +248,28 @@ def test_default_task_is_learnable_but_not_trivial(tmp_path: Path) -> None:
     assert 0.85 <= result["final"]["auc"] <= 0.97, aucs
     # Learnable, not a lucky last epoch: the first epoch is far below the plateau.
     assert aucs[0] < result["final"]["auc"] - 0.1, aucs
+
+
+def test_labelled_fraction_blanks_training_labels_only_and_keeps_the_images(
+    tmp_path: Path,
+) -> None:
+    kwargs = {"sites": 2, "images_per_site": 40, "test_images": 10, "seed": 5}
+    full = synthesize(tmp_path / "full", **kwargs).out
+    part = synthesize(tmp_path / "part", labelled_fraction=0.25, **kwargs).out
+    for folder_full, folder_part in zip(_folders(full), _folders(part), strict=True):
+        rows_full, rows_part = _rows(folder_full), _rows(folder_part)
+        assert [r["path"] for r in rows_full] == [r["path"] for r in rows_part]
+        for a, b in zip(rows_full, rows_part, strict=True):
+            assert (folder_full / a["path"]).read_bytes() == (folder_part / b["path"]).read_bytes()
+            assert b["label"] in ("", a["label"])
+            if b["split"] != "train":
+                assert b["label"] == a["label"]
+    train = [r for f in _folders(part)[:-1] for r in _rows(f) if r["split"] == "train"]
+    kept = sum(r["label"] != "" for r in train) / len(train)
+    assert 0.1 < kept < 0.45
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_labelled_fraction_out_of_range_names_the_flag(tmp_path: Path, fraction: float) -> None:
+    with pytest.raises(ValueError, match="--labelled-fraction"):
+        synthesize(tmp_path / "x", sites=1, labelled_fraction=fraction)
