@@ -134,3 +134,27 @@ def test_segment_skips_a_mask_whose_geometry_does_not_match(tmp_path):
 def _pre(cfg):
     from client.tasks.base import preprocess
     return preprocess(cfg), cfg.seed
+
+
+def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
+    # DP-SGD clips each sample's gradient: no sample's loss may depend on its batch mates
+    from client.tasks.segment import segmentation_loss
+    from models.unet import UNet
+
+    torch.manual_seed(0)
+    images, masks, _ = _blobs()
+    model = UNet(image_size=SIZE, depth=2)
+    x, y = torch.as_tensor(images[:6]), torch.as_tensor(masks[:6])
+    whole = segmentation_loss(model, [x, y])
+    each = torch.stack([segmentation_loss(model, [x[i : i + 1], y[i : i + 1]]) for i in range(6)])
+    assert torch.allclose(whole, each.mean(), atol=1e-5)
+
+
+def test_unet_head_bias_encodes_the_structure_prior():
+    from models.unet import UNet
+
+    model = UNet(image_size=SIZE, depth=2, num_classes=3, structure_prior=0.02)
+    probs = torch.softmax(model.head.bias.detach(), dim=0)
+    assert torch.allclose(probs, torch.tensor([0.96, 0.02, 0.02]), atol=1e-6)
+    with pytest.raises(ValueError, match="structure_prior"):
+        UNet(image_size=SIZE, num_classes=3, structure_prior=0.5)
