@@ -41,7 +41,12 @@ def run_sim(spec: dict[str, Any]) -> dict[str, Any]:
     from simulations.scenario import Federation, Resources
 
     imported = time.perf_counter()
-    federation = Federation(resources=Resources(cpus=float(spec["cpus_per_site"])))
+    # One CPU in Ray's cluster and one per site: Ray runs one site at a time, and the threads
+    # mod of simulations/sites.py gives torch int(cpus) threads, as many as the baseline uses.
+    threads = int(spec["threads"])
+    federation = Federation(
+        resources=Resources(cpus=float(threads), ray={"num_cpus": threads})
+    )
     results = simulate(_config(spec), federation=federation, quiet=True, force=True)
     done = time.perf_counter()
     train_seconds = [
@@ -78,6 +83,7 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     from models import build_model
 
     imported = time.perf_counter()
+    torch.set_num_threads(int(spec["threads"]))
     cfg = _config(spec)
     pre = Preprocess(image_size=cfg.image_size, channels=cfg.channels)
     sites = []

@@ -1,7 +1,8 @@
 """`make bench`: measure medfed's benchmark figures and write bench/results.json and BENCHMARKS.md.
 
     .venv/bin/python -m bench.run              # quick (about 10 minutes on 2 CPU cores)
-    BENCH=full .venv/bin/python -m bench.run   # long: bigger workloads, more repeats, 1,000 sites
+    BENCH=full .venv/bin/python -m bench.run   # long: bigger workloads, more repeats
+    BENCH_THREADS=2 ...                        # torch threads per training process (default 1)
 
 Figures (each a ratio or an amount measured in this one run of the suite):
     sim_overhead_ratio      wall time of a simulated federation / the same local training steps
@@ -23,8 +24,9 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,10 @@ OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "results.json"
 REPORT = ROOT / "BENCHMARKS.md"
 PYTHON = sys.executable
+# Torch threads per training process, on both sides of every timing ratio. One by default: on a
+# shared machine, two-thread OpenMP collapses whenever another process takes a core (measured
+# here: 0.76 s per DP step with one thread, 6.4 s with two, under a load average of 8).
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 MEDFED = str(Path(sys.executable).with_name("medfed"))
 
 
@@ -57,12 +63,12 @@ class Mode:
     scale_rounds: int
 
 
-QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=640, overhead_rounds=12,
+QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=640, overhead_rounds=10,
              dp_steps=30, quality_sites=4, quality_images=160, quality_rounds=20,
-             central_epochs=15, quality_seeds=(0,), scale_sites=200, scale_rounds=3)
+             central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=3)
 FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=1280, overhead_rounds=20,
             dp_steps=60, quality_sites=4, quality_images=160, quality_rounds=20,
-            central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=3)
+            central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=10)
 
 
 def log(message: str) -> None:
@@ -70,10 +76,24 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def timed(argv: list[str], *, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of a command; raises with its output tail if it fails."""
+def thread_env() -> dict[str, str]:
+    """The environment with THREADS torch threads (Ray keeps it) and Ray workers at niceness 0."""
+    return {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+            "RAY_worker_niceness": RAY_WORKER_NICENESS}
+
+
+# Ray runs its workers at niceness 15 (`worker_niceness`): where other processes compete for the
+# CPUs, a simulated site's training then gets a far smaller share than a plain process (measured
+# here: 0.7 s per step instead of 0.11 s, and worse as the load grows). Ray's workers run at
+# niceness 0 instead, like the baseline, so both sides of a ratio train at the same priority.
+RAY_WORKER_NICENESS = "0"
+
+
+def timed(argv: list[str]) -> float:
+    """Wall seconds of a command run with `thread_env`; raises with its output tail if it fails."""
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=thread_env(), cwd=ROOT,
+                          check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -116,18 +136,25 @@ def all_train(sites_dir: Path) -> None:
 # --- 1. simulation overhead ----------------------------------------------------------------------
 
 
-def sim_overhead(mode: Mode) -> dict[str, Any]:
-    """Median wall time of the simulation and of the plain PyTorch baseline, alternated."""
+def sim_overhead(
+    mode: Mode, on_repeat: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Median wall time of the simulation and of the plain PyTorch baseline, alternated.
+
+    Args:
+        on_repeat: called with the figures so far after each repeat (partial results).
+
+    """
     data = synth(OUT / "overhead-data", sites=mode.overhead_sites, images=mode.overhead_images,
                  seed=1)
     all_train(data / "sites")
-    cores = os.cpu_count() or 1
     spec = {
         "sites_dir": str(data / "sites"), "rounds": mode.overhead_rounds, "batch_size": 32,
         "image_size": 64, "dp": True, "target_epsilon": 8.0, "seed": 0,
         "fraction_evaluate": 0.0,
-        # one site at a time with every core, as the baseline trains: same steps, same threads
-        "cpus_per_site": float(cores),
+        # Ray gets THREADS CPUs and each site asks for all of them: one site at a time, with
+        # THREADS torch threads, as the baseline trains: same steps, same threads
+        "threads": THREADS,
     }
     walls: dict[str, list[float]] = {"sim": [], "baseline": []}
     inner: dict[str, list[dict[str, Any]]] = {"sim": [], "baseline": []}
@@ -141,6 +168,15 @@ def sim_overhead(mode: Mode) -> dict[str, Any]:
             walls[job].append(seconds)
             inner[job].append(json.loads((folder / "timing.json").read_text()))
             log(f"overhead repeat {rep + 1}/{mode.repeats}: {job} {seconds:.1f} s")
+        if on_repeat is not None and rep + 1 < mode.repeats:
+            on_repeat(_overhead_summary(walls, inner, spec, mode))
+    return _overhead_summary(walls, inner, spec, mode)
+
+
+def _overhead_summary(
+    walls: dict[str, list[float]], inner: dict[str, list[dict[str, Any]]], spec: dict[str, Any],
+    mode: Mode,
+) -> dict[str, Any]:
     steps = {job: [t["steps"] for t in inner[job]] for job in inner}
     return {
         "ratio": ratio(median(walls["sim"]), median(walls["baseline"])),
@@ -151,6 +187,7 @@ def sim_overhead(mode: Mode) -> dict[str, Any]:
         "sim_inner": inner["sim"],
         "baseline_inner": inner["baseline"],
         "steps": steps,
+        "ray_worker_niceness": RAY_WORKER_NICENESS,
         "workload": {**{k: v for k, v in spec.items() if k != "sites_dir"},
                      "sites": mode.overhead_sites, "images_per_site": mode.overhead_images},
     }
@@ -168,7 +205,11 @@ def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
     from common.privacy import PrivacyState
     from models import build_model
 
+    # Opacus warns about secure RNG and RDP orders on every call: known, and not what is timed
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\..*")
     device = torch.device(device_name)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     batch = 32
     n = batch * mode.dp_steps
     rng = np.random.default_rng(0)
@@ -192,6 +233,8 @@ def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
         if rep:
             plain.append(r.seconds / r.steps)
             private.append(d.seconds / d.steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(saved_threads)
     return {
         "ratio": ratio(median(private), median(plain)),
         "plain_step_s": plain,
@@ -201,7 +244,7 @@ def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
         "steps_per_round": mode.dp_steps,
         "batch_size": batch,
         "device": device_name,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
     }
 
 
@@ -276,7 +319,7 @@ def scale(mode: Mode) -> dict[str, Any]:
             str(pool / "sites" / "hospital-01"), "--test-data", str(pool / "test"), "--out",
             str(run), "--rounds", str(mode.scale_rounds), "--metrics-port", "0", "--force"]
     started = time.perf_counter()
-    code, peak_gib = peak_rss_of_command(argv, interval=0.2, cwd=ROOT)
+    code, peak_gib = peak_rss_of_command(argv, interval=0.2, cwd=ROOT, env=thread_env())
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {code}")
@@ -352,7 +395,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     o, d, q, s = (results.get(k, {}) for k in ("sim_overhead", "dp_overhead", "quality", "scale"))
     nan = math.nan
     wl = o.get("workload", {})
-    return [
+    sampled = (s.get("rounds") or [{}])[-1].get("sampled", "?")
+    figs = [
         Figure(
             "sim_overhead_ratio", "Simulation overhead", results["sim_overhead_ratio"], 1.15,
             how=(
@@ -361,9 +405,13 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 f"({o.get('sim_median_s', nan):.1f} s: Flower + Ray start-up, "
                 f"{wl.get('sites')} sites x {wl.get('rounds')} rounds "
                 f"of DP-SGD, {wl.get('images_per_site')} images per site, batch 32, one site at a "
-                f"time on all cores, no evaluation) over a plain PyTorch process running the same "
+                f"time with {wl.get('threads')} torch thread(s), no evaluation) over a plain "
+                "PyTorch process with the same threads running the same "
                 f"local steps back to back ({o.get('baseline_median_s', nan):.1f} s, "
-                "`bench/jobs.py`); both timed from the outside, imports and data loading included"
+                "`bench/jobs.py`); both timed from the outside, imports and data loading "
+                "included; Ray's workers at niceness "
+                f"{o.get('ray_worker_niceness', '?')} (Ray's default is 15), so both sides "
+                "train at the same priority"
             ),
         ),
         Figure(
@@ -410,17 +458,23 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         ),
         Figure(
             "scale_ms_per_site_round",
-            f"Harness time per site-round at {s.get('sites', '?')} sites",
+            f"Time per sampled site per round at {s.get('sites', '?')} sites",
             results["scale_ms_per_site_round"], 20.0, unit="ms",
             how=(
                 "same run; median over rounds 2.. of (round wall time - the sampled sites' local "
-                "training seconds / cores) / sites sampled in the round; gross round time per "
+                "training seconds / cores) / sites sampled in the round "
+                f"({sampled} of {s.get('sites', '?')}). What remains is Ray dispatch, messages, "
+                "model (de)serialisation, each site's data indexing and DP planning, aggregation, "
+                "checkpointing and the central evaluation; gross round time per "
                 f"sampled site {s.get('gross_ms_per_site_round', nan):.1f} ms, per connected "
                 f"site {s.get('ms_per_connected_site_round', nan):.2f} ms; round 1 (worker "
                 f"start-up) {s.get('first_round_ms_per_site', nan):.0f} ms per sampled site"
             ),
         ),
     ]
+    # a workload that has not run (or failed) has no details to describe
+    return [f if f.passed is not None else replace(f, how="not measured: see the notes")
+            for f in figs]
 
 
 def _attempt(name: str, fn: Callable[[], dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
@@ -449,15 +503,42 @@ def main() -> int:
     errors: dict[str, str] = {}
     import torch
 
-    dp = _attempt("dp_overhead", lambda: dp_overhead(mode), errors)
-    gpu: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
+
+    def write(pending: list[str]) -> None:
+        write_outputs(mode, parts, errors, pending=pending, started=started,
+                      load_before=load_before)
+
+    def partial_overhead(summary: dict[str, Any]) -> None:
+        parts["sim_overhead"] = summary
+        write(["sim_overhead (more repeats)"])
+
+    # load-insensitive figures first, so that a run cut short still has them on disk
+    order = ["quality", "scale", "dp_overhead", "sim_overhead"]
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {
+        "quality": lambda: quality_and_bytes(mode),
+        "scale": lambda: scale(mode),
+        "dp_overhead": lambda: dp_overhead(mode),
+        "sim_overhead": lambda: sim_overhead(mode, on_repeat=partial_overhead),
+    }
+    for i, key in enumerate(order):
+        parts[key] = _attempt(key, jobs[key], errors)
+        write(order[i + 1 :])
     if torch.cuda.is_available():
-        gpu["dp_overhead"] = _attempt("dp_overhead_cuda", lambda: dp_overhead(mode, "cuda"),
-                                      errors)
-    overhead = _attempt("sim_overhead", lambda: sim_overhead(mode), errors)
-    quality = _attempt("quality_and_bytes", lambda: quality_and_bytes(mode), errors)
-    scaled = _attempt("scale", lambda: scale(mode), errors)
+        parts["gpu"] = {"dp_overhead": _attempt("dp_overhead_cuda",
+                                                lambda: dp_overhead(mode, "cuda"), errors)}
+        write([])
+    return 1 if errors else 0
+
+
+def write_outputs(
+    mode: Mode, parts: dict[str, dict[str, Any]], errors: dict[str, str], *,
+    pending: list[str], started: float, load_before: float,
+) -> None:
+    """Write bench/results.json and BENCHMARKS.md from the workloads measured so far."""
     nan = math.nan
+    overhead, dp, quality, scaled = (parts.get(k, {}) for k in
+                                     ("sim_overhead", "dp_overhead", "quality", "scale"))
     results: dict[str, Any] = {
         "sim_overhead_ratio": overhead.get("ratio", nan),
         "dp_overhead_ratio": dp.get("ratio", nan),
@@ -467,15 +548,18 @@ def main() -> int:
         "scale_ms_per_site_round": scaled.get("ms_per_site_round", nan),
         "machine": machine(),
         "mode": mode.name,
+        "threads": THREADS,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": time.perf_counter() - started,
+        "complete": not pending,
+        "pending": pending,
         # 1-minute load average: above the core count, other processes competed for the CPUs
         "load_average": {"start": load_before, "end": os.getloadavg()[0]},
         "sim_overhead": overhead,
         "dp_overhead": dp,
         "quality": quality,
         "scale": scaled,
-        "gpu": gpu,
+        "gpu": parts.get("gpu", {}),
         "errors": errors,
     }
     figs = figures(results)
@@ -483,6 +567,11 @@ def main() -> int:
     RESULTS.write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
     notes = [
         f"Measured {results['date']} in {results['seconds'] / 60:.1f} minutes.",
+        *([f"PARTIAL: the run was still measuring {', '.join(pending)} when this was written."]
+          if pending else []),
+        f"Every training process (both sides of each timing ratio, the Ray workers, central "
+        f"training) ran with {THREADS} torch thread(s) (`BENCH_THREADS`); see `THREADS` in "
+        "bench/run.py for why.",
         *_mode_notes(mode),
         _load_note(results["load_average"], results["machine"].get("cores") or 1),
         *[f"`{k}` could not be measured: {v.splitlines()[0][:300]}" for k, v in errors.items()],
@@ -490,10 +579,10 @@ def main() -> int:
     REPORT.write_text(render_markdown(figs, results["machine"], mode=mode.name, notes=notes,
                                       command="make bench" if mode.name == "quick"
                                       else "BENCH=full make bench"))
-    for f in figs:
-        log(f"{f.key}: {f.measured_text()} (goal {f.goal_text()}): {f.verdict}")
-    log(f"wrote {RESULTS.relative_to(ROOT)} and {REPORT.relative_to(ROOT)}")
-    return 1 if errors else 0
+    if not pending:
+        for f in figs:
+            log(f"{f.key}: {f.measured_text()} (goal {f.goal_text()}): {f.verdict}")
+        log(f"wrote {RESULTS.relative_to(ROOT)} and {REPORT.relative_to(ROOT)}")
 
 
 def _load_note(load: dict[str, float], cores: int) -> str:
@@ -513,11 +602,11 @@ def _mode_notes(mode: Mode) -> list[str]:
     if mode.name != "quick":
         return []
     return [
-        f"Quick mode: the scale figures come from the {mode.scale_sites}-site scenario "
-        f"(`scale-{mode.scale_sites}.toml`, {mode.scale_rounds} rounds), not 1,000 sites; "
-        "`BENCH=full make bench` runs `scale-1000.toml`. The simulation-overhead workload is "
-        "short, so Ray's fixed start-up weighs more than in a long run, and the quality "
-        "figure uses one data seed (full: three).",
+        f"Quick mode: the scale figures come from {mode.scale_rounds} rounds of "
+        f"`scale-{mode.scale_sites}.toml` (`BENCH=full`: 10 rounds, so the median is over 9 "
+        "steady rounds instead of 2); the simulation-overhead workload is short "
+        f"({mode.overhead_rounds} rounds), so Ray's fixed start-up weighs more than in a long "
+        "run; the quality figure uses one data seed (full: three).",
     ]
 
 

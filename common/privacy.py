@@ -9,6 +9,7 @@ run) continues the same ledger instead of starting from zero.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,7 +18,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 # (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
@@ -61,10 +64,14 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    """Noise multiplier so that `steps` DP-SGD steps at `sample_rate` spend `target_epsilon`."""
+    """Noise multiplier so that `steps` DP-SGD steps at `sample_rate` spend `target_epsilon`.
+
+    Cached: Opacus's search takes up to a second, and sites of similar size ask the same.
+    """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
@@ -80,10 +87,35 @@ def calibrate_noise(
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at each of Opacus's default orders (read-only)."""
+    rdp = privacy_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
 def epsilon_of(history: list[Step], *, delta: float, accountant: str) -> float:
-    """Epsilon spent by a history of DP-SGD steps, from a fresh Opacus accountant."""
+    """Epsilon spent by a history of DP-SGD steps, exactly as a fresh Opacus accountant says.
+
+    For RDP this is Opacus's own computation (the per-step RDP of each (sigma, q), times the
+    steps, summed, then converted at `delta`) with the per-step RDP cached: a simulation plans
+    and reports for thousands of sites whose (sigma, q) pairs repeat, and each fresh accountant
+    spends ~0.1 s on them.
+    """
     if not history:
         return 0.0
+    if accountant == "rdp":
+        rdp = sum(
+            _rdp_per_step(float(q), float(s)) * int(n) for s, q, n in history
+        )
+        eps, _ = privacy_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+        return float(eps)
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(acc.get_epsilon(delta=delta))

@@ -60,6 +60,28 @@ def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
 
 
+def open_record(
+    cfg: RunConfig, *, resume: bool
+) -> tuple[RunRecord, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The run's record, its starting arrays and saved strategy state (new or checkpointed).
+
+    Raises ValueError when a resumed run has no rounds left to train.
+    """
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        return RunRecord(run_dir, cfg), initial_arrays(cfg), {}
+    record, start, saved_state = RunRecord.load_checkpoint(run_dir)
+    record.cfg = cfg
+    if record.last_round >= cfg.rounds:
+        raise ValueError(
+            f"{run_dir} already completed {record.last_round} rounds of {cfg.rounds}; "
+            "pass a larger --rounds to train further"
+        )
+    log.info("resuming %s after round %d", run_dir, record.last_round)
+    return record, start, saved_state
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -69,31 +91,20 @@ def run_federation(
     on_round: ProgressFn | None = None,
 ) -> RunRecord:
     """Run `cfg.rounds` rounds (or the rounds left after a checkpoint) and write the results."""
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
     central = (
         CentralPrivacy(strategy, cfg, num_sites=len(site_dirs) or None)
         if cfg.central_dp != "off" else None
     )
-    if resume:
-        record, start, saved_state = RunRecord.load_checkpoint(run_dir)
-        record.cfg = cfg
-        restore_strategy_state(strategy, saved_state)
-        log.info("resuming %s after round %d", run_dir, record.last_round)
-    else:
-        record, start = RunRecord(run_dir, cfg), initial_arrays(cfg)
+    record, start, saved_state = open_record(cfg, resume=resume)
+    run_dir = record.run_dir
+    restore_strategy_state(strategy, saved_state)
     if central is not None:
         central.ledger.load_state(record.central_privacy)
         record.central_ledger = central.ledger
     if not resume:
         record.write_results()  # the run is visible (config, no rounds yet) before round 1
     remaining = cfg.rounds - record.last_round
-    if remaining < 1:
-        raise ValueError(
-            f"{run_dir} already completed {record.last_round} rounds of {cfg.rounds}; "
-            "pass a larger --rounds to train further"
-        )
 
     task = central_task(cfg.task)
     evaluator = task.evaluator(cfg, site_dirs)

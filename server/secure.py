@@ -55,7 +55,7 @@ from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
 from server.central_dp import CentralLedger, central_noise_multiplier, sampled_sites
 from server.federation import RoundLog
 from server.record import RunRecord
-from server.run import ProgressFn, RoundUpdate, initial_arrays
+from server.run import ProgressFn, RoundUpdate, open_record
 from server.tasks import Evaluator, central_task
 
 log = logging.getLogger("medfed.server")
@@ -314,20 +314,9 @@ def run_secure_federation(
     on_round: ProgressFn | None = None,
 ) -> RunRecord:
     """`server.run.run_federation` for `--secure-agg`: the same outputs, on SecAgg+."""
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     num_sites = len(site_dirs) or None
-    if resume:
-        record, start, _ = RunRecord.load_checkpoint(run_dir)
-        record.cfg = cfg
-    else:
-        record, start = RunRecord(run_dir, cfg), initial_arrays(cfg)
+    record, start, _ = open_record(cfg, resume=resume)
     remaining = cfg.rounds - record.last_round
-    if remaining < 1:
-        raise ValueError(
-            f"{run_dir} already completed {record.last_round} rounds of {cfg.rounds}; "
-            "pass a larger --rounds to train further"
-        )
     strategy = _base_strategy(cfg, num_sites)
     ledger = None
     if cfg.central_dp == "client-fixed":

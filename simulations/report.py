@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -490,7 +491,7 @@ def _per_site_section(results: dict[str, Any], sites: Sequence[str]) -> str:
     failures = Counter(
         f["site"] for r in results["rounds"] for f in r.get("failures") or []
     )
-    rows = []
+    rows: list[list[Any]] = []
     for i, name in enumerate(sites):
         last = _last_finite(auc[i])
         mean = float(np.nanmean(auc[i])) if np.isfinite(auc[i]).any() else None
@@ -503,14 +504,14 @@ def _per_site_section(results: dict[str, Any], sites: Sequence[str]) -> str:
     header = ["site", "rounds trained", "last val AUC", "mean val AUC", "last train loss",
               "epsilon", "failures", "bytes down", "bytes up"]
     if len(rows) > TABLE_SITES:
-        ranked = sorted(rows, key=lambda row: (row[2] is None, row[2] if row[2] is not None
-                                               else 0.0))
+        # worst first: lowest validation AUC, or, without any, highest training loss
+        col, sign, what = (2, 1.0, "lowest last validation AUC") if np.isfinite(auc).any() \
+            else (4, -1.0, "highest last training loss")
+        known = sorted((r for r in rows if r[col] is not None), key=lambda r: sign * r[col])
         k = 10
         body = (
-            f"<h3>The {k} sites with the lowest last validation AUC</h3>"
-            + table(header, ranked[:k])
-            + f"<h3>The {k} sites with the highest</h3>"
-            + table(header, [r for r in ranked if r[2] is not None][-k:][::-1])
+            f"<h3>The {k} sites with the {what}</h3>" + table(header, known[:k])
+            + f"<h3>The {k} sites at the other end</h3>" + table(header, known[-k:][::-1])
             + f"<details><summary>all {len(rows):,} sites</summary><div class=scroll>"
             + table(header, rows) + "</div></details>"
         )
@@ -690,10 +691,25 @@ def _fairness_section(results: dict[str, Any]) -> str:
                     f"<div class=scroll>{tab}</div></details>")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REASON_CHARS = 240
+
+
+def short_reason(reason: str) -> _Markup:
+    """A failure's reason for a table cell: no terminal colours, long ones cut to their end.
+
+    Flower wraps a site's exception in Ray's traceback; its own message comes last, so a long
+    reason keeps its tail. The whole text stays in the cell's tooltip.
+    """
+    clean = " ".join(_ANSI.sub("", reason).split())
+    shown = clean if len(clean) <= REASON_CHARS else "… " + clean[-REASON_CHARS:]
+    return _Markup(f'<span title="{_esc(clean)}">{_esc(shown)}</span>')
+
+
 def _failures_section(results: dict[str, Any]) -> str:
-    rows = [
+    rows: list[list[Any]] = [
         [r["round"], f.get("site", "?"), f.get("stage", "?"), f.get("kind", "?"),
-         f.get("reason", "")]
+         short_reason(str(f.get("reason", "")))]
         for r in results["rounds"] for f in r.get("failures") or []
     ]
     if not rows:
@@ -720,7 +736,8 @@ def _failures_section(results: dict[str, Any]) -> str:
         "results.json (rounds[].failures).</p>" if len(rows) > FAILURE_ROWS else ""
     )
     parts.append(
-        "<div class=scroll>" + table(["round", "site", "stage", "kind", "reason"], shown)
+        "<div class=scroll>"
+        + table(["round", "site", "stage", "kind", "reason"], shown, cls="left")
         + f"</div>{more}"
     )
     return _section("failures", "Failures", "".join(parts))
@@ -781,7 +798,7 @@ section{margin-top:28px} h2{border-bottom:2px solid #17324d;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #d5dbe1;padding:3px 8px;text-align:right}
 th{background:#f4f6f8} td:first-child,th:first-child{text-align:left}
-table.facts td:first-child{font-weight:600} table.facts td{text-align:left}
+table.facts td:first-child{font-weight:600} table.facts td,table.left td{text-align:left}
 .scroll{max-height:420px;overflow:auto;display:inline-block;max-width:100%}
 .grid td.cell{width:14px;height:14px;padding:0} .grid th.site{font-weight:normal}
 .key{margin-right:14px} .key i{display:inline-block;width:12px;height:12px;margin-right:4px;

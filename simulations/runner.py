@@ -20,6 +20,7 @@ from common.config import RunConfig
 from server.record import CHECKPOINT, MODEL, PLOT, RESULTS
 from server.run import ProgressFn
 from simulations.faults import FAULTS_FILE
+from simulations.report import REPORT
 from simulations.scenario import SCENARIO_FILE, Federation
 from simulations.sites import simulated_sites
 
@@ -47,7 +48,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 def _clear_previous_run(run_dir: Path, *, force: bool) -> None:
     """Refuse to mix two runs in one folder; with `force`, remove only medfed's own files."""
-    ours = [RESULTS, CHECKPOINT, MODEL, PLOT, "site-state", SCENARIO_FILE, FAULTS_FILE]
+    ours = [RESULTS, CHECKPOINT, MODEL, PLOT, REPORT, "site-state", SCENARIO_FILE, FAULTS_FILE]
     present = [run_dir / name for name in ours if (run_dir / name).exists()]
     if not present:
         return

@@ -20,6 +20,7 @@ from simulations.report import (
     load_results,
     participation_matrix,
     render_report,
+    short_reason,
     site_names,
     write_report,
 )
@@ -136,6 +137,26 @@ def test_failures_are_listed_with_kind_stage_and_escaped_reason() -> None:
     assert "privacy budget of site-0001 would be exceeded" in failures
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in failures
     assert "4 failed replies from 4 site(s)" in failures
+
+
+def test_long_ray_reasons_keep_their_tail_without_terminal_colours() -> None:
+    reason = "\x1b[36mray::ClientAppActor.run()\x1b[39m " + "traceback line " * 50 + (
+        "Message: site-0748: simulated fault: dropout in round 2"
+    )
+    cell = short_reason(reason)
+    assert "\x1b" not in cell
+    shown = cell.split(">", 1)[1]
+    assert shown.startswith("… ") and "dropout in round 2</span>" in shown
+    assert len(shown) < 300
+    assert short_reason("short <b>") == '<span title="short &lt;b&gt;">short &lt;b&gt;</span>'
+
+
+def test_federation_size_counts_sites_never_sampled() -> None:
+    results = make_results(sites=3)
+    for entry in results["rounds"]:
+        entry["sites_connected"] = 200
+    document = render_report(results)
+    assert "200 in the federation, 3 of them sampled at least once" in document
 
 
 def test_zero_failures_says_so() -> None:
