@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from models.layers import conv, groups, max_pool
+from models.layers import check_encoder_args, conv, groups, max_pool
 
 ENCODER_PREFIX = "encoder."
 CLASSIFIER_FEATURES_PREFIX = "features."
@@ -68,17 +68,12 @@ class ConvAutoencoder(nn.Module):
         dims: int = 2,
     ) -> None:
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims}")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        check_encoder_args(
+            dims=dims, in_channels=in_channels, image_size=image_size, depth=depth,
+            net="autoencoder",
+        )
         if latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
-        if depth < 1 or image_size % (2**depth) != 0:
-            raise ValueError(
-                f"image_size must be a positive multiple of {2**depth} for a depth-{depth} "
-                f"autoencoder, got {image_size}; choose e.g. {max(2**depth, 64)}"
-            )
         self.dims, self.depth, self.in_channels = dims, depth, in_channels
         blocks: list[nn.Module] = []
         channels = in_channels

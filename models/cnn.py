@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _groups(channels: int) -> int:
-    # GroupNorm needs channels divisible by the group count; 8 groups is a good default.
-    return 8 if channels % 8 == 0 else 1
+from models.layers import groups
 
 
 class ConvBlock(nn.Sequential):
@@ -17,10 +14,10 @@ class ConvBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.GroupNorm(groups(out_channels), out_channels),
             nn.ReLU(),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.GroupNorm(groups(out_channels), out_channels),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )

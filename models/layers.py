@@ -18,3 +18,18 @@ def conv(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
 def max_pool(dims: int) -> type[nn.MaxPool2d] | type[nn.MaxPool3d]:
     """nn.MaxPool2d or nn.MaxPool3d."""
     return nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+
+
+def check_encoder_args(
+    *, dims: int, in_channels: int, image_size: int, depth: int, net: str
+) -> None:
+    """The checks every down-sampling network shares; `net` names it in the message."""
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if depth < 1 or image_size % (2**depth) != 0:
+        raise ValueError(
+            f"image_size must be a positive multiple of {2**depth} for a depth-{depth} "
+            f"{net}, got {image_size}; choose e.g. {max(2**depth, 64)}"
+        )

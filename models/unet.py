@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from models.layers import conv, groups, max_pool
+from models.layers import check_encoder_args, conv, groups, max_pool
 
 
 class DoubleConv(nn.Sequential):
@@ -54,10 +54,9 @@ class UNet(nn.Module):
         structure_prior: float = 0.01,
     ) -> None:
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims}")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        check_encoder_args(
+            dims=dims, in_channels=in_channels, image_size=image_size, depth=depth, net="U-Net"
+        )
         if num_classes < 2:
             raise ValueError(
                 f"num_classes must be >= 2 (background and at least one structure), "
@@ -67,11 +66,6 @@ class UNet(nn.Module):
             raise ValueError(
                 f"structure_prior must be > 0 and leave background a share, got "
                 f"{structure_prior} for {num_classes - 1} structure classes"
-            )
-        if depth < 1 or image_size % (2**depth) != 0:
-            raise ValueError(
-                f"image_size must be a positive multiple of {2**depth} for a depth-{depth} "
-                f"U-Net, got {image_size}; choose e.g. {max(2**depth, 64)}"
             )
         self.dims, self.depth, self.in_channels = dims, depth, in_channels
         self.down = nn.ModuleList()

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
-from client.train import TrainReport, fit, fit_dp, tensor_dataset
+from client.train import TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.sites import SiteRef
 
@@ -78,15 +78,7 @@ class AutoencodeTask:
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit_: Fit) -> TrainReport:
         """Reconstruction training on the images only, DP-SGD when `fit_.privacy` is set."""
         dataset = tensor_dataset(samples[0], dtypes=(torch.float32,))
-        if fit_.privacy is not None:
-            return fit_dp(
-                model, dataset, reconstruction_loss, settings=fit_.settings, device=fit_.device,
-                privacy=fit_.privacy, proximal=fit_.proximal,
-            )
-        return fit(
-            model, dataset, reconstruction_loss, settings=fit_.settings, device=fit_.device,
-            seed=fit_.seed, proximal=fit_.proximal,
-        )
+        return fit_.run(model, dataset, reconstruction_loss)
 
     def evaluate(
         self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device

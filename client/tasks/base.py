@@ -17,8 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from client.train import LocalTraining, TrainReport
+from client.train import LocalTraining, LossFn, StepHooks, TrainReport, fit, fit_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.privacy import PrivacyState
@@ -56,6 +57,21 @@ class Fit:
     privacy: PrivacyState | None  # None: no DP
     seed: int
     proximal: bool
+
+    def run(
+        self, model: nn.Module, dataset: TensorDataset, loss_fn: LossFn,
+        hooks: StepHooks | None = None,
+    ) -> TrainReport:
+        """Train `model` on `dataset`: DP-SGD when `privacy` is set, plain training otherwise."""
+        if self.privacy is not None:
+            return fit_dp(
+                model, dataset, loss_fn, settings=self.settings, device=self.device,
+                privacy=self.privacy, proximal=self.proximal, hooks=hooks,
+            )
+        return fit(
+            model, dataset, loss_fn, settings=self.settings, device=self.device, seed=self.seed,
+            proximal=self.proximal, hooks=hooks,
+        )
 
 
 class Task(Protocol):

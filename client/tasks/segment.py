@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
-from client.train import TrainReport, fit, fit_dp, tensor_dataset
+from client.train import TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.segmentation import mean_hausdorff95, overlap_metrics
 from common.sites import SiteRef
@@ -122,15 +122,7 @@ class SegmentTask:
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit_: Fit) -> TrainReport:
         """Dice + cross-entropy training, DP-SGD when `fit_.privacy` is set."""
         dataset = tensor_dataset(*samples, dtypes=(torch.float32, torch.long))
-        if fit_.privacy is not None:
-            return fit_dp(
-                model, dataset, segmentation_loss, settings=fit_.settings, device=fit_.device,
-                privacy=fit_.privacy, proximal=fit_.proximal,
-            )
-        return fit(
-            model, dataset, segmentation_loss, settings=fit_.settings, device=fit_.device,
-            seed=fit_.seed, proximal=fit_.proximal,
-        )
+        return fit_.run(model, dataset, segmentation_loss)
 
     def evaluate(
         self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device

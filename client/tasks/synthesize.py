@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess, site_data
-from client.train import StepHooks, TrainReport, fit, fit_dp, tensor_dataset
+from client.train import StepHooks, TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.sites import SiteRef
 from models.cgan import ConditionalGAN
@@ -155,16 +155,7 @@ class SynthesizeTask:
             model.generator, batch_size=fit_.settings.batch_size, lr=fit_.settings.lr,
             device=fit_.device,
         )
-        if fit_.privacy is not None:
-            report = fit_dp(
-                model.discriminator, dataset, real_loss, settings=fit_.settings,
-                device=fit_.device, privacy=fit_.privacy, proximal=fit_.proximal, hooks=steps,
-            )
-        else:
-            report = fit(
-                model.discriminator, dataset, real_loss, settings=fit_.settings,
-                device=fit_.device, seed=fit_.seed, proximal=fit_.proximal, hooks=steps,
-            )
+        report = fit_.run(model.discriminator, dataset, real_loss, hooks=steps)
         losses = steps.generator_losses
         g_loss = float(np.mean(losses)) if losses else math.nan
         return TrainReport(
