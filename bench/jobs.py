@@ -49,23 +49,23 @@ def run_sim(spec: dict[str, Any]) -> dict[str, Any]:
     )
     results = simulate(_config(spec), federation=federation, quiet=True, force=True)
     done = time.perf_counter()
-    train_seconds = [
-        float(site["train"]["train-seconds"])
+    trained = [
+        [site["train"] for site in entry["federated"]["sites"].values() if site.get("train")]
         for entry in results["rounds"]
-        for site in entry["federated"]["sites"].values()
-        if site.get("train")
     ]
-    steps = sum(
-        int(site["train"]["steps"])
-        for entry in results["rounds"]
-        for site in entry["federated"]["sites"].values()
-        if site.get("train")
-    )
+    round_train_s = [sum(float(t["train-seconds"]) for t in sites) for sites in trained]
+    # each round's time beyond its sites' training (one site at a time, so their seconds add up)
+    round_overhead_ms = [
+        1000 * (float(entry["duration_s"]) - train_s)
+        for entry, train_s in zip(results["rounds"], round_train_s, strict=True)
+    ]
+    steps = sum(int(t["steps"]) for sites in trained for t in sites)
     return {
+        "round_overhead_ms": round_overhead_ms,
         "import_s": imported - started,
         "simulate_s": done - imported,
         "rounds_s": sum(float(r["duration_s"]) for r in results["rounds"]),
-        "site_train_s": sum(train_seconds),
+        "site_train_s": sum(round_train_s),
         "steps": steps,
         "final": results.get("final", {}),
     }

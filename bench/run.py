@@ -63,10 +63,10 @@ class Mode:
     scale_rounds: int
 
 
-QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=640, overhead_rounds=10,
+QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=1280, overhead_rounds=10,
              dp_steps=30, quality_sites=4, quality_images=160, quality_rounds=20,
-             central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=3)
-FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=1280, overhead_rounds=20,
+             central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=6)
+FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=2560, overhead_rounds=20,
             dp_steps=60, quality_sites=4, quality_images=160, quality_rounds=20,
             central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=10)
 
@@ -178,7 +178,9 @@ def _overhead_summary(
     mode: Mode,
 ) -> dict[str, Any]:
     steps = {job: [t["steps"] for t in inner[job]] for job in inner}
+    steady = [ms for t in inner["sim"] for ms in t.get("round_overhead_ms", [])[1:]]
     return {
+        "steady_round_overhead_ms": median(steady) if steady else math.nan,
         "ratio": ratio(median(walls["sim"]), median(walls["baseline"])),
         "sim_wall_s": walls["sim"],
         "baseline_wall_s": walls["baseline"],
@@ -333,11 +335,15 @@ def scale(mode: Mode) -> dict[str, Any]:
         )
         sampled = max(1, len(entry.get("sampled") or sites))
         duration = float(entry["duration_s"])
+        # the central evaluation scores the global model once a round, whatever the number of
+        # sites: model compute like the sites' training, not harness time
+        central = float(entry.get("central_s") or 0.0)
         per_round.append({
             "round": entry["round"], "duration_s": duration, "sampled": sampled,
             "connected": entry.get("sites_connected"), "site_train_s": compute,
+            "central_s": central,
             "gross_ms_per_site": 1000 * duration / sampled,
-            "net_ms_per_site": 1000 * (duration - compute / cores) / sampled,
+            "net_ms_per_site": 1000 * (duration - compute / cores - central) / sampled,
             "ms_per_connected_site": 1000 * duration / max(1, entry.get("sites_connected") or 1),
         })
     steady = per_round[1:] if len(per_round) > 1 else per_round
@@ -347,6 +353,7 @@ def scale(mode: Mode) -> dict[str, Any]:
         "gross_ms_per_site_round": median([r["gross_ms_per_site"] for r in steady]),
         "ms_per_connected_site_round": median([r["ms_per_connected_site"] for r in steady]),
         "first_round_ms_per_site": per_round[0]["gross_ms_per_site"] if per_round else math.nan,
+        "central_ms_per_round": 1000 * median([r["central_s"] for r in steady]),
         "rounds": per_round,
         "sites": mode.scale_sites,
         "wall_s": wall,
@@ -411,7 +418,11 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 "`bench/jobs.py`); both timed from the outside, imports and data loading "
                 "included; Ray's workers at niceness "
                 f"{o.get('ray_worker_niceness', '?')} (Ray's default is 15), so both sides "
-                "train at the same priority"
+                "train at the same priority. Of the simulation's extra "
+                f"{o.get('sim_median_s', nan) - o.get('baseline_median_s', nan):.1f} s, rounds 2.. "
+                f"took {o.get('steady_round_overhead_ms', nan):.0f} ms each beyond their sites' "
+                "training (median); the rest is start-up (Ray, worker imports, round 1) and "
+                "shut-down"
             ),
         ),
         Figure(
@@ -462,10 +473,12 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             results["scale_ms_per_site_round"], 20.0, unit="ms",
             how=(
                 "same run; median over rounds 2.. of (round wall time - the sampled sites' local "
-                "training seconds / cores) / sites sampled in the round "
-                f"({sampled} of {s.get('sites', '?')}). What remains is Ray dispatch, messages, "
-                "model (de)serialisation, each site's data indexing and DP planning, aggregation, "
-                "checkpointing and the central evaluation; gross round time per "
+                "training seconds / cores - the central evaluation's seconds) / sites sampled in "
+                f"the round ({sampled} of {s.get('sites', '?')}). What remains is Ray dispatch, "
+                "messages, model (de)serialisation, each site's data indexing, DP planning, "
+                "ledger, audit and progress writes, the outbound guard and aggregation; central "
+                f"evaluation {s.get('central_ms_per_round', nan):.0f} ms a round; gross round "
+                "time per "
                 f"sampled site {s.get('gross_ms_per_site_round', nan):.1f} ms, per connected "
                 f"site {s.get('ms_per_connected_site_round', nan):.2f} ms; round 1 (worker "
                 f"start-up) {s.get('first_round_ms_per_site', nan):.0f} ms per sampled site"
@@ -604,9 +617,11 @@ def _mode_notes(mode: Mode) -> list[str]:
     return [
         f"Quick mode: the scale figures come from {mode.scale_rounds} rounds of "
         f"`scale-{mode.scale_sites}.toml` (`BENCH=full`: 10 rounds, so the median is over 9 "
-        "steady rounds instead of 2); the simulation-overhead workload is short "
-        f"({mode.overhead_rounds} rounds), so Ray's fixed start-up weighs more than in a long "
-        "run; the quality figure uses one data seed (full: three).",
+        f"rounds instead of {mode.scale_rounds - 1}); the simulation-overhead workload is "
+        f"{mode.overhead_rounds} rounds (full: {FULL.overhead_rounds} rounds of twice the "
+        "images), and nearly all of the simulation's extra time is fixed start-up and shut-down "
+        "(Ray, its workers' imports), which a longer run spreads thinner; the quality figure "
+        "uses one data seed (full: three).",
     ]
 
 

@@ -43,7 +43,7 @@ from client.secure import (
     legacy_mod,
 )
 from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import site_data
+from client.tasks.base import network, site_data
 from client.train import LocalTraining, resolve_device
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
@@ -255,8 +255,7 @@ def make_client_app(
             raise ValueError(f"site {site.name} has no readable training images for --task "
                              f"{cfg.task}")
         device = resolve_device(cfg.device)
-        model = task.build(cfg)
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
         config = msg.content.config_records["config"]
         mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
         settings = LocalTraining(
@@ -340,8 +339,7 @@ def make_client_app(
         if n == 0:
             raise ValueError(f"site {site.name} has no readable validation images for --task "
                              f"{cfg.task}")
-        model = task.build(cfg)
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
         config = msg.content.config_records["config"]
         started = time.perf_counter()
         result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))

@@ -83,8 +83,15 @@ class RunRecord:
         """The last round completed (0 before the first)."""
         return int(self.rounds[-1]["round"]) if self.rounds else 0
 
-    def add_round(self, log: RoundLog, central: dict[str, float] | None) -> dict[str, Any]:
-        """Fold one round's observations into the record; returns the round's entry."""
+    def add_round(
+        self, log: RoundLog, central: dict[str, float] | None, *, central_s: float = 0.0
+    ) -> dict[str, Any]:
+        """Fold one round's observations into the record; returns the round's entry.
+
+        Args:
+            central_s: seconds the central evaluation took (part of `duration_s`).
+
+        """
         for name, report in log.privacy.items():
             self.privacy[name] = report
         for name in [*log.train, *log.evaluate]:
@@ -105,6 +112,7 @@ class RunRecord:
             "participants": log.participants,
             "failures": log.failures,
             "duration_s": time.perf_counter() - log.started,
+            "central_s": central_s,
             "finished_at": time.time(),
             "sites_connected": log.connected,
             "privacy": log.privacy,

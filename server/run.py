@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,14 @@ def run_federation(
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state_dict = arrays.to_torch_state_dict()
+        started = time.perf_counter()
         central = evaluator(state_dict) if evaluator else None
         if server_round == 0:
             if not resume:
                 record.initial = central
             return _metric_record(central)
-        entry = record.add_round(recording.rounds[server_round + recording.round_offset], central)
+        entry = record.add_round(recording.rounds[server_round + recording.round_offset], central,
+                                 central_s=time.perf_counter() - started)
         task.after_round(run_dir, cfg, entry["round"], state_dict)
         record.save_checkpoint(_to_numpy(arrays), strategy_state(strategy))
         record.write_results()

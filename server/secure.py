@@ -177,8 +177,9 @@ class SecureRecorder(LegacyStrategy):
 
     def _finish_round(self, server_round: int) -> None:
         log_ = self._log(server_round)
+        started = time.perf_counter()
         central = self.evaluator(self._state_dict(self.final)) if self.evaluator else None
-        entry = self.record.add_round(log_, central)
+        entry = self.record.add_round(log_, central, central_s=time.perf_counter() - started)
         self.record.save_checkpoint(self.final, {})
         self.record.write_results()
         if self.on_round:

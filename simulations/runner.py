@@ -86,6 +86,7 @@ def simulate(
 
     from client.app import make_client_app
     from server.app import make_server_app
+    from simulations.flower_patches import prompt_delivery
 
     if not cfg.sites_dir:
         raise ValueError("--data is required: the folder holding one folder per site")
@@ -138,16 +139,17 @@ def simulate(
     for handler in flwr_logger.handlers:
         handler.addFilter(dropper)
     try:
-        run_simulation(
-            server_app=make_server_app(
-                cfg, site_dirs=sites.data_dirs, resume=resume, on_round=on_round
-            ),
-            client_app=make_client_app(
-                sites.refs, data=sites.data, mods=sites.mods, outer_mods=sites.outer_mods
-            ),
-            num_supernodes=len(sites.refs),
-            backend_config=backend_config,
-        )
+        with prompt_delivery():
+            run_simulation(
+                server_app=make_server_app(
+                    cfg, site_dirs=sites.data_dirs, resume=resume, on_round=on_round
+                ),
+                client_app=make_client_app(
+                    sites.refs, data=sites.data, mods=sites.mods, outer_mods=sites.outer_mods
+                ),
+                num_supernodes=len(sites.refs),
+                backend_config=backend_config,
+            )
     finally:
         flwr_logger.setLevel(saved_level)
         flwr_logger.removeFilter(dropper)

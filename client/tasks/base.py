@@ -9,7 +9,7 @@ path: the same PrivacyState, the same ledger, the same outbound guard.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -100,6 +100,30 @@ class Task(Protocol):
     ) -> dict[str, float]:
         """Metrics of `model` on the samples (loss and the task's own)."""
         ...
+
+
+# The same for networks: a worker trains virtual site after virtual site on the same network, so
+# it builds it once and loads each round's global weights into it.
+_NETWORK_CACHE_SIZE = 2
+_network_cache: OrderedDict[tuple[str, RunConfig], nn.Module] = OrderedDict()
+
+
+def network(task: Task, cfg: RunConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """`task`'s network for `cfg` holding `state` (built once per process, then reused).
+
+    Everything a round can change is reset: every parameter and buffer comes from `state`
+    (strictly), gradients are cleared and the module is back in training mode. Opacus's hooks
+    and per-sample gradients are removed when each DP round ends (`fit_dp`).
+    """
+    key = (task.name, cfg)
+    model = _network_cache.pop(key, None) or task.build(cfg)
+    model.load_state_dict(state, strict=True)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    _network_cache[key] = model
+    while len(_network_cache) > _NETWORK_CACHE_SIZE:
+        _network_cache.popitem(last=False)
+    return model
 
 
 def preprocess(cfg: RunConfig) -> Preprocess:

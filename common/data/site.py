@@ -48,6 +48,10 @@ class LoadedRow(NamedTuple):
 
 
 _LOGGED_PROBLEMS = 5
+# A split's arrays are kept in memory for the next call up to this size: a simulation worker asks
+# for the same site's split every round, and re-reading it from the disk cache costs more than a
+# small site's training round. Larger splits are re-read, so memory stays bounded by the caller.
+MEMO_BYTES = 256 * 2**20
 
 
 class SiteData:
@@ -78,6 +82,7 @@ class SiteData:
         # Rows already found unreadable are not retried by later split() calls.
         self._failed: set[int] = set()
         self._reported: set[Problem] = set()
+        self._splits: dict[str, SiteArrays] = {}
 
     def counts(self) -> dict[str, dict[int, int]]:
         """Labelled rows per class for each of train/val/test, from labels.csv (no decoding).
@@ -91,7 +96,20 @@ class SiteData:
         return result
 
     def split(self, which: str) -> SiteArrays:
-        """Return the samples of "train", "val", "test" or "all" (decoding only cache misses)."""
+        """Return the samples of "train", "val", "test" or "all" (decoding only cache misses).
+
+        The same call again returns the same arrays (up to `MEMO_BYTES`): callers must not
+        modify them in place.
+        """
+        if which in self._splits:
+            return self._splits[which]
+        arrays = self._read_split(which)
+        size = arrays.images.nbytes + (arrays.masks.nbytes if arrays.masks is not None else 0)
+        if size <= MEMO_BYTES:
+            self._splits[which] = arrays
+        return arrays
+
+    def _read_split(self, which: str) -> SiteArrays:
         images: list[np.ndarray] = []
         labels: list[int] = []
         rows: list[int] = []

@@ -263,6 +263,19 @@ def _trailing_bytes() -> Array:
     return Array(dtype=ok.dtype, shape=ok.shape, stype=ok.stype, data=ok.data + b"Doe^John")
 
 
+def _junk_in_header() -> Array:
+    """The header's space padding carries a name: same length, still a parseable header."""
+    ok = Array(np.zeros(4, dtype=np.float32))
+    end = ok.data.index(b"}") + 1
+    data = ok.data[:end] + b" Doe^John" + ok.data[end + 9 :]
+    return Array(dtype=ok.dtype, shape=ok.shape, stype=ok.stype, data=data)
+
+
+def _declared_other_shape() -> Array:
+    ok = Array(np.zeros(4, dtype=np.float32))
+    return Array(dtype=ok.dtype, shape=(2, 2), stype=ok.stype, data=ok.data)
+
+
 REJECTED = {
     "metric-not-allowed": (
         lambda r: _replace(r, "metrics", MetricRecord({"patient-age": 54.0})),
@@ -323,7 +336,26 @@ REJECTED = {
         lambda r: _replace(r, "extra", ArrayRecord({"w": _trailing_bytes()})),
         "array 'w': bytes hold float32",
     ),
+    "junk-in-header-padding": (
+        lambda r: _replace(r, "extra", ArrayRecord({"w": _junk_in_header()})),
+        "array 'w': bytes hold .* not exactly the declared float32",
+    ),
+    "header-disagrees-with-declared-shape": (
+        lambda r: _replace(r, "extra", ArrayRecord({"w": _declared_other_shape()})),
+        r"array 'w': bytes hold float32 \(4,\) in .* not exactly the declared float32 \(2, 2\)",
+    ),
 }
+
+
+def test_guard_accepts_every_layout_np_save_writes() -> None:
+    big = np.arange(12, dtype=np.float64).reshape(3, 4)
+    arrays = {
+        "fortran": Array(np.asfortranarray(big)),
+        "scalar": Array(np.array(3, dtype=np.int64)),
+        "empty": Array(np.zeros((0, 5), dtype=np.float16)),
+        "many-dims": Array(np.zeros((1,) * 32 + (2,), dtype=np.uint8)),
+    }
+    DEFAULT_GUARD.check(_replace(train_reply(), "extra", ArrayRecord(arrays)))
 
 
 @pytest.mark.parametrize("case", list(REJECTED))

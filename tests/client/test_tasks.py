@@ -158,3 +158,49 @@ def test_unet_head_bias_encodes_the_structure_prior():
     assert torch.allclose(probs, torch.tensor([0.96, 0.02, 0.02]), atol=1e-6)
     with pytest.raises(ValueError, match="structure_prior"):
         UNet(image_size=SIZE, num_classes=3, structure_prior=0.5)
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "autoencode", "synthesize"])
+def test_a_reused_network_trains_exactly_like_a_fresh_one(task):
+    from client.tasks.base import network
+
+    images, masks, labels = _blobs()
+    samples = (images, masks) if task == "segment" else (images, labels)
+    cfg = RunConfig(task=task, image_size=SIZE)
+    trainer = get_task(task)
+    torch.manual_seed(3)
+    start = {k: v.clone() for k, v in trainer.build(cfg).state_dict().items()}
+    settings = LocalTraining(epochs=1, batch_size=8, lr=3e-3)
+    cpu = torch.device("cpu")
+
+    # a worker's previous site: a DP round that leaves its own weights, grads and mode behind
+    used = network(trainer, cfg, start)
+    trainer.train(used, samples, cfg, Fit(settings, cpu, _privacy(), 0, False))
+    used.eval()
+    again = network(trainer, cfg, start)
+    assert again is used  # built once per worker
+    assert again.training and all(p.grad is None for p in again.parameters())
+    assert not any(hasattr(p, "grad_sample") for p in again.parameters())
+    assert all(not m._forward_hooks and not m._backward_hooks for m in again.modules())
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+    fresh = trainer.build(cfg)
+    fresh.load_state_dict(start)
+    torch.manual_seed(7)
+    trainer.train(fresh, samples, cfg, Fit(settings, cpu, None, 5, False))
+    torch.manual_seed(7)
+    trainer.train(again, samples, cfg, Fit(settings, cpu, None, 5, False))
+    for (k, a), b in zip(again.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_networks_of_other_runs_are_built_anew():
+    from client.tasks.base import network
+
+    small, large = RunConfig(image_size=16), RunConfig(image_size=32)
+    task = get_task("classify")
+    a = network(task, small, task.build(small).state_dict())
+    b = network(task, large, task.build(large).state_dict())
+    assert a is not b
+    assert network(task, small, task.build(small).state_dict()) is a

@@ -120,6 +120,26 @@ def test_second_load_comes_from_the_cache(site, cache_dir, monkeypatch):
     assert {p.path for p in again.problems} == CORRUPT | {"series/notes.txt"}
 
 
+def test_a_split_asked_again_is_not_read_again(site, cache_dir, monkeypatch):
+    data = SiteData(site, PRE, cache_dir=cache_dir)
+    first = data.split("train")
+    monkeypatch.setattr(data._cache, "image", _refuse)
+    assert data.split("train") is first  # a simulation worker's next round: no disk reads
+    with pytest.raises(AssertionError, match="decoded"):
+        data.split("val")  # another split is read as before
+
+
+def test_splits_over_the_memo_limit_are_read_each_time(site, cache_dir, monkeypatch):
+    import common.data.site as site_module
+
+    monkeypatch.setattr(site_module, "MEMO_BYTES", 0)
+    data = SiteData(site, PRE, cache_dir=cache_dir)
+    first = data.split("val")
+    second = data.split("val")
+    assert second is not first
+    np.testing.assert_array_equal(second.images, first.images)
+
+
 def test_cold_and_warm_cache_give_identical_bits(site, cache_dir):
     cold = SiteData(site, PRE, cache_dir=cache_dir).split("val")
     warm = SiteData(site, PRE, cache_dir=cache_dir).split("val")
