@@ -66,7 +66,7 @@ class Mode:
 QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=1280, overhead_rounds=10,
              dp_steps=30, quality_sites=4, quality_images=160, quality_rounds=20,
              central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=6)
-FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=2560, overhead_rounds=20,
+FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=1280, overhead_rounds=20,
             dp_steps=60, quality_sites=4, quality_images=160, quality_rounds=20,
             central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=10)
 
@@ -618,10 +618,10 @@ def _mode_notes(mode: Mode) -> list[str]:
         f"Quick mode: the scale figures come from {mode.scale_rounds} rounds of "
         f"`scale-{mode.scale_sites}.toml` (`BENCH=full`: 10 rounds, so the median is over 9 "
         f"rounds instead of {mode.scale_rounds - 1}); the simulation-overhead workload is "
-        f"{mode.overhead_rounds} rounds (full: {FULL.overhead_rounds} rounds of twice the "
-        "images), and nearly all of the simulation's extra time is fixed start-up and shut-down "
-        "(Ray, its workers' imports), which a longer run spreads thinner; the quality figure "
-        "uses one data seed (full: three).",
+        f"{mode.overhead_rounds} rounds (full: {FULL.overhead_rounds}), and nearly all of the "
+        "simulation's extra time is fixed start-up and shut-down (Ray, its workers' imports), "
+        "which a longer run spreads thinner; the quality figure uses one data seed (full: "
+        "three).",
     ]
 
 
