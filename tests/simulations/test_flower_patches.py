@@ -20,6 +20,8 @@ from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
 from simulations import flower_patches
 from simulations.flower_patches import PromptGrid, add_messages_to_queue, prompt_delivery
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower Messages outside a run
+
 MAPPING = {node: i for i, node in enumerate(range(1, 1001))}  # 1,000 virtual sites
 WAITING = [5, 7, 7, 900, 4242]  # node 7 has two messages; 4242 is not a site of this run
 
@@ -58,16 +60,6 @@ def _sweep(sweep_fn, state: InMemoryLinkState, sweeps: int) -> list[int]:
     queue: Queue[Message] = Queue()
     sweep_fn(state, queue, MAPPING, Sweeps(sweeps))
     return [queue.get_nowait().metadata.dst_node_id for _ in range(queue.qsize())]
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.mark.parametrize("sweeps", [1, 2, 3])
