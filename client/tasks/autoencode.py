@@ -1,8 +1,15 @@
 """Autoencoding: a convolutional autoencoder on every image, labelled or not (no labels needed).
 
-Its reconstruction error is an anomaly score. A lesion is local, so the score is the largest
-error averaged over a small window (ANOMALY_WINDOW pixels across), not the image's mean error,
-which a small lesion barely moves. Labelled images give that score's AUROC for lesion (label >= 1)
+Its reconstruction error is an anomaly score. A lesion is a compact spot brighter than the tissue
+around it, and a narrow code (under DP-SGD also a noisy decoder) reconstructs it as the
+background it sits in, too dark. So the score looks for a bright spot in the residual (image
+minus reconstruction) at the lesion's scale: the residual's mean over a lesion-sized window
+minus its mean over a wider one around it (a box difference-of-means blob detector), largest
+over the image. A residual merely offset over a region (a site's intensities the model has not
+learned) cancels, one along an edge (an organ border the decoder blurs) is diluted, and a dark
+miss (the image darker than the reconstruction) scores low; the image's mean squared error, or
+its largest windowed squared error, mixes all of these with the lesion. Every image is scored
+the same way, without labels; labelled images give the score's AUROC for lesion (label >= 1)
 against normal (label 0).
 """
 
@@ -22,7 +29,12 @@ from client.train import TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.sites import SiteRef
 
-ANOMALY_WINDOW = 7
+# Centre and surround windows of the blob detector, as fractions of the image side: the centre
+# spans a conspicuous nodule (30-60 mm in a ~400 mm field of view: 5 to 10 pixels at 64), the
+# surround the tissue around it. Picked on a second synthetic federation (`medfed synth --seed
+# 1`), not on the held-out set the README reports.
+ANOMALY_CENTRE = 5 / 64
+ANOMALY_SURROUND = 11 / 64
 
 
 def reconstruction_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -31,16 +43,32 @@ def reconstruction_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torc
     return F.mse_loss(model(images), images)
 
 
+def _odd_window(fraction: float, side: int) -> int:
+    return max(1, 2 * round((fraction * side - 1) / 2) + 1)
+
+
+def anomaly_map(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Bright-spot response of the residual, (N, 1, H, W): centre mean minus surround mean.
+
+    A spot the reconstruction misses (the image brighter than it over a lesion-sized window)
+    scores high; a residual that is flat over a region cancels, and one along an edge is diluted
+    by the surround.
+    """
+    residual = (images - reconstructions).mean(dim=1, keepdim=True)
+    side = min(images.shape[-2:])
+
+    def local_mean(fraction: float) -> torch.Tensor:
+        k = _odd_window(fraction, side)
+        # count_include_pad=False: the zero padding must not read as a dark rim at the border
+        return F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    return local_mean(ANOMALY_CENTRE) - local_mean(ANOMALY_SURROUND)
+
+
 def anomaly_scores(model: nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Per image: the largest windowed mean squared reconstruction error, (N,)."""
+    """Per image: the largest value of its anomaly map (higher: more likely a lesion), (N,)."""
     model.to(device).eval()
-
-    def score(x: torch.Tensor) -> torch.Tensor:
-        error = (model(x) - x).pow(2).mean(dim=1, keepdim=True)
-        local = F.avg_pool2d(error, ANOMALY_WINDOW, stride=1, padding=ANOMALY_WINDOW // 2)
-        return local.flatten(1).amax(dim=1)
-
-    return batched(score, images, device)
+    return batched(lambda x: anomaly_map(x, model(x)).flatten(1).amax(dim=1), images, device)
 
 
 def anomaly_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -76,7 +104,14 @@ class AutoencodeTask:
         return build(cfg)
 
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit_: Fit) -> TrainReport:
-        """Reconstruction training on the images only, DP-SGD when `fit_.privacy` is set."""
+        """Reconstruction training on the images only, DP-SGD when `fit_.privacy` is set.
+
+        Under DP-SGD the clipping norm matters more here than for a classifier: a trained
+        autoencoder's per-sample gradient norms are small (about 0.16 on `medfed synth` data
+        at 64 px), while DP-SGD's noise is proportional to the clipping norm whatever their
+        size, so the default --max-grad-norm 1.0 leaves most of each step noise; 0.1 takes the
+        anomaly AUROC at epsilon 8 from about 0.85 to about 0.9 (README, Tasks).
+        """
         dataset = tensor_dataset(samples[0], dtypes=(torch.float32,))
         return fit_.run(model, dataset, reconstruction_loss)
 

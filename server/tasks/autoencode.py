@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.tasks.autoencode import anomaly_auroc, anomaly_scores, reconstruction_error
+from client.tasks.autoencode import (
+    anomaly_auroc,
+    anomaly_map,
+    anomaly_scores,
+    reconstruction_error,
+)
 from client.train import resolve_device
 from common.config import RunConfig
 from server.heldout import held_out
@@ -51,7 +56,7 @@ class AutoencodeCentral(DefaultSteps):
     def finish(
         self, run_dir: Path, cfg: RunConfig, state: StateDict, site_dirs: Sequence[Path]
     ) -> dict[str, float]:
-        """Originals, reconstructions and squared errors of held-out images (lesions first)."""
+        """Originals, reconstructions and anomaly maps of held-out images (lesions first)."""
         images, labels = images_and_labels(cfg, site_dirs)
         if len(images) == 0:
             return {}
@@ -61,12 +66,12 @@ class AutoencodeCentral(DefaultSteps):
         model.eval()
         with torch.no_grad():
             x = torch.as_tensor(images[order], dtype=torch.float32)
-            recon = model(x).numpy()
-        error = (recon - images[order]) ** 2
-        error = error / max(float(error.max()), 1e-8)
+            recon = model(x)
+            spots = anomaly_map(x, recon).clamp(min=0).numpy()
+        spots = spots / max(float(spots.max()), 1e-8)
         image_grid(
-            run_dir / GRID, [images[order], recon, error],
-            ["held-out", "reconstruction", "squared error (scaled)"],
+            run_dir / GRID, [images[order], recon.numpy(), spots],
+            ["held-out", "reconstruction", "anomaly map (bright-spot response, scaled)"],
             "Global autoencoder on held-out images",
         )
         return {}

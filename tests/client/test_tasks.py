@@ -204,3 +204,59 @@ def test_networks_of_other_runs_are_built_anew():
     b = network(task, large, task.build(large).state_dict())
     assert a is not b
     assert network(task, small, task.build(small).state_dict()) is a
+
+
+def _chest_like(side=64, seed=0):
+    """A dark 'lung' field in a brighter body, with noise: (1, 1, side, side)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((side, side), 0.7, np.float32)
+    image[side // 4 : 3 * side // 4, side // 8 : side // 2] = 0.2
+    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    return torch.as_tensor(image)[None, None]
+
+
+def _with_spot(image, contrast, row=32, col=20, size=5):
+    out = image.clone()
+    out[..., row : row + size, col : col + size] += contrast
+    return out
+
+
+def test_anomaly_score_ranks_a_bright_spot_above_a_normal_image():
+    from client.tasks.autoencode import anomaly_map
+
+    normal = _chest_like()
+    background = torch.full_like(normal, 0.5)  # a poor reconstruction, the same for both
+    lesion = _with_spot(normal, 0.5)
+    dark = _with_spot(normal, -0.5)  # darker than its surroundings: not a nodule
+    scores = anomaly_map(torch.cat([normal, lesion, dark]), background.expand(3, -1, -1, -1))
+    peak = scores.flatten(1).amax(dim=1)
+    assert peak[1] > 2 * peak[0] and peak[2] <= peak[0] + 1e-6
+
+
+def test_anomaly_map_ignores_a_flat_offset_and_dilutes_an_edge():
+    from client.tasks.autoencode import anomaly_map
+
+    image = _chest_like()
+    reconstruction = image.clone()
+    # a site's intensities the model reconstructs 0.3 too dark everywhere: nothing stands out
+    shifted = anomaly_map(image, reconstruction - 0.3)
+    assert torch.allclose(shifted, anomaly_map(image, reconstruction), atol=1e-5)
+    # a missed edge of the same contrast as a missed spot scores lower than the spot
+    edge = reconstruction.clone()
+    edge[..., :, 40:] -= 0.5
+    spot = _with_spot(reconstruction, -0.5, row=30, col=44)  # spot the model left out
+    assert anomaly_map(image, edge).amax() < 0.6 * anomaly_map(image, spot).amax()
+
+
+def test_anomaly_scores_of_a_model_are_its_maps_largest_values():
+    from client.tasks.autoencode import anomaly_map, anomaly_scores
+
+    class Constant(torch.nn.Module):  # reconstructs every image as the same grey
+        def forward(self, x):
+            return torch.full_like(x, 0.5)
+
+    images = torch.cat([_chest_like(seed=1), _with_spot(_chest_like(seed=2), 0.4)])
+    scores = anomaly_scores(Constant(), images.numpy(), torch.device("cpu"))
+    expected = anomaly_map(images, torch.full_like(images, 0.5)).flatten(1).amax(dim=1)
+    assert scores.shape == (2,) and np.allclose(scores, expected.numpy(), atol=1e-6)
+    assert scores[1] > scores[0]
