@@ -150,6 +150,27 @@ def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
     assert torch.allclose(whole, each.mean(), atol=1e-5)
 
 
+def test_dice_term_counts_only_the_structures_a_sample_holds():
+    # a normal image's Dice term would push "less structure everywhere" on every normal image,
+    # which under DP-SGD's noise drowns the lesion images (central Dice 0 at epsilon 8)
+    from client.tasks.segment import soft_dice_loss
+
+    masks = torch.zeros((2, SIZE, SIZE), dtype=torch.long)
+    masks[1, 4:9, 4:9] = 1
+    logits = torch.randn((2, 2, SIZE, SIZE), requires_grad=True)
+    per_sample = torch.stack(
+        [soft_dice_loss(logits[i : i + 1], masks[i : i + 1]) for i in range(2)]
+    )
+    assert float(per_sample[0]) == 0.0
+    assert 0 < float(per_sample[1]) < 1
+    per_sample[0].backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+    perfect = torch.where(masks[1:] > 0, 20.0, -20.0)
+    perfect_logits = torch.stack([-perfect, perfect], dim=1)
+    assert float(soft_dice_loss(perfect_logits, masks[1:])) < 1e-6
+
+
 def test_unet_head_bias_encodes_the_structure_prior():
     from models.unet import UNet
 

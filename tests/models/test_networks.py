@@ -47,7 +47,7 @@ def test_gan_shapes(channels, classes, size):
 
 
 MUST_RAISE = [
-    (lambda: build_model("unet", in_channels=1, num_classes=2, image_size=30), "multiple of 8"),
+    (lambda: build_model("unet", in_channels=1, num_classes=2, image_size=30), "multiple of 4"),
     (lambda: build_model("unet", in_channels=2, num_classes=2, image_size=32), "in_channels"),
     (lambda: build_model("unet", in_channels=1, num_classes=1, image_size=32), "num_classes"),
     (lambda: build_model("unet", in_channels=1, num_classes=2, image_size=32, dims=4), "dims"),
@@ -67,7 +67,7 @@ def test_bad_construction_raises(make, message):
 BAD_INPUTS = [
     ("unet", 2, (1, 1, 32, 32, 32)),  # 3D input to a 2D net
     ("unet", 2, (1, 3, 32, 32)),  # wrong channels
-    ("unet", 2, (1, 1, 36, 36)),  # not divisible by 8
+    ("unet", 2, (1, 1, 34, 34)),  # not divisible by 4 (a depth-2 U-Net)
     ("unet", 3, (1, 1, 32, 32)),  # 2D input to a 3D net
     ("autoencoder", 2, (1, 1, 32)),
 ]
