@@ -117,12 +117,18 @@ def test_a_dropped_site_still_aggregates_and_is_accounted_at_the_noise_it_got() 
 
 
 def test_noise_is_really_added() -> None:
-    cfg = _cfg(central_noise=1.0)
+    # Flower draws the noise from numpy's global generator: seeded, the test does not depend on
+    # which tests ran before it; 20 rounds of 36 values estimate the std within a few percent
+    np.random.seed(1)
+    cfg = _cfg(central_noise=1.0, rounds=20)
     wrapper = CentralPrivacy(build_strategy(cfg, num_sites=4), cfg, num_sites=4)
-    arrays = _round(wrapper, [_update(i, 1e-6) for i in range(4)])  # what remains is noise
-    assert arrays is not None
-    noise = np.concatenate([arrays[k].numpy().ravel() for k in ("w", "b")])
-    assert noise.std() == pytest.approx(1.0 * 1.0 / 4, rel=0.3)
+    noise = []
+    for server_round in range(1, 21):
+        # updates of norm 1e-6: what the mean holds is the noise
+        arrays = _round(wrapper, [_update(i, 1e-6) for i in range(4)], server_round=server_round)
+        assert arrays is not None
+        noise += [arrays[k].numpy().ravel() for k in ("w", "b")]
+    assert np.concatenate(noise).std() == pytest.approx(1.0 * 1.0 / 4, rel=0.15)
 
 
 def test_adaptive_clipping_moves_the_norm_and_accounts_both_queries() -> None:
