@@ -26,16 +26,24 @@ def check_gan_size(image_size: int) -> int:
     return steps
 
 
-class UpBlock(nn.Sequential):
-    """Nearest up-sampling by 2 (no checkerboard artefacts), convolution, GroupNorm, ReLU."""
+class UpBlock(nn.Module):
+    """Nearest up-sampling by 2 (no checkerboard artefacts), convolution, GroupNorm, ReLU.
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-        )
+    The class shifts each channel after the normalisation (a class-conditional bias), so the
+    class reaches every resolution, not only the first feature map.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, conditions: int) -> None:
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm = nn.GroupNorm(groups(out_channels), out_channels)
+        self.shift = nn.Linear(conditions, out_channels, bias=False)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Twice the size; `condition` (N, conditions) is the one-hot class."""
+        x = self.norm(self.conv(self.up(x)))
+        return F.relu(x + self.shift(condition)[:, :, None, None])
 
 
 class ConditionalGenerator(nn.Module):
@@ -74,11 +82,11 @@ class ConditionalGenerator(nn.Module):
             nn.ReLU(),
         )
         self.start_channels = channels
-        blocks: list[nn.Module] = []
+        blocks: list[UpBlock] = []
         for _ in range(steps):
-            blocks.append(UpBlock(channels, channels // 2))
+            blocks.append(UpBlock(channels, channels // 2, num_classes + 1))
             channels //= 2
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.Conv2d(channels, out_channels, 3, padding=1), nn.Sigmoid())
 
     def forward(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -92,7 +100,9 @@ class ConditionalGenerator(nn.Module):
         onehot = F.one_hot(classes.long(), self.num_classes + 1).to(z.dtype)
         x = self.project(torch.cat([z, onehot], dim=1))
         x = x.view(len(z), self.start_channels, START, START)
-        return self.head(self.blocks(x))
+        for block in self.blocks:
+            x = block(x, onehot)
+        return self.head(x)
 
     def sample(
         self, classes: torch.Tensor, *, generator: torch.Generator | None = None

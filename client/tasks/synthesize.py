@@ -1,14 +1,16 @@
 """Synthesis: a class-conditional DCGAN whose discriminator alone sees real images.
 
-Privacy: the discriminator's loss on real images is the only term that touches the site's data,
-so it alone goes through DP-SGD (Opacus clips each real image's gradient and adds noise, and the
+Privacy: the discriminator's loss on real images (real against fake, and its class head's
+cross-entropy, both per image) is the only term that touches the site's data, so it alone goes
+through DP-SGD (Opacus clips each real image's gradient and adds noise, and the
 site's PrivacyState accounts the steps exactly as for a classifier). The discriminator's loss on
 generated images, and the generator's whole update, depend on the site's data only through the
 discriminator's (already private) weights: they are added after the noise, like FedProx's term,
 and cost no privacy. Fake classes are drawn uniformly, never from the site's labels.
 
-Unlabelled images (empty label) train the discriminator's "no class" input (class
-`num_classes`), so the generator also learns to draw images without a class.
+Unlabelled images (empty label) are class `num_classes`, "no class": the discriminator's
+unconditional term, which every real image trains, judges them, their class head's loss is 0,
+and the generator also learns to draw images without a class.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from models.cgan import ConditionalGAN
 from models.cgan_generator import ConditionalGenerator
 
 GENERATOR_BETAS = (0.5, 0.999)  # DCGAN's Adam settings for the generator
+# Weight of the class head's cross-entropy (AC-GAN) in the discriminator's loss on real images
+# and in the generator's loss on its images.
+CLASS_WEIGHT = 5.0
 
 
 def gan_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,11 +43,25 @@ def gan_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.where(labels < 0, num_classes, labels).astype(np.int64)
 
 
+def class_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of the class head; 0 for "no class" (unlabelled) samples."""
+    num_classes = logits.shape[1]
+    labelled = (classes < num_classes).to(logits.dtype)
+    ce = F.cross_entropy(logits, classes.clamp(max=num_classes - 1), reduction="none")
+    return ce * labelled
+
+
 def real_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The discriminator's loss on real images (per sample, then the batch mean)."""
+    """The discriminator's loss on real images (per sample, then the batch mean).
+
+    Real against fake, plus CLASS_WEIGHT times its class head's cross-entropy on labelled ones.
+    """
     images, classes = batch
-    logits = model(images, classes)
-    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    logits, class_logits = model(images, classes, class_logits=True)
+    per_sample = F.binary_cross_entropy_with_logits(
+        logits, torch.ones_like(logits), reduction="none"
+    ) + CLASS_WEIGHT * class_loss(class_logits, classes)
+    return per_sample.mean()
 
 
 @contextmanager
@@ -84,18 +103,21 @@ class AdversarialSteps(StepHooks):
             fake, classes = self._fakes()
             logits = model(fake.detach(), classes)
             loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
-            grads = torch.autograd.grad(loss, params)
+            # the class head is trained on real images only: no gradient here
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
-                p.grad = g if p.grad is None else p.grad + g
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
 
     def after_step(self, model: nn.Module) -> None:
         """One generator step: make the (private) discriminator call its images real."""
         self.optimizer.zero_grad(set_to_none=True)
         with per_sample_hooks_off(model):
             fake, classes = self._fakes()
-            logits = model(fake, classes)
+            logits, class_logits = model(fake, classes, class_logits=True)
             loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            loss = loss + CLASS_WEIGHT * class_loss(class_logits, classes).mean()
             grads = torch.autograd.grad(loss, list(self.generator.parameters()))
         for p, g in zip(self.generator.parameters(), grads, strict=True):
             p.grad = g

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from client.tasks import Fit, get_task
-from client.tasks.synthesize import AdversarialSteps, real_loss
+from client.tasks.synthesize import AdversarialSteps, class_loss, real_loss
 from client.train import LocalTraining, fit_dp, tensor_dataset
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
@@ -281,3 +281,26 @@ def test_anomaly_scores_of_a_model_are_its_maps_largest_values():
     expected = anomaly_map(images, torch.full_like(images, 0.5)).flatten(1).amax(dim=1)
     assert scores.shape == (2,) and np.allclose(scores, expected.numpy(), atol=1e-6)
     assert scores[1] > scores[0]
+
+
+def test_gan_class_loss_skips_unlabelled_images():
+    logits = torch.tensor([[2.0, -1.0], [2.0, -1.0], [2.0, -1.0]])
+    loss = class_loss(logits, torch.tensor([0, 1, 2]))  # 2: "no class"
+    assert loss[0] < loss[1] and loss[2] == 0
+
+
+def test_gan_discriminator_learns_the_class_from_real_images():
+    """The class head (what tells the generator a lesion means class 1) learns from real data."""
+    torch.manual_seed(0)
+    images, _, labels = _blobs()
+    cfg = RunConfig(task="synthesize", image_size=SIZE)
+    gan = get_task("synthesize").build(cfg)
+    x, y = torch.as_tensor(images), torch.as_tensor(labels)
+    optimizer = torch.optim.Adam(gan.discriminator.parameters(), lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        real_loss(gan.discriminator, (x, y)).backward()
+        optimizer.step()
+    gan.eval()
+    _, logits = gan.discriminator(x, y, class_logits=True)
+    assert (logits.argmax(1) == y).float().mean() >= 0.9

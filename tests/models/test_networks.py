@@ -107,3 +107,24 @@ def test_autoencoder_encoder_initialises_the_classifier():
         classifier_init(wide, cnn.state_dict())
     with pytest.raises(ValueError, match="no encoder"):
         classifier_init({"head.weight": torch.zeros(1)}, cnn.state_dict())
+
+
+def test_gan_class_changes_the_generated_image():
+    """The same noise with another class gives another image, at every class."""
+    torch.manual_seed(0)
+    g = ConditionalGenerator(image_size=32, num_classes=2)
+    z = torch.randn(1, g.latent_dim).expand(3, -1)
+    images = g(z, torch.tensor([0, 1, 2]))
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert (images[a] - images[b]).abs().max() > 1e-4
+
+
+def test_gan_discriminator_class_head_sees_the_image_only():
+    """Realness depends on the class (projection); the class head cannot read the class."""
+    torch.manual_seed(0)
+    d = ConditionalDiscriminator(image_size=32, num_classes=2).eval()
+    x = torch.rand(1, 1, 32, 32).expand(3, -1, -1, -1)
+    realness, logits = d(x, torch.tensor([0, 1, 2]), class_logits=True)
+    assert logits.shape == (3, 2)
+    assert torch.allclose(logits[0], logits[1]) and torch.allclose(logits[0], logits[2])
+    assert len(set(realness.tolist())) == 3
