@@ -17,8 +17,9 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,14 +52,34 @@ class LocalTraining:
     lr: float = 3e-4
     momentum: float = 0.9  # SGD only
     proximal_mu: float = 0.0
+    # (parameter-name prefix, multiple of `lr`) pairs: parameters under a prefix learn at that
+    # rate, and a multiple of 0 freezes them (requires_grad off, so under DP-SGD their
+    # gradients are neither computed, clipped nor noised). Empty: every parameter at `lr`.
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """A fresh optimiser for one round (its state never crosses rounds or sites)."""
+        """A fresh optimiser for one round (its state never crosses rounds or sites).
+
+        With `lr_scales`, also sets each parameter's requires_grad (before Opacus wraps the
+        model, which hooks only trainable layers).
+        """
+        params: list[dict[str, Any]] | Iterator[nn.Parameter] = model.parameters()
+        if self.lr_scales:
+            params = self._param_groups(model)
         if self.optimizer == "adam":
-            return torch.optim.Adam(model.parameters(), lr=self.lr)
+            return torch.optim.Adam(params, lr=self.lr)
         if self.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+
+    def _param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            scale = next((s for prefix, s in self.lr_scales if name.startswith(prefix)), 1.0)
+            p.requires_grad_(scale > 0)
+            if scale > 0:
+                groups.setdefault(scale, []).append(p)
+        return [{"params": ps, "lr": self.lr * scale} for scale, ps in groups.items()]
 
 
 @dataclass(frozen=True)

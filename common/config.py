@@ -98,6 +98,10 @@ class RunConfig:
     secagg_max_weight: float = 1000.0
     # classify only: a finished `--task autoencode` run whose encoder initialises the classifier
     init_encoder: str = ""
+    # classify only: the CNN's feature blocks learn at --lr times this; 0 freezes them and only
+    # the head trains (with --init-encoder: a linear probe of the pretrained encoder; under
+    # DP-SGD only the head's gradients are then clipped and noised)
+    encoder_lr_scale: float = 1.0
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -119,6 +123,11 @@ class RunConfig:
         need(
             not self.init_encoder or self.task == "classify", "init_encoder",
             "initialises a classifier: use it with --task classify",
+        )
+        need(self.encoder_lr_scale >= 0, "encoder_lr_scale", "must be >= 0 (0: frozen)")
+        need(
+            self.encoder_lr_scale == 1 or self.task == "classify", "encoder_lr_scale",
+            "sets the classifier's feature blocks' learning rate: use it with --task classify",
         )
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         need(

@@ -499,6 +499,7 @@ def run(
     ] = None,
     task: opt.TaskOpt = None,
     init_encoder: opt.InitEncoder = None,
+    encoder_lr_scale: opt.EncoderLrScale = None,
     num_classes: opt.NumClasses = None,
     rounds: opt.Rounds = None,
     strategy: opt.StrategyOpt = None,
@@ -538,7 +539,8 @@ def run(
     app_path = guard(lambda: find_app_dir(app_dir))
     values = given(
         test_data=test_data or "", task=task,
-        init_encoder=str(init_encoder) if init_encoder else None, num_classes=num_classes,
+        init_encoder=str(init_encoder) if init_encoder else None,
+        encoder_lr_scale=encoder_lr_scale, num_classes=num_classes,
         rounds=rounds, strategy=strategy, dp=dp,
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,

@@ -44,6 +44,11 @@ InitEncoder = Annotated[
     typer.Option(help="With --task classify: a finished --task autoencode run folder whose "
                  "encoder initialises the classifier (federated pretraining)."),
 ]
+EncoderLrScale = Annotated[
+    float | None,
+    typer.Option(help="With --task classify: the feature blocks' learning rate as a multiple of "
+                 "--lr; 0 freezes them and only the head trains. [default: 1]"),
+]
 NumClasses = Annotated[
     int | None,
     typer.Option(help="Classes (classify, synthesize) or mask labels incl. background (segment). "

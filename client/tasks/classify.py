@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess
 from client.train import TrainReport, evaluate, train_local, train_local_dp
 from common.config import RunConfig
 from common.sites import SiteRef
+from models.autoencoder import CLASSIFIER_FEATURES_PREFIX as FEATURES_PREFIX
 
 
 class ClassifyTask:
@@ -33,8 +36,15 @@ class ClassifyTask:
         return build(cfg)
 
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit: Fit) -> TrainReport:
-        """Cross-entropy training, DP-SGD when `fit.privacy` is set."""
+        """Cross-entropy training, DP-SGD when `fit.privacy` is set.
+
+        The feature blocks learn at --lr times --encoder-lr-scale (0: frozen, only the head
+        trains); requires_grad is set afresh every round, the network being reused.
+        """
         images, labels = samples
+        fit = dataclasses.replace(fit, settings=dataclasses.replace(
+            fit.settings, lr_scales=((FEATURES_PREFIX, cfg.encoder_lr_scale),)
+        ))
         if fit.privacy is not None:
             return train_local_dp(
                 model, images, labels, settings=fit.settings, device=fit.device,

@@ -304,3 +304,48 @@ def test_gan_discriminator_learns_the_class_from_real_images():
     gan.eval()
     _, logits = gan.discriminator(x, y, class_logits=True)
     assert (logits.argmax(1) == y).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_encoder_lr_scale_slows_or_freezes_the_feature_blocks(dp, scale):
+    """--encoder-lr-scale: 0 leaves every feature weight as it came (only the head trains)."""
+    images, _, labels = _blobs()
+    trainer = get_task("classify")
+    torch.manual_seed(0)
+    start = trainer.build(RunConfig(image_size=SIZE)).state_dict()
+    moved = {}
+    for s in (1.0, scale):
+        cfg = RunConfig(image_size=SIZE, encoder_lr_scale=s)
+        model = trainer.build(cfg)
+        model.load_state_dict(start)
+        fit = Fit(LocalTraining(epochs=2, batch_size=8, lr=3e-3), torch.device("cpu"),
+                  _privacy() if dp else None, 0, False)
+        report = trainer.train(model, (images, labels), cfg, fit)
+        assert np.isfinite(report.loss)
+        after = model.state_dict()
+        moved[s] = {
+            part: max(float((after[k] - start[k]).abs().max()) for k in start
+                      if k.startswith(part))
+            for part in ("features.", "head.")
+        }
+        assert all(p.requires_grad == (s > 0 or not n.startswith("features."))
+                   for n, p in model.named_parameters())
+    assert moved[scale]["head."] > 0
+    if scale == 0:
+        assert moved[scale]["features."] == 0
+    else:  # Adam moves each weight by about lr a step: a tenth of the rate, about a tenth
+        assert 0 < moved[scale]["features."] < 0.5 * moved[1.0]["features."]
+
+
+def test_encoder_lr_scale_is_a_classifier_setting():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--encoder-lr-scale"):
+        RunConfig(encoder_lr_scale=-1)
+    with pytest.raises(ConfigError, match="--encoder-lr-scale"):
+        RunConfig(task="autoencode", encoder_lr_scale=0)
+    settings = LocalTraining(lr=0.01, lr_scales=(("features.", 0.1),))
+    model = get_task("classify").build(RunConfig(image_size=SIZE))
+    lrs = sorted(g["lr"] for g in settings.make_optimizer(model).param_groups)
+    assert lrs == pytest.approx([0.001, 0.01])

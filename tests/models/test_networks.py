@@ -128,3 +128,26 @@ def test_gan_discriminator_class_head_sees_the_image_only():
     assert logits.shape == (3, 2)
     assert torch.allclose(logits[0], logits[1]) and torch.allclose(logits[0], logits[2])
     assert len(set(realness.tolist())) == 3
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_encoder_block_reaches_the_classifier_and_computes_the_same_features(size):
+    """Layer for layer: the classifier's feature blocks then compute the encoder's output."""
+    torch.manual_seed(1)
+    ae = build_model("autoencoder", in_channels=1, num_classes=2, image_size=size)
+    torch.manual_seed(2)
+    cnn = build_model("cnn", in_channels=1, num_classes=2, image_size=size)
+    encoder = {k for k in ae.state_dict() if k.startswith("encoder.")}
+    features = {k for k in cnn.state_dict() if k.startswith("features.")}
+    # every feature parameter (convolutions and GroupNorms of all blocks) has an encoder twin
+    assert {"features." + k[len("encoder."):] for k in encoder} == features
+    assert len(ae.encoder) == len(cnn.features) == 3
+    head_before = {k: v.clone() for k, v in cnn.state_dict().items() if k.startswith("head.")}
+    cnn.load_state_dict(classifier_init(ae.state_dict(), cnn.state_dict()))
+    x = torch.rand(3, 1, size, size)
+    ae.eval()
+    cnn.eval()
+    with torch.no_grad():
+        assert torch.equal(cnn.features(x), ae.encoder(x))
+    for k, v in head_before.items():  # the head keeps its own (seeded) initialisation
+        assert torch.equal(cnn.state_dict()[k], v)
