@@ -112,13 +112,15 @@ def network(task: Task, cfg: RunConfig, state: Mapping[str, torch.Tensor]) -> nn
     """`task`'s network for `cfg` holding `state` (built once per process, then reused).
 
     Everything a round can change is reset: every parameter and buffer comes from `state`
-    (strictly), gradients are cleared and the module is back in training mode. Opacus's hooks
-    and per-sample gradients are removed when each DP round ends (`fit_dp`).
+    (strictly), gradients are cleared, every parameter is trainable again and the module is
+    back in training mode. Opacus's hooks and per-sample gradients are removed when each DP
+    round ends (`fit_dp`).
     """
     key = (task.name, cfg)
     model = _network_cache.pop(key, None) or task.build(cfg)
     model.load_state_dict(state, strict=True)
     model.zero_grad(set_to_none=True)
+    model.requires_grad_(True)  # as built: a round may have frozen some (--encoder-lr-scale 0)
     model.train()
     _network_cache[key] = model
     while len(_network_cache) > _NETWORK_CACHE_SIZE:
