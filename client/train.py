@@ -51,6 +51,7 @@ class LocalTraining:
     optimizer: str = "adam"
     lr: float = 3e-4
     momentum: float = 0.9  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam only
     proximal_mu: float = 0.0
     # (parameter-name prefix, multiple of `lr`) pairs: parameters under a prefix learn at that
     # rate, and a multiple of 0 freezes them (requires_grad off, so under DP-SGD their
@@ -67,7 +68,7 @@ class LocalTraining:
         if self.lr_scales:
             params = self._param_groups(model)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr)
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")

@@ -14,7 +14,14 @@ from models.cgan_generator import ConditionalGenerator
 
 
 class ConditionalGAN(nn.Module):
-    """A generator and a discriminator for `num_classes` classes (plus "no class")."""
+    """A generator and a discriminator for `num_classes` classes (plus "no class").
+
+    Args:
+        width: the networks' width (the discriminator's first block, the generator's last).
+            32 by default: at 8 the generator, with the rest of the recipe that stopped its
+            mode collapse, still drew no nodule a classifier could learn from (README, Tasks).
+
+    """
 
     def __init__(
         self,
@@ -23,7 +30,7 @@ class ConditionalGAN(nn.Module):
         num_classes: int = 2,
         image_size: int = 64,
         latent_dim: int = 64,
-        width: int = 8,
+        width: int = 32,
     ) -> None:
         super().__init__()
         self.generator = ConditionalGenerator(

@@ -6,8 +6,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from models.layers import groups
-
 START = 4  # the generator's first feature map is START x START
 
 
@@ -26,8 +24,28 @@ def check_gan_size(image_size: int) -> int:
     return steps
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d without the integer `num_batches_tracked` buffer (unused at a fixed momentum).
+
+    The generator never sees a real image and DP-SGD never wraps it, so it may normalise over
+    the batch as DCGAN's generator does (part of what stopped its mode collapse: README,
+    Tasks). Its state is float arrays only, which every aggregation strategy averages like
+    weights; sampling in eval mode uses the running statistics.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.register_buffer("num_batches_tracked", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # BatchNorm's own loader adds `num_batches_tracked` to a state without version
+        # metadata (a plain dict, as every federated round delivers it), which strict loading
+        # then rejects: load as any module does
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+
 class UpBlock(nn.Module):
-    """Nearest up-sampling by 2 (no checkerboard artefacts), convolution, GroupNorm, ReLU.
+    """Nearest up-sampling by 2 (no checkerboard artefacts), convolution, BatchNorm, ReLU.
 
     The class shifts each channel after the normalisation (a class-conditional bias), so the
     class reaches every resolution, not only the first feature map.
@@ -37,7 +55,7 @@ class UpBlock(nn.Module):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm = nn.GroupNorm(groups(out_channels), out_channels)
+        self.norm = BatchNorm(out_channels)
         self.shift = nn.Linear(conditions, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:

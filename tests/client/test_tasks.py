@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from client.tasks import Fit, get_task
-from client.tasks.synthesize import AdversarialSteps, class_loss, real_loss
+from client.tasks.synthesize import AdversarialSteps, class_loss, mode_seeking_loss, real_loss
 from client.train import LocalTraining, fit_dp, tensor_dataset
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
@@ -287,6 +287,35 @@ def test_gan_class_loss_skips_unlabelled_images():
     logits = torch.tensor([[2.0, -1.0], [2.0, -1.0], [2.0, -1.0]])
     loss = class_loss(logits, torch.tensor([0, 1, 2]))  # 2: "no class"
     assert loss[0] < loss[1] and loss[2] == 0
+
+
+def test_mode_seeking_loss_is_lowest_when_noise_moves_the_image():
+    z1, z2 = torch.zeros(4, 8), torch.ones(4, 8)
+    same = torch.rand(4, 1, SIZE, SIZE)
+    apart = same + 0.3
+    assert mode_seeking_loss(same, same, z1, z2) > 1e4  # one image for all noise: collapse
+    assert mode_seeking_loss(same, apart, z1, z2) == pytest.approx(1 / 0.3, rel=1e-3)
+    assert mode_seeking_loss(same, apart, z1, 3 * z2) == pytest.approx(3 / 0.3, rel=1e-3)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_generator_steps_pull_a_collapsed_generator_apart(monkeypatch, weight):
+    """A generator that ignores its noise learns to use it: with the mode-seeking term, fast."""
+    import client.tasks.synthesize as synthesize
+
+    monkeypatch.setattr(synthesize, "MODE_SEEKING", weight)
+    torch.manual_seed(0)
+    gan = get_task("synthesize").build(RunConfig(task="synthesize", image_size=SIZE))
+    with torch.no_grad():  # collapse: the first layer's weights on the noise are zero
+        gan.generator.project[0].weight[:, : gan.generator.latent_dim] = 0
+    steps = AdversarialSteps(gan.generator, batch_size=16, lr=1e-3, device=torch.device("cpu"))
+    for _ in range(20):
+        steps.after_step(gan.discriminator)
+    with torch.no_grad():
+        spread = gan.generator.sample(torch.ones(64, dtype=torch.long)).std(0).mean()
+    # the adversarial loss alone moves those weights too, but leaves the images close together
+    assert (spread > 0.08) if weight else (spread < 0.05)
+    assert all(np.isfinite(steps.generator_losses))
 
 
 def test_gan_discriminator_learns_the_class_from_real_images():

@@ -151,3 +151,17 @@ def test_every_encoder_block_reaches_the_classifier_and_computes_the_same_featur
         assert torch.equal(cnn.features(x), ae.encoder(x))
     for k, v in head_before.items():  # the head keeps its own (seeded) initialisation
         assert torch.equal(cnn.state_dict()[k], v)
+
+
+def test_gan_state_is_float_arrays_that_load_from_a_plain_dict():
+    """What a federated round delivers: a plain dict of arrays, averaged as floats."""
+    torch.manual_seed(0)
+    gan = build_model("cgan", in_channels=1, num_classes=2, image_size=32)
+    gan.generator.sample(torch.tensor([0, 1, 2]))  # a training-mode pass moves BatchNorm's stats
+    state = {k: v.clone() for k, v in gan.state_dict().items()}
+    assert all(v.is_floating_point() for v in state.values())
+    assert any(k.endswith("running_var") for k in state)
+    other = build_model("cgan", in_channels=1, num_classes=2, image_size=32)
+    other.load_state_dict(state, strict=True)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, state[k]), k
