@@ -14,10 +14,10 @@ from client.tasks import Fit, get_task
 from client.train import LocalTraining
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
+from tests.client.test_tasks import SIZE, N, _blobs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-SIZE, N = 16, 32
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TASKS = ["classify", "segment", "autoencode", "synthesize"]
 
@@ -29,18 +29,6 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = (rng.random((N, 1, SIZE, SIZE)) * 0.2).astype(np.float32)
-    masks = np.zeros((N, SIZE, SIZE), np.int64)
-    labels = np.arange(N) % 2
-    for i in np.flatnonzero(labels):
-        r, c = rng.integers(2, SIZE - 7, 2)
-        images[i, 0, r : r + 5, c : c + 5] += 0.7
-        masks[i, r : r + 5, c : c + 5] = 1
-    return images, masks, labels
 
 
 def _samples(task: str) -> tuple[np.ndarray, np.ndarray]:
