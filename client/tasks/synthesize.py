@@ -113,10 +113,14 @@ class AdversarialSteps(StepHooks):
         self.device = device
         self.generator_losses: list[float] = []
 
-    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = torch.randint(
+    def _classes(self) -> torch.Tensor:
+        """A batch of fake classes, uniform over the classes and "no class"."""
+        return torch.randint(
             0, self.generator.num_classes + 1, (self.batch_size,), device=self.device
         )
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = self._classes()
         return self.generator.sample(classes), classes
 
     def add_gradient(self, model: nn.Module) -> None:
@@ -142,9 +146,8 @@ class AdversarialSteps(StepHooks):
         self.optimizer.zero_grad(set_to_none=True)
         n, generator = self.batch_size, self.generator
         with per_sample_hooks_off(model):
-            classes = torch.randint(0, generator.num_classes + 1, (n,), device=self.device)
+            classes = self._classes().repeat(2)
             z = torch.randn(2 * n, generator.latent_dim, device=self.device)
-            classes = classes.repeat(2)
             fake = generator(z, classes)
             logits, class_logits = model(fake, classes, class_logits=True)
             loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
