@@ -102,6 +102,10 @@ class RunConfig:
     # the head trains (with --init-encoder: a linear probe of the pretrained encoder; under
     # DP-SGD only the head's gradients are then clipped and noised)
     encoder_lr_scale: float = 1.0
+    # autoencode only: weight of the spot term (client.tasks.autoencode), which teaches the
+    # encoder where lesions are, for --init-encoder; 0 (default): reconstruction only, the
+    # better anomaly detector under DP-SGD
+    spot_weight: float = 0.0
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -128,6 +132,11 @@ class RunConfig:
         need(
             self.encoder_lr_scale == 1 or self.task == "classify", "encoder_lr_scale",
             "sets the classifier's feature blocks' learning rate: use it with --task classify",
+        )
+        need(self.spot_weight >= 0, "spot_weight", "must be >= 0 (0: reconstruction only)")
+        need(
+            self.spot_weight == 0 or self.task == "autoencode", "spot_weight",
+            "weighs the autoencoder's spot term: use it with --task autoencode",
         )
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         need(

@@ -500,6 +500,7 @@ def run(
     task: opt.TaskOpt = None,
     init_encoder: opt.InitEncoder = None,
     encoder_lr_scale: opt.EncoderLrScale = None,
+    spot_weight: opt.SpotWeight = None,
     num_classes: opt.NumClasses = None,
     rounds: opt.Rounds = None,
     strategy: opt.StrategyOpt = None,
@@ -540,7 +541,7 @@ def run(
     values = given(
         test_data=test_data or "", task=task,
         init_encoder=str(init_encoder) if init_encoder else None,
-        encoder_lr_scale=encoder_lr_scale, num_classes=num_classes,
+        encoder_lr_scale=encoder_lr_scale, spot_weight=spot_weight, num_classes=num_classes,
         rounds=rounds, strategy=strategy, dp=dp,
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,

@@ -49,6 +49,12 @@ EncoderLrScale = Annotated[
     typer.Option(help="With --task classify: the feature blocks' learning rate as a multiple of "
                  "--lr; 0 freezes them and only the head trains. [default: 1]"),
 ]
+SpotWeight = Annotated[
+    float | None,
+    typer.Option(help="With --task autoencode: weight of the spot term, which teaches the encoder "
+                 "where lesions are (0.1 for an encoder to pass to --init-encoder; 0: "
+                 "reconstruction only, the better anomaly score under DP). [default: 0]"),
+]
 NumClasses = Annotated[
     int | None,
     typer.Option(help="Classes (classify, synthesize) or mask labels incl. background (segment). "

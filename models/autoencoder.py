@@ -3,6 +3,12 @@
 Its encoder is `models.cnn.CNNClassifier.features` layer for layer (same blocks, same widths,
 same parameter names under `encoder.` instead of `features.`), so a federated autoencoder
 can initialise a classifier: unsupervised pretraining, then supervised fine-tuning.
+
+Reconstruction alone teaches the encoder the common anatomy and, through the narrow code, to
+leave rare structures out: exactly what a lesion classifier needs least. So the encoder also
+feeds a spot head, a 1x1 convolution giving one map at the code's resolution, which the
+autoencoding task trains to predict where the reconstruction misses a bright spot (a target
+computed from the image and its own reconstruction, no label; `client.tasks.autoencode`).
 """
 
 from __future__ import annotations
@@ -95,15 +101,24 @@ class ConvAutoencoder(nn.Module):
             channels = out
         self.decoder = nn.Sequential(*up)
         self.head = nn.Sequential(conv(dims)(channels, in_channels, 3, padding=1), nn.Sigmoid())
+        self.spot_head = conv(dims)(width * 2 ** (depth - 1), 1, 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The code: (N, latent_channels, *spatial / 2**depth)."""
         self._check(x)
         return self.to_code(self.encoder(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction, same shape as `x`, values in [0, 1]."""
-        return self.head(self.decoder(self.from_code(self.encode(x))))
+    def forward(
+        self, x: torch.Tensor, *, spots: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction, same shape as `x`, values in [0, 1].
+
+        With `spots`, also the spot head's map (N, 1, *spatial / 2**depth), from the same pass.
+        """
+        self._check(x)
+        features = self.encoder(x)
+        reconstruction = self.head(self.decoder(self.from_code(self.to_code(features))))
+        return (reconstruction, self.spot_head(features)) if spots else reconstruction
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:

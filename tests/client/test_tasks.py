@@ -283,6 +283,82 @@ def test_anomaly_scores_of_a_model_are_its_maps_largest_values():
     assert scores[1] > scores[0]
 
 
+def test_spot_target_is_the_anomaly_maps_cell_maximum_held_fixed():
+    from client.tasks.autoencode import SPOT_SCALE, anomaly_map, spot_target
+
+    image = _with_spot(_chest_like(), 0.5, row=40, col=8)
+    reconstruction = _chest_like().requires_grad_(True)  # it left the spot out
+    target = spot_target(image, reconstruction, torch.Size((8, 8)))
+    assert target.shape == (1, 1, 8, 8) and not target.requires_grad
+    expected = torch.nn.functional.max_pool2d(anomaly_map(image, reconstruction.detach()), 8)
+    assert torch.allclose(target, expected * SPOT_SCALE)
+    assert divmod(int(target.flatten().argmax()), 8) == (5, 1)  # the cell holding the spot
+
+
+def test_spot_term_teaches_the_encoder_where_lesions_are_without_labels():
+    """Unlabelled training; then the spot head's peak ranks held-out lesions above normals."""
+    from sklearn.metrics import roc_auc_score
+
+    from client.tasks.autoencode import spot_loss
+    from models import build_model
+
+    def images(seed, n=64):
+        rng = np.random.default_rng(seed)
+        out, labels = [], np.arange(n) % 2
+        for i, label in enumerate(labels):
+            image = _chest_like(32, seed=seed * 1000 + i)
+            if label:
+                row, col = rng.integers(9, 21), rng.integers(5, 12)
+                image = _with_spot(image, rng.uniform(0.3, 0.5), row=row, col=col, size=3)
+            out.append(image)
+        return torch.cat(out), labels
+
+    torch.manual_seed(0)
+    model = build_model("autoencoder", in_channels=1, num_classes=2, image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train, _ = images(seed=1)
+    for step in range(100):
+        batch = train[(step * 16) % len(train) :][:16]
+        optimizer.zero_grad()
+        spot_loss(0.1)(model, (batch,)).backward()
+        optimizer.step()
+    test, labels = images(seed=2)
+    with torch.no_grad():
+        _, spots = model(test, spots=True)
+    assert roc_auc_score(labels, spots.flatten(1).amax(dim=1).numpy()) > 0.9
+
+
+@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("weight", [0.0, 0.1])
+def test_spot_weight_trains_the_spot_head_or_leaves_it(dp, weight):
+    """--spot-weight 0: the spot head gets no gradient and stays; > 0: it learns, DP or not."""
+    images, _, labels = _blobs()
+    cfg = RunConfig(task="autoencode", image_size=SIZE, spot_weight=weight)
+    trainer = get_task("autoencode")
+    model = trainer.build(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    privacy = _privacy() if dp else None
+    trainer.train(
+        model, (images, labels), cfg,
+        Fit(LocalTraining(epochs=2, batch_size=8), torch.device("cpu"), privacy, 0, False),
+    )
+    after = model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert "encoder.0.0.weight" in moved
+    assert ("spot_head.weight" in moved) == (weight > 0)
+    if privacy is not None:
+        assert privacy.steps == 2 * (N // 8) and privacy.epsilon() <= 8 + 1e-6
+
+
+def test_spot_weight_is_an_autoencoder_setting():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--spot-weight"):
+        RunConfig(task="autoencode", spot_weight=-0.1)
+    with pytest.raises(ConfigError, match="--spot-weight"):
+        RunConfig(task="classify", spot_weight=0.1)
+
+
 def test_gan_class_loss_skips_unlabelled_images():
     logits = torch.tensor([[2.0, -1.0], [2.0, -1.0], [2.0, -1.0]])
     loss = class_loss(logits, torch.tensor([0, 1, 2]))  # 2: "no class"

@@ -33,6 +33,18 @@ def test_output_shapes_and_opacus_compatibility(
     assert ModuleValidator.validate(model, strict=False) == []
 
 
+@pytest.mark.parametrize(
+    ("size", "dims", "shape", "spots"),
+    [(32, 2, (2, 1, 32, 32), (2, 1, 4, 4)), (16, 3, (1, 1, 16, 16, 8), (1, 1, 2, 2, 1))],
+)
+def test_autoencoder_spot_map_comes_from_the_same_pass(size, dims, shape, spots):
+    model = build_model("autoencoder", in_channels=1, num_classes=2, image_size=size, dims=dims)
+    x = torch.rand(shape)
+    reconstruction, spot_map = model(x, spots=True)
+    assert tuple(spot_map.shape) == spots
+    assert torch.equal(reconstruction, model(x))
+
+
 @pytest.mark.parametrize(("channels", "classes", "size"), [(1, 2, 32), (3, 3, 64), (1, 2, 16)])
 def test_gan_shapes(channels, classes, size):
     gan = build_model("cgan", in_channels=channels, num_classes=classes, image_size=size)
