@@ -384,7 +384,12 @@ def _sites_text(results: dict[str, Any], sites: Sequence[str]) -> str:
             "others never appear below)")
 
 
-GLOBAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss")
+# what the per-round panels plot: each task's metrics in [0, 1] (central names use "_", the
+# sites' "-"); the table below them has every metric
+RATE_METRICS = (
+    "auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "anomaly_auroc",
+    "anomaly-auroc",
+)
 
 
 def _global_section(results: dict[str, Any]) -> str:
@@ -395,18 +400,21 @@ def _global_section(results: dict[str, Any]) -> str:
     fig, (ax_c, ax_f) = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
     if has_central:
         initial = results.get("initial") or {}
-        for name in GLOBAL_METRICS[:4]:
+        for name in RATE_METRICS:
             pts = [(0, initial.get(name))] if initial else []
             pts += [(r["round"], (r.get("central") or {}).get(name)) for r in rounds]
             pts = [(x, y) for x, y in pts if _finite(y) is not None]
             if pts:
                 ax_c.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
-        ax_c.legend(loc="lower right", fontsize="small")
         ax_c.set(title="Global model on the central test set", xlabel="round", ylim=(0, 1.02))
+        if ax_c.lines:
+            ax_c.legend(loc="lower right", fontsize="small")
+        else:
+            _empty(ax_c, "no metric in [0, 1] for this task: see the table")
     else:
         ax_c.set(title="Central test set")
         _empty(ax_c, "no central test data")
-    for name in GLOBAL_METRICS[:4]:
+    for name in RATE_METRICS:
         pts = [(x, ((r.get("federated") or {}).get("evaluate") or {}).get(name))
                for x, r in zip(xs, rounds, strict=True)]
         pts = [(x, y) for x, y in pts if _finite(y) is not None]
