@@ -7,8 +7,9 @@ can initialise a classifier: unsupervised pretraining, then supervised fine-tuni
 Reconstruction alone teaches the encoder the common anatomy and, through the narrow code, to
 leave rare structures out: exactly what a lesion classifier needs least. So the encoder also
 feeds a spot head, a 1x1 convolution giving one map at the code's resolution, which the
-autoencoding task trains to predict where the reconstruction misses a bright spot (a target
-computed from the image and its own reconstruction, no label; `client.tasks.autoencode`).
+autoencoding task trains, with --spot-weight, to predict where the reconstruction misses a
+bright spot (a target computed from the image and its own reconstruction, no label;
+`client.tasks.autoencode`).
 """
 
 from __future__ import annotations

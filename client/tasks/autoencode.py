@@ -24,7 +24,6 @@ clipping norm with the reconstruction, so the anomaly score is better without it
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -155,10 +154,8 @@ class AutoencodeTask:
         if cfg.spot_weight > 0:
             return fit_.run(model, dataset, spot_loss(cfg.spot_weight))
         # the spot head gets no gradient: frozen, so Opacus expects no per-sample gradient of it
-        fit_ = dataclasses.replace(fit_, settings=dataclasses.replace(
-            fit_.settings, lr_scales=((SPOT_HEAD_PREFIX, 0.0),)
-        ))
-        return fit_.run(model, dataset, reconstruction_loss)
+        frozen = fit_.with_settings(lr_scales=((SPOT_HEAD_PREFIX, 0.0),))
+        return frozen.run(model, dataset, reconstruction_loss)
 
     def evaluate(
         self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device

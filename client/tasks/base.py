@@ -8,11 +8,12 @@ path: the same PrivacyState, the same ledger, the same outbound guard.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -57,6 +58,10 @@ class Fit:
     privacy: PrivacyState | None  # None: no DP
     seed: int
     proximal: bool
+
+    def with_settings(self, **changes: Any) -> Fit:
+        """The same round with some of its LocalTraining settings changed (a task's own)."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
 
     def run(
         self, model: nn.Module, dataset: TensorDataset, loss_fn: LossFn,

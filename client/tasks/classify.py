@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch import nn
@@ -42,9 +40,7 @@ class ClassifyTask:
         trains); requires_grad is set afresh every round, the network being reused.
         """
         images, labels = samples
-        fit = dataclasses.replace(fit, settings=dataclasses.replace(
-            fit.settings, lr_scales=((FEATURES_PREFIX, cfg.encoder_lr_scale),)
-        ))
+        fit = fit.with_settings(lr_scales=((FEATURES_PREFIX, cfg.encoder_lr_scale),))
         if fit.privacy is not None:
             return train_local_dp(
                 model, images, labels, settings=fit.settings, device=fit.device,

@@ -15,7 +15,6 @@ and the generator also learns to draw images without a class.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -214,8 +213,7 @@ class SynthesizeTask:
             model.generator, batch_size=fit_.settings.batch_size, lr=fit_.settings.lr,
             device=fit_.device,
         )
-        settings = dataclasses.replace(fit_.settings, betas=DISCRIMINATOR_BETAS)
-        report = dataclasses.replace(fit_, settings=settings).run(
+        report = fit_.with_settings(betas=DISCRIMINATOR_BETAS).run(
             model.discriminator, dataset, real_loss, hooks=steps
         )
         losses = steps.generator_losses

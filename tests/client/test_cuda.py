@@ -14,7 +14,7 @@ from client.tasks import Fit, get_task
 from client.train import LocalTraining
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-from tests.client.test_tasks import SIZE, N, _blobs
+from tests.client.helpers import SIZE, N, blobs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,7 +32,7 @@ def _exact_float32():
 
 
 def _samples(task: str) -> tuple[np.ndarray, np.ndarray]:
-    images, masks, labels = _blobs()
+    images, masks, labels = blobs()
     return (images, masks) if task == "segment" else (images, labels)
 
 

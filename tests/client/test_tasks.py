@@ -9,20 +9,7 @@ from client.tasks.synthesize import AdversarialSteps, class_loss, mode_seeking_l
 from client.train import LocalTraining, fit_dp, tensor_dataset
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-
-SIZE, N = 16, 32
-
-
-def _blobs(seed=0):
-    rng = np.random.default_rng(seed)
-    images = (rng.random((N, 1, SIZE, SIZE)) * 0.2).astype(np.float32)
-    masks = np.zeros((N, SIZE, SIZE), np.int64)
-    labels = np.arange(N) % 2
-    for i in np.flatnonzero(labels):
-        r, c = rng.integers(2, SIZE - 7, 2)
-        images[i, 0, r : r + 5, c : c + 5] += 0.7
-        masks[i, r : r + 5, c : c + 5] = 1
-    return images, masks, labels
+from tests.client.helpers import SIZE, N, blobs
 
 
 def _privacy(rounds=1, epochs=2, batch=8):
@@ -35,7 +22,7 @@ def _privacy(rounds=1, epochs=2, batch=8):
 @pytest.mark.parametrize("task", ["segment", "autoencode", "synthesize"])
 def test_trainer_improves_its_loss(task):
     torch.manual_seed(0)
-    images, masks, labels = _blobs()
+    images, masks, labels = blobs()
     samples = (images, masks) if task == "segment" else (images, labels)
     cfg = RunConfig(task=task, image_size=SIZE)
     trainer = get_task(task)
@@ -55,7 +42,7 @@ def test_trainer_improves_its_loss(task):
 
 @pytest.mark.parametrize("task", ["segment", "autoencode", "synthesize"])
 def test_dp_training_is_accounted_like_the_classifier(task):
-    images, masks, labels = _blobs()
+    images, masks, labels = blobs()
     samples = (images, masks) if task == "segment" else (images, labels)
     cfg = RunConfig(task=task, image_size=SIZE)
     trainer = get_task(task)
@@ -75,7 +62,7 @@ def test_gan_discriminator_per_sample_gradients_are_clipped(monkeypatch):
     """DP on the discriminator: each real image's gradient is clipped before the noise."""
     from opacus.optimizers import DPOptimizer
 
-    images, _, labels = _blobs()
+    images, _, labels = blobs()
     cfg = RunConfig(task="synthesize", image_size=SIZE)
     gan = get_task("synthesize").build(cfg)
     norms: list[float] = []
@@ -142,7 +129,7 @@ def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
     from models.unet import UNet
 
     torch.manual_seed(0)
-    images, masks, _ = _blobs()
+    images, masks, _ = blobs()
     model = UNet(image_size=SIZE, depth=2)
     x, y = torch.as_tensor(images[:6]), torch.as_tensor(masks[:6])
     whole = segmentation_loss(model, [x, y])
@@ -185,7 +172,7 @@ def test_unet_head_bias_encodes_the_structure_prior():
 def test_a_reused_network_trains_exactly_like_a_fresh_one(task):
     from client.tasks.base import network
 
-    images, masks, labels = _blobs()
+    images, masks, labels = blobs()
     samples = (images, masks) if task == "segment" else (images, labels)
     cfg = RunConfig(task=task, image_size=SIZE)
     trainer = get_task(task)
@@ -332,7 +319,7 @@ def test_spot_term_teaches_the_encoder_where_lesions_are_without_labels():
 @pytest.mark.parametrize("weight", [0.0, 0.1])
 def test_spot_weight_trains_the_spot_head_or_leaves_it(dp, weight):
     """--spot-weight 0: the spot head gets no gradient and stays; > 0: it learns, DP or not."""
-    images, _, labels = _blobs()
+    images, _, labels = blobs()
     cfg = RunConfig(task="autoencode", image_size=SIZE, spot_weight=weight)
     trainer = get_task("autoencode")
     model = trainer.build(cfg)
@@ -397,7 +384,7 @@ def test_generator_steps_pull_a_collapsed_generator_apart(monkeypatch, weight):
 def test_gan_discriminator_learns_the_class_from_real_images():
     """The class head (what tells the generator a lesion means class 1) learns from real data."""
     torch.manual_seed(0)
-    images, _, labels = _blobs()
+    images, _, labels = blobs()
     cfg = RunConfig(task="synthesize", image_size=SIZE)
     gan = get_task("synthesize").build(cfg)
     x, y = torch.as_tensor(images), torch.as_tensor(labels)
@@ -415,7 +402,7 @@ def test_gan_discriminator_learns_the_class_from_real_images():
 @pytest.mark.parametrize("scale", [0.0, 0.1])
 def test_encoder_lr_scale_slows_or_freezes_the_feature_blocks(dp, scale):
     """--encoder-lr-scale: 0 leaves every feature weight as it came (only the head trains)."""
-    images, _, labels = _blobs()
+    images, _, labels = blobs()
     trainer = get_task("classify")
     torch.manual_seed(0)
     start = trainer.build(RunConfig(image_size=SIZE)).state_dict()

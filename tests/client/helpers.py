@@ -1,0 +1,21 @@
+"""Tiny synthetic data the task tests share (CPU and CUDA)."""
+
+import numpy as np
+
+SIZE, N = 16, 32
+
+
+def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """N images of SIZE x SIZE: faint noise, every second one with a bright 5x5 square.
+
+    Returns images (N, 1, SIZE, SIZE), the squares' masks (N, SIZE, SIZE) and labels (N,).
+    """
+    rng = np.random.default_rng(seed)
+    images = (rng.random((N, 1, SIZE, SIZE)) * 0.2).astype(np.float32)
+    masks = np.zeros((N, SIZE, SIZE), np.int64)
+    labels = np.arange(N) % 2
+    for i in np.flatnonzero(labels):
+        r, c = rng.integers(2, SIZE - 7, 2)
+        images[i, 0, r : r + 5, c : c + 5] += 0.7
+        masks[i, r : r + 5, c : c + 5] = 1
+    return images, masks, labels
