@@ -7,6 +7,10 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+# The central metrics, over all tasks, that lie in [0, 1]: what per-round plots draw on one axis
+# (a GAN's Frechet distance and every loss are unbounded and stay in the tables).
+RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "anomaly_auroc")
+
 
 def classification_metrics(
     probabilities: np.ndarray, labels: np.ndarray

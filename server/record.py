@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
+from common.metrics import RATE_METRICS
 from server.federation import RoundLog
 
 if TYPE_CHECKING:
@@ -247,8 +248,7 @@ class RunRecord:
         path = self.run_dir / PLOT
         fig, (ax_central, ax_sites) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
         rounds = [r["round"] for r in self.rounds]
-        for name in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou",
-                     "anomaly_auroc"):
+        for name in RATE_METRICS:
             xs = ([0] if self.initial else []) + rounds
             ys = ([self.initial.get(name)] if self.initial else []) + [
                 (r["central"] or {}).get(name) for r in self.rounds
@@ -257,7 +257,8 @@ class RunRecord:
             if pts:
                 ax_central.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax_central.set(title="Global model, central test set", xlabel="round", ylim=(0, 1.02))
-        ax_central.legend(loc="lower right")
+        if ax_central.lines:
+            ax_central.legend(loc="lower right")
         sites = sorted({s for r in self.rounds for s in r["federated"]["sites"]})
         site_metric = SITE_PLOT_METRIC.get(self.cfg.task, "auc")
         for site in sites:

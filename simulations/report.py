@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from common.metrics import RATE_METRICS
+
 REPORT = "report.html"
 # Above this many sites, per-site curves become heatmaps and bands, tables list worst and best.
 LINE_SITES = 12
@@ -384,12 +386,9 @@ def _sites_text(results: dict[str, Any], sites: Sequence[str]) -> str:
             "others never appear below)")
 
 
-# what the per-round panels plot: each task's metrics in [0, 1] (central names use "_", the
-# sites' "-"); the table below them has every metric
-RATE_METRICS = (
-    "auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "anomaly_auroc",
-    "anomaly-auroc",
-)
+# what the per-round panels plot (the sites report the anomaly AUROC as "anomaly-auroc"); the
+# table below them has every metric
+PLOTTED = (*RATE_METRICS, "anomaly-auroc")
 
 
 def _global_section(results: dict[str, Any]) -> str:
@@ -400,7 +399,7 @@ def _global_section(results: dict[str, Any]) -> str:
     fig, (ax_c, ax_f) = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
     if has_central:
         initial = results.get("initial") or {}
-        for name in RATE_METRICS:
+        for name in PLOTTED:
             pts = [(0, initial.get(name))] if initial else []
             pts += [(r["round"], (r.get("central") or {}).get(name)) for r in rounds]
             pts = [(x, y) for x, y in pts if _finite(y) is not None]
@@ -414,7 +413,7 @@ def _global_section(results: dict[str, Any]) -> str:
     else:
         ax_c.set(title="Central test set")
         _empty(ax_c, "no central test data")
-    for name in RATE_METRICS:
+    for name in PLOTTED:
         pts = [(x, ((r.get("federated") or {}).get("evaluate") or {}).get(name))
                for x, r in zip(xs, rounds, strict=True)]
         pts = [(x, y) for x, y in pts if _finite(y) is not None]
