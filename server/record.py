@@ -272,7 +272,7 @@ class RunRecord:
                 ax_sites.plot(*zip(*pts, strict=True), marker=".", label=site)
         ax_sites.set(title=f"Global model {site_metric} at each site (validation)", xlabel="round",
                      ylim=(0, 1.02))
-        if sites:
+        if ax_sites.lines:
             ax_sites.legend(loc="lower right", fontsize="small")
         fig.savefig(path, dpi=110)
         plt.close(fig)
