@@ -6,8 +6,9 @@ its canonical JSON without `hash`. Editing, deleting or reordering a line breaks
 `verify` names the first bad line. A chain can be rewritten from scratch by whoever can write the
 file, so an auditor who needs more keeps the last `hash` (`VerifyResult.head`) somewhere else.
 
-`OutboundGuard` refuses a reply that carries anything but numeric arrays, allow-listed finite
-metrics and allow-listed short config values that look like no path, e-mail or DICOM person name.
+`OutboundGuard` refuses a reply that carries anything but numeric arrays named like a model's
+parameters, allow-listed finite metrics and allow-listed short config values that look like no
+path, e-mail, DICOM person name or patient identifier (and a site name that is a valid one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +30,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.secure import SITE_NAME
+from common.sites import identifier_problem, site_name_problem
 
 GENESIS = "0" * 64
 _RESERVED = ("seq", "time", "prev", "hash")
@@ -247,6 +252,15 @@ DEFAULT_CONFIGS: Mapping[str, frozenset[str]] = MappingProxyType({
                           "sample_rate", "steps", "accountant", "max_grad_norm"}),
 })
 _NUMERIC_KINDS = "fiu"  # float, signed and unsigned int: what model weights are
+# What an array (and an array record) may be called: a model's parameter names, PyTorch
+# state-dict keys ("features.0.0.weight", a GAN's "generator.blocks.0.conv.weight"), and the
+# keys of Flower's legacy parameters ("0", "1", ..., "_empty"). A name is sent as it is, so a
+# file name or a path ("/sites/h1/images/Jensen^Hugo.dcm") must not pass for one.
+MAX_ARRAY_NAME = 128
+_ARRAY_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+# config values that are a site's name (the Message API's record, the legacy metrics' key)
+_SITE_NAME_KEYS = frozenset({("site", "name"), ("fitres.metrics", SITE_NAME),
+                             ("evaluateres.metrics", SITE_NAME)})
 
 
 @dataclass(frozen=True)
@@ -287,8 +301,11 @@ class OutboundGuard:
         for name in sorted(content):
             record = content[name]
             if isinstance(record, ArrayRecord):
+                _check_array_name(f"array record {name!r}", name)
                 for key, array in record.items():
-                    _check_array(f"array record {name!r}, array {key!r}", array)
+                    where = f"array record {name!r}, array {key!r}"
+                    _check_array_name(where, key)
+                    _check_array(where, array)
             elif isinstance(record, MetricRecord):
                 for key, value in record.items():
                     self._check_metric(f"metric record {name!r}, key {key!r}", key, value)
@@ -308,7 +325,7 @@ class OutboundGuard:
                     where = f"config record {name!r}, key {key!r}"
                     if key not in self.allowed_configs[name]:
                         raise OutboundViolation(f"{where} is not allowed to leave the site")
-                    _check_config_value(where, setting)
+                    _check_config_value(where, setting, site_name=(name, key) in _SITE_NAME_KEYS)
             else:
                 raise OutboundViolation(f"record {name!r}: unknown type {type(record).__name__}")
 
@@ -322,6 +339,18 @@ class OutboundGuard:
                 raise OutboundViolation(f"{where}: {type(v).__name__} is not a number")
             if not math.isfinite(v) and not (self.allow_nan and math.isnan(v)):
                 raise OutboundViolation(f"{where}: {v} is not a finite number")
+
+
+def _check_array_name(where: str, name: str) -> None:
+    """A parameter-like name: dotted identifiers, at most MAX_ARRAY_NAME characters."""
+    if len(name) > MAX_ARRAY_NAME or not _ARRAY_NAME.match(name):
+        raise OutboundViolation(
+            f"{where}: the name must be a model parameter's (letters, digits, '_' and '-' in "
+            f"'.'-separated parts, at most {MAX_ARRAY_NAME} characters), not a path or file name"
+        )
+    why = identifier_problem(name)
+    if why:
+        raise OutboundViolation(f"{where}: the name looks like a patient identifier: it {why}")
 
 
 def _check_array(where: str, array: Array) -> None:
@@ -392,7 +421,7 @@ def _check_opaque_value(where: str, value: object) -> None:
             )
 
 
-def _check_config_value(where: str, value: object) -> None:
+def _check_config_value(where: str, value: object, *, site_name: bool = False) -> None:
     if isinstance(value, bool | int | float):
         return
     if not isinstance(value, str):
@@ -404,6 +433,10 @@ def _check_config_value(where: str, value: object) -> None:
     for char, looks_like in _FORBIDDEN_CHARS.items():
         if char in value:
             raise OutboundViolation(f"{where}: {value!r} looks like {looks_like} ({char!r})")
+    why = site_name_problem(value) if site_name else identifier_problem(value)
+    if why:
+        what = "site name" if site_name else "value"
+        raise OutboundViolation(f"{where}: the {what} {why}")
 
 
 DEFAULT_GUARD = OutboundGuard(DEFAULT_METRICS, DEFAULT_CONFIGS)

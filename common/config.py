@@ -9,6 +9,7 @@ the error, so nothing deeper in the code needs to re-check user input.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -30,6 +31,9 @@ CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-
 # strategies whose aggregate is a (weighted) mean of the updates: what central DP's sensitivity
 # analysis and secure aggregation's masked sum both assume
 MEAN_STRATEGIES = ("fedavg", "fedprox")
+# a run key names files in every site's state folder (privacy/<run-key>.json): a file name,
+# never a path
+_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ConfigError(ValueError):
@@ -198,6 +202,11 @@ class RunConfig:
                 self.screen_z == 0, "screen_z",
                 "must be 0 with --secure-agg (no single update is visible to screen)",
             )
+        need(
+            not self.run_key or bool(_RUN_KEY.match(self.run_key)), "run_key",
+            "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it names a file in each site's state folder: no path, no separator)",
+        )
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",

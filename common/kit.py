@@ -32,7 +32,7 @@ import tomli_w
 
 from common.apps import check_fab_hash
 from common.certs import load_public_key
-from common.sites import is_safe_site_name
+from common.sites import site_name_problem
 
 KIT_FILE = "medfed-kit.toml"
 KIT_VERSION = 1
@@ -106,8 +106,9 @@ class AuthorisedSite:
     public_key: str  # OpenSSH line
 
     def __post_init__(self) -> None:
-        if not is_safe_site_name(self.name):
-            raise KitError(f"site name {self.name!r} must be 1-64 letters, digits, '.', '_', '-'")
+        why = site_name_problem(self.name)
+        if why:
+            raise KitError(f"site name {self.name!r} {why}")
         load_public_key(self.public_key, where=f"site {self.name}'s public key")
 
 
@@ -257,8 +258,12 @@ class SiteKit:
         if check_permissions:
             check_private(kit_dir / "site.key")
         site = str(values.get("site", ""))
-        if not is_safe_site_name(site):
-            raise KitError(f"{kit_dir / KIT_FILE}: invalid site name {site!r}; re-issue the kit")
+        why = site_name_problem(site)
+        if why:
+            raise KitError(
+                f"--kit {kit_dir}: site = {site!r} in {KIT_FILE} {why}; ask the operator for a "
+                "kit under a valid name (`medfed provision add-site NAME`)"
+            )
         budget = values.get("budget-epsilon")
         if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
             raise KitError(f"{kit_dir / KIT_FILE}: budget-epsilon must be a number > 0")

@@ -7,11 +7,59 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SITE_NAME_RULE = (
+    "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no spaces, paths "
+    "or separators), and nothing that looks like a patient identifier"
+)
+# What a patient identifier tends to look like inside a name: a long number (a medical record,
+# accession or social security number, a date of birth) or its label. A person's name alone
+# cannot be told from a hospital's ("Jensen_Hugo" vs "St_Marys"); the DICOM person-name
+# separator '^' and spaces are refused by the character rule.
+_DIGIT_RUN = re.compile(r"\d{6,}")
+_IDENTIFIER_WORDS = frozenset(
+    {"mrn", "ssn", "dob", "pid", "patient", "patientid", "accession", "birthdate"}
+)
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # "JensenHugoMRN" -> Jensen, Hugo, MRN
+
+
+def identifier_problem(value: str) -> str | None:
+    """Why `value` looks like a patient identifier, or None.
+
+    A heuristic, for names and short strings that leave a site: it refuses runs of 6 or more
+    digits and the usual labels of identifiers (MRN, SSN, DOB, patient ...), as words.
+    """
+    run = _DIGIT_RUN.search(value)
+    if run:
+        return (
+            f"holds the number {run.group()!r} (6 or more digits: a record number, accession "
+            "number or date of birth?)"
+        )
+    words = {w.lower() for w in _WORDS.findall(value)}
+    labels = sorted(words & _IDENTIFIER_WORDS)
+    if labels:
+        return f"holds {labels[0]!r}, the label of a patient identifier"
+    return None
+
+
+def site_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a site name (it is sent to the aggregator and names files), or None."""
+    if not _SAFE_NAME.match(name):
+        return f"must be {SITE_NAME_RULE}"
+    why = identifier_problem(name)
+    return f"looks like a patient identifier: it {why}" if why else None
 
 
 def is_safe_site_name(name: str) -> bool:
-    """1-64 letters, digits, '.', '_' or '-': fit for results, logs and metric labels."""
-    return bool(_SAFE_NAME.match(name))
+    """Whether `name` is fit for results, logs, metric labels and file names (SITE_NAME_RULE)."""
+    return site_name_problem(name) is None
+
+
+def check_site_name(name: str, *, where: str) -> str:
+    """`name` if it is a valid site name; else ValueError naming `where` (a flag or file)."""
+    why = site_name_problem(name)
+    if why:
+        raise ValueError(f"{where}: site name {name!r} {why}; choose a name such as 'st-marys'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -26,10 +74,11 @@ class SiteRef:
     subset: str = ""
 
     def __post_init__(self) -> None:
-        if not is_safe_site_name(self.name):
+        why = site_name_problem(self.name)
+        if why:
             raise ValueError(
-                f"site name {self.name!r} must be 1-64 letters, digits, '.', '_' or '-' "
-                "(it is sent to the aggregator and used in metrics); rename the folder"
+                f"site name {self.name!r} {why} (it is sent to the aggregator and used in "
+                "metrics); rename the site folder, or set another --node-config site-name"
             )
 
 

@@ -34,7 +34,7 @@ from common.kit import (
     SiteKit,
     write_toml,
 )
-from common.sites import is_safe_site_name
+from common.sites import site_name_problem
 
 PARTS = ("ca", "server", "sites", "operator")
 
@@ -54,10 +54,11 @@ class ProvisionSummary:
 def _site_names(names: Sequence[str]) -> list[str]:
     clean = [n.strip() for n in names if n.strip()]
     for name in clean:
-        if not is_safe_site_name(name):
+        why = site_name_problem(name)
+        if why:
             raise ValueError(
-                f"--sites: {name!r} is not a valid site name (1-64 letters, digits, '.', '_' "
-                "or '-'; it appears in results and metrics)"
+                f"--sites: {name!r} is not a valid site name: it {why} (it appears in results, "
+                "metrics and file names)"
             )
     duplicates = sorted({n for n in clean if clean.count(n) > 1})
     if duplicates:

@@ -344,7 +344,57 @@ REJECTED = {
         lambda r: _replace(r, "extra", ArrayRecord({"w": _declared_other_shape()})),
         r"array 'w': bytes hold float32 \(4,\) in .* not exactly the declared float32 \(2, 2\)",
     ),
+    # issue 18: array names are sent as they are, so they are checked like any string
+    "path-as-array-name": (
+        lambda r: _replace(r, "arrays", ArrayRecord(
+            {"/sites/h1/images/Jensen^Hugo.dcm": Array(np.zeros(2, dtype=np.float32))}
+        )),
+        "array '/sites/h1/images/Jensen\\^Hugo.dcm': the name must be a model parameter's",
+    ),
+    "file-name-as-array-name": (
+        lambda r: _replace(r, "arrays", ArrayRecord(
+            {"Jensen Hugo.dcm": Array(np.zeros(2, dtype=np.float32))}
+        )),
+        "the name must be a model parameter's",
+    ),
+    "record-number-as-array-name": (
+        lambda r: _replace(r, "arrays", ArrayRecord(
+            {"head.A0383114630": Array(np.zeros(2, dtype=np.float32))}
+        )),
+        "the name looks like a patient identifier: it holds the number '0383114630'",
+    ),
+    "overlong-array-name": (
+        lambda r: _replace(r, "arrays", ArrayRecord(
+            {"layer." * 30 + "weight": Array(np.zeros(2, dtype=np.float32))}
+        )),
+        "at most 128 characters",
+    ),
+    "path-as-array-record-name": (
+        lambda r: _replace(r, "/data/Doe", ArrayRecord({"w": Array(np.zeros(2, np.float32))})),
+        "array record '/data/Doe': the name must be a model parameter's",
+    ),
+    "patient-as-site-name": (
+        lambda r: _replace(r, "site", ConfigRecord({"name": "Jensen Hugo MRN A0383114630"})),
+        "config record 'site', key 'name': the site name must be 1-64 letters",
+    ),
+    "record-number-in-site-name": (
+        lambda r: _replace(r, "site", ConfigRecord({"name": "Jensen_Hugo_MRN_A0383114630"})),
+        "the site name looks like a patient identifier",
+    ),
+    "record-number-in-a-string": (
+        lambda r: _replace(r, "privacy", ConfigRecord({"accountant": "MRN 0383114630"})),
+        "config record 'privacy', key 'accountant': the value holds the number",
+    ),
 }
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "autoencode", "synthesize"])
+def test_guard_accepts_every_tasks_parameter_names(task: str) -> None:
+    from client.tasks import get_task
+    from common.config import RunConfig
+
+    model = get_task(task).build(RunConfig(task=task, image_size=32))
+    DEFAULT_GUARD.check(train_reply(model=model))
 
 
 def test_guard_accepts_every_layout_np_save_writes() -> None:
@@ -392,7 +442,9 @@ def test_scan_finds_nothing_in_a_clean_reply() -> None:
 def test_scan_finds_an_identifier_in_a_config_value() -> None:
     reply = train_reply(site="north-MRN00123456")
     assert scan_for_identifiers(reply, IDENTIFIERS) == ["MRN00123456"]
-    DEFAULT_GUARD.check(reply)  # a short plain string passes the guard: the scan is the proof
+    # the guard refuses it too: a site name holding a record number (issue 18)
+    with pytest.raises(OutboundViolation, match="site name looks like a patient identifier"):
+        DEFAULT_GUARD.check(reply)
 
 
 def test_scan_finds_an_identifier_in_array_bytes() -> None:
