@@ -33,7 +33,8 @@ from flwr.clientapp.typing import Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import progress
-from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, AuditLog, OutboundGuard, describe_reply
+from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
+from client.audit_state import TRAIL, append_signed, signing_key
 from client.ledger import BudgetRefused, PrivacyLedger
 from client.secure import (
     NORM_BIT,
@@ -45,6 +46,7 @@ from client.secure import (
 from client.tasks import TASKS, Fit, SplitLoader, get_task
 from client.tasks.base import network, site_data
 from client.train import LocalTraining, resolve_device
+from common.audit_head import HEAD_RECORD, RECORD_KEYS
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
@@ -144,9 +146,9 @@ GUARD = OutboundGuard(
         "evaluateres.status": frozenset({"code", "message"}),
     },
     allow_nan=True,
-    opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS},
+    opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS, HEAD_RECORD: RECORD_KEYS},
 )
-AUDIT_FILE = "audit.jsonl"
+AUDIT_FILE = TRAIL
 
 
 class SiteFailure(RuntimeError):
@@ -188,6 +190,14 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
     details; the aggregator learns the failure's kind. A budget refusal is sent as it is: it
     holds only the site's name and epsilons. Audited here, outside SecAgg+, the trail holds
     what really left: the masked vectors and key shares, never the unmasked update.
+
+    Order, so that the aggregator witnesses a head that includes the reply it comes with: the
+    guard checks the reply; its entry (with the SHA-256 of the whole reply) is appended and the
+    new head signed (client.audit_state); then the head is attached as the `audit-head`
+    record. The entry cannot hash its own head, so an entry's `payload_sha256` covers every
+    record of the reply but `audit-head`, and the head the reply carries is the hash of the
+    entry that describes that reply. The site's key is its kit's (`audit-key` in the node
+    config, `medfed site`); a site without one (a simulation) makes its own in its state.
     """
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -202,9 +212,15 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
             name = site.name
             reply = call_next(msg, context)
             GUARD.check(reply.content)
-            AuditLog(site.state_dir / AUDIT_FILE).append(
-                describe_reply(reply.content, run=run, round=server_round, message_type=kind)
+            key_path = str(context.node_config.get("audit-key", "") or "")
+            head = append_signed(
+                site.state_dir,
+                describe_reply(reply.content, run=run, round=server_round, message_type=kind),
+                key=signing_key(site.state_dir, Path(key_path) if key_path else None),
             )
+            witnessed = RecordDict({HEAD_RECORD: head.to_record()})
+            GUARD.check(witnessed)
+            reply.content[HEAD_RECORD] = witnessed[HEAD_RECORD]
             return reply
         except BudgetRefused:
             raise

@@ -2,8 +2,9 @@
 
 Before anything connects, the site's data is checked (`medfed check-data`): a site with unusable
 images does not join. The SuperNode then runs with the kit's CA as root certificate, the site's
-private key for authentication, and `data-path`, `site-name`, `state-dir` as node config: the
-ClientApp reads images from that one folder and nothing else. Every ClientApp task goes through
+private key for authentication, and `data-path`, `site-name`, `state-dir`, `audit-key` as node
+config: the ClientApp reads images from that one folder and nothing else, and signs its audit
+trail with the kit's key. Every ClientApp task goes through
 medfed's app check first (client.approval): an app version the hospital did not approve in its
 kit never runs.
 
@@ -72,6 +73,8 @@ class SiteSettings:
             ("data-path", self.data.resolve()),
             ("site-name", self.kit.site),
             ("state-dir", self.state.resolve()),
+            # the kit's key signs the site's audit trail (client.audit_state)
+            ("audit-key", self.kit.private_key.resolve()),
         ]
         if self.ledger_dir is not None:
             pairs.append(("ledger-dir", self.ledger_dir.resolve()))

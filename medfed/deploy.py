@@ -453,24 +453,53 @@ def audit(
         Path, typer.Option("--state", help="The site's state folder (as given to `medfed site`).")
     ],
     verify_chain: Annotated[
-        bool, typer.Option("--verify", help="Check the hash chain; exit 1 if it was altered.")
+        bool, typer.Option("--verify", help="Check the trail: its hash chain, that it ends in "
+                           "its signed head, and the head's key.")
     ] = False,
+    witness: Annotated[
+        Path | None,
+        typer.Option("--witness", help="A run's results.json: with --verify, every audit head "
+                     "the aggregator recorded for this site must be in the trail."),
+    ] = None,
+    site_name: Annotated[
+        str | None,
+        typer.Option("--site", help="The site's name in --witness [default: the --state "
+                     "folder's name]."),
+    ] = None,
+    kit: Annotated[
+        Path | None,
+        typer.Option(help="This site's kit: with --verify, the head must be signed with its "
+                     "key (site.pub)."),
+    ] = None,
     last: Annotated[int, typer.Option(help="Show the last N entries.")] = 10,
 ) -> None:
-    """Show what left this site (the audit trail), or verify that the trail is intact."""
-    from client.app import AUDIT_FILE
-    from client.audit import verify
+    """Show what left this site (the audit trail), or verify that the trail is intact.
 
-    path = state_dir / AUDIT_FILE
+    With --verify, exit codes: 0 the trail is intact (or the folder is a site state that has
+    sent no reply yet), 1 the trail was altered, cut, emptied, deleted or re-signed (the message
+    says which), 2 --state is not a site's state folder, or --witness not a results.json that
+    names the site.
+    """
+    from client.audit_state import TRAIL, NotSiteState, TrailAltered, verify_state
+
+    path = state_dir / TRAIL
     if verify_chain:
-        result = verify(path)
-        if not result.ok:
-            raise fail(f"{path}: audit trail altered: {result.error}", EXIT_FAILED)
-        out.print(
-            f"{path}: {result.entries} entries, chain intact (head {result.head})",
-            highlight=False,
-        )
+        site_key = None
+        if kit is not None:
+            from common.kit import SiteKit
+
+            site_key = guard(lambda: SiteKit.load(kit, check_permissions=False)
+                             ).public_key.read_text()
+        try:
+            report = verify_state(state_dir, site_key=site_key, witness=witness, site=site_name)
+        except NotSiteState as exc:
+            raise fail(str(exc), EXIT_BAD_INPUT) from None
+        except TrailAltered as exc:
+            raise fail(f"audit trail altered: {exc}", EXIT_FAILED) from None
+        out.print(report.summary(state_dir), highlight=False)
         return
+    if witness is not None or kit is not None:
+        raise fail("--witness and --kit check the trail: use them with --verify", EXIT_BAD_INPUT)
     if not path.is_file():
         raise fail(f"{path}: no audit trail (nothing has left this site yet)", EXIT_BAD_INPUT)
     table = Table("seq", "time", "run", "round", "type", "bytes", "metrics", title=str(path))

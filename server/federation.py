@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.apps import parse_app_refusal
+from common.audit_head import HEAD_RECORD, ChainHead, HeadError
 from common.privacy import parse_refusal
 
 _SITE_IN_REASON = re.compile(r"\bsite ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): ")
@@ -41,6 +42,20 @@ class RoundLog:
     connected: int | None = None
     # model bytes per site: "down" the global model sent to it, "up" the update it sent back
     update_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # each site's latest signed audit-trail head this round (common.audit_head), as JSON
+    audit_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def witness(self, site: str, content: RecordDict) -> None:
+        """Keep the audit head a reply carries, if it is the site's latest this round."""
+        record = content.config_records.get(HEAD_RECORD)
+        if record is None:
+            return
+        try:
+            head = ChainHead.from_record(record).to_json()
+        except HeadError as exc:
+            head = {"seq": -1, "error": str(exc)}
+        if head["seq"] >= self.audit_heads.get(site, {}).get("seq", -1):
+            self.audit_heads[site] = head
 
     def add_bytes(self, site: str, direction: str, count: int) -> None:
         """Count `count` array bytes sent to (`down`) or received from (`up`) `site`."""
@@ -112,6 +127,7 @@ class RecordingStrategy(Strategy):
             site = msg.content.config_records.get("site")
             name = str(site["name"]) if site is not None else f"node-{node}"
             self._names[node] = name
+            log.witness(name, msg.content)
             log.add_bytes(name, "up", array_bytes(msg.content))
             metrics = _scalars(next(iter(msg.content.metric_records.values()), None))
             (log.train if stage == "train" else log.evaluate)[name] = metrics

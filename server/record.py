@@ -118,6 +118,9 @@ class RunRecord:
             "sites_connected": log.connected,
             "privacy": log.privacy,
             "update_bytes": log.update_bytes,
+            # what the aggregator witnessed of each site's audit trail (`medfed site audit
+            # --verify --witness results.json` checks the site's trail against it)
+            "audit_heads": log.audit_heads,
         }
         if self.central_ledger is not None:
             entry["central_privacy"] = self.central_ledger.summary()
