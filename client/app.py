@@ -46,7 +46,7 @@ from client.secure import (
 from client.tasks import TASKS, Fit, SplitLoader, get_task
 from client.tasks.base import network, site_data
 from client.train import LocalTraining, resolve_device
-from common.audit_head import HEAD_RECORD, RECORD_KEYS
+from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
@@ -149,6 +149,7 @@ GUARD = OutboundGuard(
     opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS, HEAD_RECORD: RECORD_KEYS},
 )
 AUDIT_FILE = TRAIL
+_LEGACY_METRIC_RECORDS = frozenset({"fitres.metrics", "evaluateres.metrics"})
 
 
 class SiteFailure(RuntimeError):
@@ -194,10 +195,11 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
     Order, so that the aggregator witnesses a head that includes the reply it comes with: the
     guard checks the reply; its entry (with the SHA-256 of the whole reply) is appended and the
     new head signed (client.audit_state); then the head is attached as the `audit-head`
-    record. The entry cannot hash its own head, so an entry's `payload_sha256` covers every
-    record of the reply but `audit-head`, and the head the reply carries is the hash of the
-    entry that describes that reply. The site's key is its kit's (`audit-key` in the node
-    config, `medfed site`); a site without one (a simulation) makes its own in its state.
+    record (and, in a legacy SecAgg+ reply, copied into its metrics as `audit-head-*`). The
+    entry cannot hash its own head, so an entry's `payload_sha256` covers the reply without
+    them, and the head the reply carries is the hash of the entry that describes that reply.
+    The site's key is its kit's (`audit-key` in the node config, `medfed site`); a site without
+    one (a simulation) makes its own in its state.
     """
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -221,6 +223,9 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
             witnessed = RecordDict({HEAD_RECORD: head.to_record()})
             GUARD.check(witnessed)
             reply.content[HEAD_RECORD] = witnessed[HEAD_RECORD]
+            for legacy in _LEGACY_METRIC_RECORDS & set(reply.content.config_records):
+                # Flower's SecAgg+ workflow reads a legacy reply's metrics only
+                reply.content.config_records[legacy].update(head_metrics(head.to_record()))
             return reply
         except BudgetRefused:
             raise

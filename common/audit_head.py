@@ -35,6 +35,9 @@ from common.certs import CURVE, fingerprint
 # the ConfigRecord every reply carries, and its keys (bytes and an int: opaque to the guard)
 HEAD_RECORD = "audit-head"
 RECORD_KEYS = frozenset({"seq", "hash", "signature", "key"})
+# SecAgg+ replies are Flower's legacy FitRes/EvaluateRes, which keep only their metrics: there
+# the same keys travel as metrics with this prefix
+METRIC_PREFIX = "audit-head-"
 _DOMAIN = b"medfed-audit-head/1\n"
 
 
@@ -157,8 +160,8 @@ class ChainHead:
                              "signature": self.signature, "key": blob})
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> ChainHead:
-        """Read `to_record`'s form; HeadError when a reply's head is not one."""
+    def from_record(cls, record: Mapping[str, Any]) -> ChainHead:
+        """Read `to_record`'s form (or `head_metrics`'s, unprefixed); HeadError if not one."""
         try:
             seq, hash_raw, signature, blob = (
                 record["seq"], record["hash"], record["signature"], record["key"]
@@ -173,6 +176,17 @@ class ChainHead:
             raise HeadError(f"reply record {HEAD_RECORD!r}: not an audit chain head ({exc})"
                             ) from None
         return cls(seq, hash_raw.hex(), signature, public_line(key))
+
+
+def head_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A head record's keys as legacy metrics (METRIC_PREFIX + key)."""
+    return {METRIC_PREFIX + key: value for key, value in record.items()}
+
+
+def head_in_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The head record a legacy reply's metrics carry (`head_metrics`), else None."""
+    found = {k[len(METRIC_PREFIX):]: v for k, v in metrics.items() if k.startswith(METRIC_PREFIX)}
+    return found or None
 
 
 def _line_of_blob(blob: bytes) -> str:

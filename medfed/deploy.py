@@ -240,6 +240,7 @@ def site(
     _logging()
     site_kit = guard(lambda: SiteKit.load(kit))
     guard(lambda: check_node_config_value(data, "--data"))
+    guard(lambda: check_node_config_value(site_kit.private_key, "--kit"))  # signs the audit trail
     card = guard(lambda: check_site(data, Preprocess()))
     if not card.usable:
         typer.echo(card.to_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +45,8 @@ class RoundLog:
     # each site's latest signed audit-trail head this round (common.audit_head), as JSON
     audit_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def witness(self, site: str, content: RecordDict) -> None:
+    def witness(self, site: str, record: Mapping[str, Any] | None) -> None:
         """Keep the audit head a reply carries, if it is the site's latest this round."""
-        record = content.config_records.get(HEAD_RECORD)
         if record is None:
             return
         try:
@@ -127,7 +126,7 @@ class RecordingStrategy(Strategy):
             site = msg.content.config_records.get("site")
             name = str(site["name"]) if site is not None else f"node-{node}"
             self._names[node] = name
-            log.witness(name, msg.content)
+            log.witness(name, msg.content.config_records.get(HEAD_RECORD))
             log.add_bytes(name, "up", array_bytes(msg.content))
             metrics = _scalars(next(iter(msg.content.metric_records.values()), None))
             (log.train if stage == "train" else log.evaluate)[name] = metrics

@@ -49,6 +49,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from common.apps import parse_app_refusal
+from common.audit_head import METRIC_PREFIX, head_in_metrics
 from common.config import RunConfig
 from common.privacy import parse_refusal
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
@@ -70,7 +71,7 @@ def _scalars(values: dict[str, Scalar]) -> dict[str, float]:
     return {
         k: float(v) for k, v in values.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
-        and not k.startswith(PRIVACY_PREFIX)
+        and not k.startswith((PRIVACY_PREFIX, METRIC_PREFIX))
     }
 
 
@@ -224,6 +225,7 @@ class SecureRecorder(LegacyStrategy):
             name = str(res.metrics.get(SITE_NAME, f"node-{proxy.node_id}"))
             self._site_of[int(proxy.node_id)] = name
             log_.train[name] = _scalars(res.metrics)
+            log_.witness(name, head_in_metrics(res.metrics))
             privacy = {
                 k[len(PRIVACY_PREFIX):]: v for k, v in res.metrics.items()
                 if k.startswith(PRIVACY_PREFIX)
@@ -271,6 +273,7 @@ class SecureRecorder(LegacyStrategy):
             name = str(res.metrics.get(SITE_NAME, self._name(proxy)))
             self._site_of[int(proxy.node_id)] = name
             log_.evaluate[name] = {**_scalars(res.metrics), "loss": float(res.loss)}
+            log_.witness(name, head_in_metrics(res.metrics))
         answered = {int(p.node_id) for p, _ in results}
         self._record_failures(log_, "evaluate", answered, self._evaluating, failures)
         loss, metrics = self.inner.aggregate_evaluate(server_round, results, [])

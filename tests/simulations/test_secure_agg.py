@@ -17,6 +17,7 @@ from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
+from client.audit_state import verify_state
 from common.config import RunConfig
 from common.sites import site_refs
 from server.secure import run_secure_federation
@@ -109,6 +110,13 @@ def test_aggregator_holds_only_the_masked_sum_and_a_dropout_is_recovered(
     entry = results["rounds"][0]
     assert entry["participants"] == ["site-a", "site-b", "site-c"]
     assert {f["kind"] for f in entry["failures"]} == {"error"}  # site-d's contained failure
+    # each site's signed audit head reaches results.json in its legacy metrics (the masked
+    # vector's reply: its 3rd entry), and the site's trail verifies against it
+    assert sorted(entry["audit_heads"]) == entry["participants"]
+    for site in entry["participants"]:
+        assert entry["audit_heads"][site]["seq"] == 2
+        verify_state(tmp_path / "run" / "site-state" / site,
+                     witness=tmp_path / "run" / "results.json")
 
     # the global model equals the plain num-examples-weighted mean of the surviving updates
     updates = {p.stem: dict(np.load(p)) for p in captured.glob("*.npz")}
