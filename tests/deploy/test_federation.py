@@ -207,6 +207,19 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
     assert (server_copy / run_id / "model.pt").read_bytes() == (run_dir / "model.pt").read_bytes()
     for name in SITES:
         assert f"registered site {name}" in federation.server.text()  # type: ignore[union-attr]
+    # each hospital signs its audit trail with its kit's key, and the trail holds every head
+    # the aggregator recorded for it
+    for name in SITES:
+        assert sorted(results["rounds"][-1]["audit_heads"]) == SITES
+        audit = subprocess.run(
+            [str(BIN / "medfed"), "site", "audit", "--state", str(federation.root / name),
+             "--verify", "--kit", str(federation.kits / "sites" / name),
+             "--witness", str(run_dir / "results.json")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert "the 2 heads the aggregator witnessed are in it" in " ".join(audit.stdout.split())
+        assert not (federation.root / name / "audit.key").exists()
 
     # the aggregator's exporter follows deployed runs: rounds and each site's epsilon
     url = f"http://127.0.0.1:{federation.metrics_port}/metrics"
