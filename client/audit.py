@@ -3,8 +3,9 @@
 `AuditLog` appends one JSON line per reply to an append-only file whose lines are hash-chained:
 each record carries `prev`, the `hash` of the line before it, and its own `hash`, the SHA-256 of
 its canonical JSON without `hash`. Editing, deleting or reordering a line breaks the chain, and
-`verify` names the first bad line. A chain can be rewritten from scratch by whoever can write the
-file, so an auditor who needs more keeps the last `hash` (`VerifyResult.head`) somewhere else.
+`verify` names the first bad line. A chain can be cut or rewritten from scratch by whoever can
+write the file, so the site signs the chain's head after every append and the aggregator
+witnesses it (common.audit_head, client.audit_state, which also checks a site's state whole).
 
 `OutboundGuard` refuses a reply that carries anything but numeric arrays named like a model's
 parameters, allow-listed finite metrics and allow-listed short config values that look like no
@@ -167,7 +168,9 @@ def payload_sha256(content: RecordDict) -> str:
     bytes Flower sends); for a MetricRecord or ConfigRecord, the canonical JSON of the record as
     an object. Canonical JSON is `json.dumps(obj, sort_keys=True, separators=(",", ":"))` with
     Python's other defaults (ASCII escapes; NaN and Infinity written as such), and a bytes value
-    written as `{"$bytes": "<hex>"}`.
+    written as `{"$bytes": "<hex>"}`. A reply as it travels also carries the signed head of the
+    entry that describes it (the `audit-head` record, and `audit-head-*` keys in a legacy
+    reply's metrics; client.app): the digest is over the reply without them.
     """
     h = hashlib.sha256()
     for name in sorted(content):
