@@ -464,8 +464,8 @@ def audit(
     ] = None,
     site_name: Annotated[
         str | None,
-        typer.Option("--site", help="The site's name in --witness [default: the --state "
-                     "folder's name]."),
+        typer.Option("--site", help="The site's name in --witness [default: the --kit's "
+                     "site, else the --state folder's name]."),
     ] = None,
     kit: Annotated[
         Path | None,
@@ -489,8 +489,9 @@ def audit(
         if kit is not None:
             from common.kit import SiteKit
 
-            site_key = guard(lambda: SiteKit.load(kit, check_permissions=False)
-                             ).public_key.read_text()
+            site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+            site_key = site_kit.public_key.read_text()
+            site_name = site_name or site_kit.site
         try:
             report = verify_state(state_dir, site_key=site_key, witness=witness, site=site_name)
         except NotSiteState as exc:

@@ -139,6 +139,13 @@ def test_a_kit_key_pins_the_head_even_if_the_state_is_rewritten(tmp_path: Path) 
     assert not (state / KEY).exists()  # the kit's key signs; none is made in the state
     code, output = _verify(state, "--kit", str(kit))
     assert code == 0, output
+    # the state folder is not named after the site: the kit (or --site) names it in a witness
+    witness = _witness(tmp_path, [ChainHead.from_json(json.loads((state / HEAD).read_text()),
+                                                      where="head")])
+    assert _verify(state, "--kit", str(kit), "--witness", str(witness))[0] == 0
+    assert _verify(state, "--site", SITE, "--witness", str(witness))[0] == 0
+    code, output = _verify(state, "--witness", str(witness))
+    assert code == 2 and "records no audit head of site 'state'" in output, output
     assert ChainHead.from_json(json.loads((state / HEAD).read_text()), where="h").same_key(
         (kit / "site.pub").read_text()
     )
@@ -230,7 +237,7 @@ def test_each_reply_head_names_the_entry_that_describes_that_reply(tmp_path: Pat
     head = append_signed(state, entry, key=signing_key(state, None))
     reply[HEAD_RECORD] = head.to_record()
     log = RoundLog(round=1)
-    log.witness(SITE, reply)
+    log.witness(SITE, reply.config_records.get(HEAD_RECORD))
     recorded = log.audit_heads[SITE]
     assert recorded == head.to_json()
     line = json.loads(_lines(state)[recorded["seq"]])
