@@ -244,3 +244,20 @@ def test_each_reply_head_names_the_entry_that_describes_that_reply(tmp_path: Pat
     assert line["hash"] == recorded["hash"]
     assert line["payload_sha256"] == entry["payload_sha256"]
     assert ChainHead.from_json(recorded, where="results.json").signature_ok()
+
+
+def test_a_legacy_replys_metrics_carry_the_same_head(tmp_path: Path) -> None:
+    """SecAgg+ replies keep only their metrics: the head travels there, prefixed."""
+    from common.audit_head import head_in_metrics, head_metrics
+
+    state = tmp_path / SITE
+    entry = describe_reply(evaluate_reply(SITE), run="r", round=1, message_type="evaluate")
+    head = append_signed(state, entry, key=signing_key(state, None))
+    metrics = {"auc": 0.8, "site-name": SITE, **head_metrics(head.to_record())}
+    assert sorted(k for k in metrics if k.startswith("audit-head-")) == [
+        "audit-head-hash", "audit-head-key", "audit-head-seq", "audit-head-signature"
+    ]
+    log = RoundLog(round=1)
+    log.witness(SITE, head_in_metrics(metrics))
+    assert log.audit_heads[SITE] == head.to_json()
+    assert head_in_metrics({"auc": 0.8}) is None
