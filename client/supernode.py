@@ -4,9 +4,8 @@ Before anything connects, the site's data is checked (`medfed check-data`): a si
 images does not join. The SuperNode then runs with the kit's CA as root certificate, the site's
 private key for authentication, and `data-path`, `site-name`, `state-dir`, `audit-key` as node
 config: the ClientApp reads images from that one folder and nothing else, and signs its audit
-trail with the kit's key. Every ClientApp task goes through
-medfed's app check first (client.approval): an app version the hospital did not approve in its
-kit never runs.
+trail with the kit's key. Every ClientApp task goes through medfed's app check first
+(client.approval): an app version the hospital did not approve in its kit never runs.
 
 Failures are told apart, because a hospital IT person acts differently on each:
 - the aggregator is unreachable or restarting: wait and reconnect, with growing back-off;
