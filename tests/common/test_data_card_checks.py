@@ -10,6 +10,7 @@ import pytest
 
 from common.config import TASKS
 from common.data import Preprocess, check_site
+from tests.common.conftest import write_dicom
 
 PRE = Preprocess(image_size=16)
 SHAPE = (20, 12, 3)  # NIfTI x, y, z
@@ -294,3 +295,31 @@ def test_segmentation_training_skips_the_rotated_mask_too(tmp_path, nifti_file, 
     data = SiteData(site, PRE, cache_dir=tmp_path / "cache", masks=True)
     assert [loaded.row_index for loaded in data.iter_rows("train")] == [0]
     assert data.problems[0].path == "m1.nii.gz"
+
+
+def write_series(folder, pixels, z_positions, **attrs):
+    for i, z in enumerate(z_positions):
+        write_dicom(
+            folder / f"{i}.dcm", pixels[i], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            ImagePositionPatient=[0, 0, z], PixelSpacing=[1, 1], InstanceNumber=i + 1,
+            SeriesInstanceUID=attrs.get("series", "1.2.3.4"), modality=attrs.get("modality", "MR"),
+        )
+
+
+def test_dicom_series_mask_is_checked_slice_range_and_all(tmp_path, labels_csv, mr):
+    site = tmp_path / "s"
+    labels = np.zeros((3, 32, 32), dtype=np.uint8)
+    labels[:, 4:9, 4:9] = 1
+    write_series(site / "img0", np.stack([mr(i) for i in range(3)]), [0, 2, 4])
+    write_series(site / "img1", np.stack([mr(i) for i in range(3)]), [0, 2, 4], series="1.2.3.5")
+    # mask series in another file order but on the image's slices: the same grid
+    write_series(site / "m0", labels, [4, 2, 0], series="1.2.3.6", modality="OT")
+    # one slice (2 mm) higher: not on the image's slices
+    write_series(site / "m1", labels, [2, 4, 6], series="1.2.3.7", modality="OT")
+    labels_csv(site, [["img0", 0, "m0", "train"], ["img1", 1, "m1", "train"]],
+               header="path,label,mask,split")
+    card = card_of(site, tmp_path)
+    assert problem(card, "m0") is None
+    assert "first pixel: mask at (0.0, 0.0, 2.0) mm, image at (0.0, 0.0, 0.0) mm" in (
+        problem(card, "m1") or ""
+    )
