@@ -101,12 +101,27 @@ def check_data(
     image_size: Annotated[int, typer.Option(help="Model input size to check against.")] = 64,
     channels: Annotated[int, typer.Option(help="Model input channels (1 or 3).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the data card as JSON.")] = False,
+    num_classes: Annotated[
+        int | None,
+        typer.Option(min=2, help="The run's classes: every label (and mask value) must be "
+                     "0..N-1. [default: not checked]"),
+    ] = None,
+    task: opt.TaskOpt = None,
 ) -> None:
-    """Check a site's images and print its data card; exit 0 if usable, 2 if not."""
+    """Check a site's images and print its data card; exit 0 if usable, 2 if not.
+
+    Also checks each listed mask against its image (geometry, grid, NaN, values) and looks for
+    the same image in two splits. With --task, usability is judged for that task.
+    """
     from common.data import Preprocess, check_site
 
     card = guard(
-        lambda: check_site(site_dir, Preprocess(image_size=image_size, channels=channels))
+        lambda: check_site(
+            site_dir, Preprocess(image_size=image_size, channels=channels),
+            task=task.value if task is not None else None, num_classes=num_classes,
+            # as training reads them: only segmentation (or a general check) reads masks
+            masks=task is None or task.value == "segment",
+        )
     )
     if as_json:
         print(json.dumps(card.to_dict(), indent=2))

@@ -22,6 +22,7 @@ from server.run import ProgressFn
 from simulations.faults import FAULTS_FILE
 from simulations.report import REPORT
 from simulations.scenario import SCENARIO_FILE, Federation
+from simulations.site_check import check_site_folders
 from simulations.sites import simulated_sites
 
 
@@ -100,6 +101,8 @@ def simulate(
             f"--data {cfg.sites_dir} holds {len(sites.refs)} site(s) but --min-sites is "
             f"{cfg.min_sites}; add sites or lower --min-sites"
         )
+    # Before any file is written or Ray starts: an unusable folder would fail every round.
+    check_site_folders(cfg, sites.data_dirs)
     cfg = cfg.replace(
         out=str(run_dir),
         sites_dir=str(Path(cfg.sites_dir).resolve()),

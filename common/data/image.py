@@ -52,6 +52,13 @@ def decode_mask(path: Path, pre: Preprocess) -> tuple[np.ndarray, ImageMeta]:
     Returns the mask and its original geometry; `load_mask` checks that against the image.
     """
     raw = read_raw(Path(path), as_labels=True)
+    finite = np.isfinite(raw.pixels)
+    if not finite.all():
+        # Checked first: NaN would otherwise read as "non-integer", which hides the cause.
+        raise ImageError(
+            f"mask holds {int(finite.size - finite.sum())} NaN or infinite values; save it as "
+            "an integer label map (0 = background)"
+        )
     values = np.rint(raw.pixels)
     if not np.allclose(values, raw.pixels, atol=1e-3):
         raise ImageError("mask holds non-integer values; save it as an integer label map")

@@ -13,6 +13,7 @@ import numpy as np
 
 from common.data.cache import ImageCache
 from common.data.errors import ImageError, Problem
+from common.data.geometry import check_mask_grid
 from common.data.image import LoadedImage, check_mask_geometry
 from common.data.labels import SPLITS, Row, read_labels
 from common.data.preprocess import Preprocess
@@ -160,6 +161,7 @@ class SiteData:
             try:
                 mask, mask_meta = self._cache.mask(self.site_dir / row.mask, self.pre)
                 check_mask_geometry(mask_meta, image.meta)
+                check_mask_grid(self.site_dir / row.mask, self.site_dir / row.path)
             except ImageError as e:
                 # An image whose declared mask is broken would train a segmenter on nothing.
                 self._report(Problem(row.mask, f"{e.reason}; row {row.path} skipped"))
