@@ -31,10 +31,10 @@ from pydicom.uid import (
 
 from common.data.codecs import declared_frame_size
 from common.data.deflate import check_deflated
-from common.data.errors import ImageError, Problem, as_image_error, described
+from common.data.errors import ImageError, Problem, as_image_error, described, is_file_failure
 from common.data.limits import check_decoded_size, pixels_declared
 from common.data.sniff import describe_non_dicom
-from common.data.sop import modality, refuse_non_image, sop_class_name
+from common.data.sop import is_image_class, modality, refuse_non_image, sop_class_name
 from common.data.volume import ImageMeta, RawVolume
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -87,11 +87,30 @@ def read_header(path: Path, *, as_labels: bool = False) -> Dataset:
     # pydicom raises many exception types on damaged headers; any of them means unreadable.
     except Exception as e:
         raise ImageError(f"unreadable DICOM header ({described(e)}); re-export the file") from None
+    try:
+        _inspect(ds, size, as_labels=as_labels)
+    except ImageError:
+        raise
+    # pydicom parses element values lazily: a damaged one (an unknown VR, a value of the wrong
+    # length) raises only when the checks above read it.
+    except Exception as e:
+        raise ImageError(f"unreadable DICOM header ({described(e)}); re-export the file") from None
+    return ds
+
+
+def _inspect(ds: Dataset, size: int, *, as_labels: bool) -> None:
+    """Refuse, by its header alone, a DICOM object that cannot be decoded as an image."""
     refuse_non_image(ds, as_labels=as_labels)
     if not any(tag in ds for tag in _PIXEL_KEYWORDS):
-        kind = sop_class_name(ds) or "object"
+        kind = sop_class_name(ds)
+        if kind is not None and is_image_class(kind):
+            raise ImageError(
+                f"no pixel data in this {kind} object ({size:,} bytes): the file is probably "
+                "truncated or its header damaged; copy or export it again"
+            )
         raise ImageError(
-            f"no pixel data: this DICOM {kind} holds no image; remove it from labels.csv"
+            f"no pixel data: this DICOM {kind or 'object'} holds no image; "
+            "remove it from labels.csv"
         )
     rows, cols, frames, samples = _geometry(ds)
     check_decoded_size(
@@ -101,7 +120,7 @@ def read_header(path: Path, *, as_labels: bool = False) -> Dataset:
     )
     if "PhotometricInterpretation" not in ds:
         raise ImageError("missing Photometric Interpretation (0028,0004); re-export the file")
-    return ds
+    str(ds.PhotometricInterpretation)  # parse it now, so a damaged value reads as a header error
 
 
 def _read_without_preamble(path: Path) -> Dataset:
@@ -154,7 +173,11 @@ def _whole(ds: Dataset, keyword: str, *, default: int | None = None) -> int:
     """Return an integer header value, or raise ImageError naming the element and its value."""
     tag = Tag(keyword)
     where = f"{dictionary_description(tag)} ({tag.group:04X},{tag.element:04X})"
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    # A value of the wrong length for its VR raises when pydicom converts it.
+    except Exception as e:
+        raise ImageError(f"unreadable {where} ({described(e)}); export the file again") from None
     if value is None or value == "":
         if default is None:
             raise ImageError(f"missing {where}; re-export the file")
@@ -204,8 +227,11 @@ def _decode(ds: Dataset, *, as_labels: bool) -> tuple[np.ndarray, tuple[float, f
         arr, info = decoder.as_array(ds)  # as_rgb=True by default: YBR_FULL* -> RGB
     except ImageError:
         raise
-    # Codec plugins raise anything from ValueError to RuntimeError on damaged streams.
-    except Exception as e:
+    # Codec plugins raise anything from ValueError to RuntimeError (or a Rust panic) on
+    # damaged streams.
+    except BaseException as e:
+        if not is_file_failure(e):
+            raise
         raise ImageError(f"cannot decode {name} pixel data ({described(e)}); re-export the file") from None
 
     frames, spp = int(info["number_of_frames"]), int(info["samples_per_pixel"])
@@ -229,8 +255,9 @@ def _check_stored_size(ds: Dataset, uid: UID, name: str) -> None:
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if not uid.is_compressed:
-        if "PixelData" in ds:
-            expected, found = get_expected_length(ds), len(ds.PixelData)
+        stored = next((ds[k].value for k in _PIXEL_KEYWORDS if k in ds), None)
+        if stored is not None:
+            expected, found = get_expected_length(ds), len(stored)
             if found < expected:
                 raise ImageError(
                     f"truncated pixel data (expected {expected} bytes, found {found}); "
@@ -320,6 +347,15 @@ def _first_float(value: Any) -> float | None:
 
 
 def _window(ds: Dataset) -> tuple[float, float] | None:
+    """Return the header's first (center, width), or None when absent or unreadable."""
+    try:
+        return _header_window(ds)
+    # A damaged window element is not worth the image: CT falls back to the soft-tissue window.
+    except Exception:
+        return None
+
+
+def _header_window(ds: Dataset) -> tuple[float, float] | None:
     source: Dataset | None = ds if "WindowCenter" in ds else None
     if source is None:
         source = _functional_group(ds, 0, "FrameVOILUTSequence")
@@ -334,6 +370,14 @@ def _window(ds: Dataset) -> tuple[float, float] | None:
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """Return (row, column) spacing in mm, or None when absent or unreadable (card: unknown)."""
+    try:
+        return _header_spacing(ds)
+    except Exception:
+        return None
+
+
+def _header_spacing(ds: Dataset) -> tuple[float, float] | None:
     value = ds.get("PixelSpacing")
     if value is None:
         measures = _functional_group(ds, 0, "PixelMeasuresSequence")
@@ -370,14 +414,16 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
         try:
             datasets.append((file, read_header(file, as_labels=as_labels)))
         # Any failure costs this file only; the caller reports it with the site-relative path.
-        except Exception as e:
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
             skipped.append(Problem(file.name, f"{as_image_error(e).reason}; skipped"))
     if not datasets:
         raise ImageError(
             f"folder holds no DICOM image files ({len(skipped)} other files); "
             "put the series' DICOM files in it"
         )
-    series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets)
+    series = Counter(_series_uid(ds) for _, ds in datasets)
     if len(series) > 1:
         listed = ", ".join(f"{uid or '(none)'} ({n} files)" for uid, n in series.most_common())
         raise ImageError(
@@ -396,7 +442,9 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
         try:
             frames, file_window, invert = _decode(ds, as_labels=as_labels)
         # One broken slice would leave a gap in the volume; report the whole series.
-        except Exception as e:
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
             raise ImageError(f"{file.name}: {as_image_error(e).reason}") from None
         window = window or file_window
         volumes.append(frames)
@@ -408,6 +456,13 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     return RawVolume(pixels, _meta(first, len(pixels), tuple(skipped)), window, invert)
 
 
+def _series_uid(ds: Dataset) -> str:
+    try:
+        return str(ds.get("SeriesInstanceUID", ""))
+    except Exception:  # a damaged UID groups the file with the others that have none
+        return ""
+
+
 def _sorted_slices(datasets: list[tuple[Path, Dataset]]) -> list[tuple[Path, Dataset]]:
     """Order slices by position along the slice normal, else InstanceNumber, else file name."""
     positions = _positions_along_normal([ds for _, ds in datasets])
@@ -416,7 +471,8 @@ def _sorted_slices(datasets: list[tuple[Path, Dataset]]) -> list[tuple[Path, Dat
         return [datasets[i] for i in order]
     try:
         return sorted(datasets, key=lambda item: int(item[1].InstanceNumber))
-    except (AttributeError, TypeError, ValueError):
+    # Missing, invalid or unreadable numbers: keep the file-name order.
+    except Exception:
         return datasets
 
 
@@ -431,6 +487,7 @@ def _positions_along_normal(datasets: list[Dataset]) -> list[float] | None:
         positions = [
             float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in datasets
         ]
-    except (AttributeError, TypeError, ValueError, IndexError):
+    # Missing, invalid or unreadable positions: the caller falls back to instance numbers.
+    except Exception:
         return None
     return positions if np.linalg.norm(normal) > 0.5 else None

@@ -26,7 +26,19 @@ class ImageError(ValueError):
 _MAX_MESSAGE = 300
 
 
-def as_image_error(error: Exception) -> ImageError:
+def is_file_failure(error: BaseException) -> bool:
+    """True for what reading one damaged file can raise; False for interrupts and exits.
+
+    A Rust codec (pylibjpeg-rle is built with pyo3) that panics on a damaged stream raises
+    `pyo3_runtime.PanicException`, which derives from BaseException so that `except Exception`
+    does not stop it; each pyo3 module has its own copy of the class, so it is known by name.
+    The fuzz test found one (an RLE segment offset past the frame). KeyboardInterrupt and
+    SystemExit must still end the program.
+    """
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
+def as_image_error(error: BaseException) -> ImageError:
     """Turn any exception raised while reading one file into that file's ImageError.
 
     A hospital archive holds files no reader has seen; whatever a parser or codec raises on one

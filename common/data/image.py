@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.dicom import read_dicom
-from common.data.errors import ImageError, as_image_error
+from common.data.errors import ImageError, as_image_error, is_file_failure
 from common.data.nifti import is_nifti, read_nifti
 from common.data.sniff import has_dicm_marker
 from common.data.normalize import normalise, pad_to_square, resize, select_slices, to_channels
@@ -39,10 +39,24 @@ def read_raw(path: Path, *, as_labels: bool = False) -> RawVolume:
     path = Path(path)
     try:
         raw = _read(path, as_labels=as_labels)
-    except Exception as e:  # MemoryError too: one file's failure never ends the site
-        raise as_image_error(e) from None
+    # MemoryError and codec panics too: one file's failure never ends the site.
+    except BaseException as e:
+        if not is_file_failure(e):
+            raise
+        raise ImageError(_without_folders(as_image_error(e).reason, path)) from None
     _check_finite(raw.pixels)
     return raw
+
+
+def _without_folders(reason: str, path: Path) -> str:
+    """Drop the folders from a library's message that quotes the file's full path.
+
+    Skip reasons name files relative to the site, so that a data card can be shared without
+    the hospital's directory layout.
+    """
+    for form in {str(path.resolve()), str(path.absolute()), str(path)}:
+        reason = reason.replace(form, path.name)
+    return reason
 
 
 def _read(path: Path, *, as_labels: bool) -> RawVolume:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from common.data.cache import ImageCache
-from common.data.errors import DataError, ImageError, Problem, as_image_error
+from common.data.errors import DataError, ImageError, Problem, as_image_error, is_file_failure
 from common.data.image import LoadedImage, check_mask_geometry
 from common.data.labels import SPLITS, Row, read_labels
 from common.data.limits import max_image_bytes
@@ -157,7 +157,9 @@ class SiteData:
         # a parser's TypeError, a MemoryError) skips that row, named, and the site goes on.
         try:
             image = self._cache.image(self.site_dir / row.path, self.pre)
-        except Exception as e:
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
             self._skip(row.path, e, "skipped")
             return None
         for inner in image.meta.skipped:
@@ -167,13 +169,15 @@ class SiteData:
             try:
                 mask, mask_meta = self._cache.mask(self.site_dir / row.mask, self.pre)
                 check_mask_geometry(mask_meta, image.meta)
-            except Exception as e:
+            except BaseException as e:
+                if not is_file_failure(e):
+                    raise
                 # An image whose declared mask is broken would train a segmenter on nothing.
                 self._skip(row.mask, e, f"row {row.path} skipped")
                 return None
         return LoadedRow(index, image, mask)
 
-    def _skip(self, path: str, error: Exception, outcome: str) -> None:
+    def _skip(self, path: str, error: BaseException, outcome: str) -> None:
         reason = as_image_error(error).reason
         if not isinstance(error, ImageError):  # unexpected: keep the trace for a bug report
             log.debug("site %s: %s failed", self.name, path, exc_info=error)

@@ -64,7 +64,10 @@ def refuse_non_image(ds: Dataset, *, as_labels: bool) -> None:
 
 def modality(ds: Dataset) -> str:
     """Return Modality (0008,0060), else the one the SOP class implies, else "OT"."""
-    stated = str(ds.get("Modality", "") or "").strip().upper()
+    try:
+        stated = str(ds.get("Modality", "") or "").strip().upper()
+    except Exception:  # an unreadable Modality (unknown VR, wrong length) is as good as none
+        stated = ""
     if stated:
         return stated
     name = sop_class_name(ds) or ""

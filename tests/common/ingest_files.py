@@ -19,7 +19,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.common.conftest import make_dataset
 
@@ -103,3 +103,45 @@ def write_deflated(
             left -= step
         f.write(deflater.flush())
     return path
+
+
+def _dataset_part(data: bytes) -> tuple[bytes, bytes, str]:
+    """Split a file into (preamble + file meta, dataset bytes inflated, transfer syntax)."""
+    syntax = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.get(
+        "TransferSyntaxUID", ""
+    ))
+    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]
+    head, body = data[:meta_end], data[meta_end:]
+    if syntax == DeflatedExplicitVRLittleEndian:
+        body = zlib.decompress(body, -zlib.MAX_WBITS)
+    return head, body, syntax
+
+
+def _join(head: bytes, body: bytes, syntax: str) -> bytes:
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return head + body
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return head + deflater.compress(body) + deflater.flush()
+
+
+def patch_value(data: bytes, keyword: str, raw: bytes) -> bytes:
+    """Replace a short element's value with `raw`, of any length, in the encoded bytes.
+
+    pydicom will not encode a value of the wrong length or an unknown character set, so the
+    bytes are edited.
+    """
+    head, body, syntax = _dataset_part(data)
+    implicit = syntax == ImplicitVRLittleEndian
+    tag = Tag(tag_for_keyword(keyword))
+    at = body.find(struct.pack("<HH", tag.group, tag.element))
+    if at < 0:
+        return data
+    if implicit:
+        length = struct.unpack("<I", body[at + 4 : at + 8])[0]
+        element = body[at : at + 4] + struct.pack("<I", len(raw)) + raw
+        end = at + 8 + length
+    else:
+        length = struct.unpack("<H", body[at + 6 : at + 8])[0]
+        element = body[at : at + 6] + struct.pack("<H", len(raw)) + raw
+        end = at + 8 + length
+    return _join(head, body[:at] + element + body[end:], syntax)

@@ -20,6 +20,7 @@ from pydicom.uid import (
     GrayscaleSoftcopyPresentationStateStorage,
     JPEGLSLossless,
     KeyObjectSelectionDocumentStorage,
+    RLELossless,
     RTDoseStorage,
     RTStructureSetStorage,
     SecondaryCaptureImageStorage,
@@ -36,6 +37,7 @@ from medfed.cli import app
 from tests.common.ingest_files import (
     file_bytes,
     float_dataset,
+    patch_value,
     with_raw_values,
     without_preamble,
     write_deflated,
@@ -149,6 +151,61 @@ def test_an_exception_after_decoding_is_caught_at_the_site_boundary(
     assert len(arrays.images) == 4
     assert [p.path for p in data.problems] == ["wide.dcm"]
     assert "RuntimeError: torch: unexpected stride" in data.problems[0].reason
+
+
+# What the fuzz test (test_fuzz_ingest.py) found, kept as regressions.
+
+
+def test_a_rust_codec_panic_is_one_files_problem(tmp_path, dicom_file, labels_csv, mr):
+    # pylibjpeg-rle panics (pyo3 PanicException, a BaseException) when Columns shrinks under
+    # an RLE frame; `except Exception` let it end the whole site.
+    site = tmp_path / "site"
+    path = dicom_file(site / "rle.dcm", mr(3, (24, 20)), syntax=RLELossless)
+    ds = pydicom.dcmread(path)
+    ds.Columns = 1
+    ds.save_as(path)
+    site_with(site, labels_csv, dicom_file, mr, ["rle.dcm"])
+    card = check_site(site, PRE, cache_dir=tmp_path / "cache")
+    assert card.usable and card.readable_rows == 4
+    assert "PanicException: index out of bounds" in problems_of(card)["rle.dcm"]
+
+
+def test_a_binary_value_of_the_wrong_length_is_named(tmp_path, dicom_file, mr):
+    path = dicom_file(tmp_path / "c.dcm", mr(2))
+    path.write_bytes(patch_value(path.read_bytes(), "Columns", b"\x20\x00\x00"))
+    with pytest.raises(ImageError, match=r"unreadable Columns \(0028,0011\) \(BytesLength"):
+        read_raw(path)
+
+
+def test_an_unknown_vr_is_tolerated_or_named_by_what_it_breaks(tmp_path, dicom_file, mr):
+    # pydicom parses values lazily: a damaged VR raised NotImplementedError wherever it was read.
+    path = dicom_file(tmp_path / "vr.dcm", mr(2), modality="CT")
+    data = path.read_bytes()
+    at = data.index(b"\x08\x00\x60\x00CS")  # (0008,0060) Modality, explicit VR "CS"
+    path.write_bytes(data[: at + 4] + b"Cs" + data[at + 6 :])
+    assert read_raw(path).meta.modality == "CT"  # from the SOP class (CT Image Storage)
+    at = data.index(b"\x28\x00\x04\x00CS")  # (0028,0004) Photometric Interpretation
+    path.write_bytes(data[: at + 4] + b"Cs" + data[at + 6 :])
+    with pytest.raises(ImageError, match=r"unreadable DICOM header \(NotImplementedError: "
+                       r"Unknown Value Representation 'Cs'"):
+        read_raw(path)
+
+
+def test_library_messages_do_not_carry_the_sites_folders(tmp_path, nifti_file):
+    path = nifti_file(tmp_path / "deep" / "v.nii", np.ones((12, 10, 4), np.float32))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ImageError) as caught:
+        read_raw(path)
+    assert "v.nii" in caught.value.reason and str(tmp_path) not in caught.value.reason
+
+
+def test_a_truncated_image_object_says_truncated_not_no_image(tmp_path, dicom_file, mr):
+    path = dicom_file(tmp_path / "t.dcm", mr(2), modality="CT")
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # cut before (7FE0,0010)
+    with pytest.raises(ImageError, match=r"no pixel data in this CT Image Storage object .*"
+                       r"probably truncated"):
+        read_raw(path)
 
 
 # 2. DICOM without the 128-byte preamble and 'DICM' marker.
