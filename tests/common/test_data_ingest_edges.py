@@ -6,12 +6,15 @@ objects, Analyze/MGH) and issue 18 (a decoded-size cap that refuses decompressio
 
 from __future__ import annotations
 
+import shutil
 import time
 import tracemalloc
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
@@ -472,3 +475,28 @@ def test_a_codestream_declaring_more_than_the_header_is_refused(tmp_path, dicom_
     with pytest.raises(ImageError, match=r"frame 1 declares 4000x4000 pixels x 1 components, "
                        r"more than the header's 32x32"):
         read_raw(path)
+
+
+# Real files written by other tools (dcmtk, GDCM, scanners): the ones pydicom ships.
+
+
+def test_pydicoms_own_test_files_are_read_or_named(tmp_path, labels_csv):
+    source = Path(pydicom.data.__file__).parent / "test_files"
+    site = tmp_path / "site"
+    site.mkdir()
+    names = sorted(p.name for p in source.iterdir() if p.is_file())
+    for name in names:
+        shutil.copy(source / name, site / name)
+    labels_csv(site, [[name, i % 2, "train"] for i, name in enumerate(names)],
+               header="path,label,split")
+    card = check_site(site, PRE, cache_dir=tmp_path / "cache")
+    problems = problems_of(card)
+    assert card.usable and card.readable_rows + len(problems) == len(names)
+    assert card.readable_rows >= 45
+    # The issue's file: an RT Dose whose Number of Frames reads "1A" ended check-data.
+    assert problems["badVR.dcm"].startswith("RT Dose Storage: not an image for training")
+    assert problems["liver_1frame.dcm"].startswith("Segmentation Storage: not an image")
+    assert problems["waveform_ecg.dcm"].startswith("12-lead ECG Waveform Storage: not an image")
+    assert problems["MR_truncated.dcm"].startswith("truncated pixel data")
+    assert "text" in problems["README.txt"] and "gzip" in problems["zipMR.gz"]
+    assert "none (NIfTI)" not in card.modalities
