@@ -179,6 +179,9 @@ class SiteData:
 
     def _skip(self, path: str, error: BaseException, outcome: str) -> None:
         reason = as_image_error(error).reason
+        # A library message may quote the full path; the card names files relative to the site.
+        for folder in {self.site_dir.resolve(), self.site_dir.absolute(), self.site_dir}:
+            reason = reason.replace(f"{folder}/", "")
         if not isinstance(error, ImageError):  # unexpected: keep the trace for a bug report
             log.debug("site %s: %s failed", self.name, path, exc_info=error)
         self._report(Problem(path, f"{reason}; {outcome}"))

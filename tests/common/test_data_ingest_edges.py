@@ -6,6 +6,7 @@ objects, Analyze/MGH) and issue 18 (a decoded-size cap that refuses decompressio
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import tracemalloc
@@ -200,6 +201,22 @@ def test_library_messages_do_not_carry_the_sites_folders(tmp_path, nifti_file):
     with pytest.raises(ImageError) as caught:
         read_raw(path)
     assert "v.nii" in caught.value.reason and str(tmp_path) not in caught.value.reason
+
+
+def test_a_symlink_loop_and_a_fifo_are_named_without_the_sites_folders(
+    tmp_path, dicom_file, labels_csv, mr
+):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "loop.dcm").symlink_to("loop.dcm")
+    os.mkfifo(site / "fifo.dcm")  # reading it would block for ever
+    site_with(site, labels_csv, dicom_file, mr, ["loop.dcm", "fifo.dcm"])
+    card = check_site(site, PRE, cache_dir=tmp_path / "cache")
+    problems = problems_of(card)
+    assert card.readable_rows == 4
+    assert "Symlink loop from 'loop.dcm'" in problems["loop.dcm"]
+    assert problems["fifo.dcm"].startswith("not a regular file")
+    assert str(tmp_path) not in card.to_text()
 
 
 def test_a_truncated_image_object_says_truncated_not_no_image(tmp_path, dicom_file, mr):
