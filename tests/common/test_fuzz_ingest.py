@@ -335,6 +335,8 @@ def fuzz_images(tmp_path: Path, count: int, seed: int) -> dict[str, int]:
     assert card.readable_rows == len(read_from_cache)
     _check_rows(problems, read_from_cache, names)
     assert set(good) <= read_from_cache, sorted(set(good) - read_from_cache)
+    leaked = [path for path, reason in problems.items() if str(tmp_path) in reason]
+    assert not leaked, f"reasons quoting the site's folders: {leaked[:5]}"
 
     # The loaders' path, decoding again (a cold cache), must agree with the card.
     loader = SiteData(site, PRE, cache_dir=tmp_path / "cache-cold")
