@@ -25,7 +25,8 @@ from common.data.volume import ImageMeta
 log = logging.getLogger(__name__)
 
 # Bump when decoding or normalisation changes, so stale entries are never served.
-VERSION = 1
+# 2: non-finite images, non-image SOP classes and oversized files refused; Modality inferred.
+VERSION = 2
 CACHE_ENV = "MEDFED_CACHE_DIR"
 
 

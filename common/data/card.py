@@ -232,12 +232,12 @@ def _facets(meta: ImageMeta) -> dict[str, str]:
     """Return the value each card distribution counts for one image."""
     spacing = meta.pixel_spacing
     return {
-        "modalities": meta.modality or "none (NIfTI)",
+        "modalities": meta.modality or f"none ({meta.transfer_syntax})",
         "sizes": f"{meta.rows}x{meta.cols}",
         "slices": str(meta.slices),
         "pixel_spacings": f"{spacing[0]:.3g}x{spacing[1]:.3g}" if spacing else "unknown",
         "transfer_syntaxes": meta.transfer_syntax,
-        "photometrics": meta.photometric or "none (NIfTI)",
+        "photometrics": meta.photometric or f"none ({meta.transfer_syntax})",
     }
 
 

@@ -2,7 +2,8 @@
 
 Decoding goes through pydicom 3's pixel-data plugins (pylibjpeg, pyjpegls, openjpeg, RLE).
 Every failure a hospital export can produce (not DICOM, truncated, unsupported compression,
-no pixel data, mixed series) becomes an ImageError whose reason names the fix.
+no pixel data, not an image, invalid header values, too large, mixed series) becomes an
+ImageError whose reason names the fix.
 """
 
 from __future__ import annotations
@@ -12,20 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, get_decoder
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID
 
-from common.data.errors import ImageError, Problem
+from common.data.codecs import declared_frame_size
+from common.data.dicom_header import PIXEL_KEYWORDS, read_header, shown, transfer_syntax
+from common.data.errors import ImageError, Problem, as_image_error, described, is_file_failure
+from common.data.sop import modality
 from common.data.volume import ImageMeta, RawVolume
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -33,12 +31,6 @@ _GREY = ("MONOCHROME1", "MONOCHROME2")
 # and JPEG 2000 plugins apply the inverse YBR_ICT/YBR_RCT transform themselves, so after
 # decoding these are all RGB; `info` reports the converted interpretation.
 _RGB_LIKE = ("RGB", "YBR_ICT", "YBR_RCT")
-# (implicit VR, little endian) -> the native transfer syntax with that encoding
-_SYNTAX_BY_ENCODING: dict[tuple[bool | None, bool | None], UID] = {
-    (True, True): ImplicitVRLittleEndian,
-    (False, True): ExplicitVRLittleEndian,
-    (False, False): ExplicitVRBigEndian,
-}
 _FIX_COMPRESSION = "ask your PACS to export uncompressed or JPEG/JPEG 2000/RLE"
 
 
@@ -50,62 +42,9 @@ def read_dicom(path: Path, *, as_labels: bool = False) -> RawVolume:
     """
     if path.is_dir():
         return _read_series(path, as_labels=as_labels)
-    ds = read_header(path)
+    ds = read_header(path, as_labels=as_labels)
     frames, window, invert = _decode(ds, as_labels=as_labels)
     return RawVolume(frames, _meta(ds, len(frames)), window=window, invert=invert)
-
-
-def read_header(path: Path) -> Dataset:
-    """Parse a DICOM file that should hold an image; pixel data is checked but not decoded."""
-    if not path.exists():
-        raise ImageError("file not found; fix the path in labels.csv or restore the file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ImageError("empty file (0 bytes); re-export it from the PACS")
-    try:
-        ds: Dataset = pydicom.dcmread(path)
-    except InvalidDicomError:
-        ds = _read_without_preamble(path)
-    # pydicom raises many exception types on damaged headers; any of them means unreadable.
-    except Exception as e:
-        raise ImageError(f"unreadable DICOM header ({e}); re-export the file") from None
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        kind = getattr(UID(str(ds.get("SOPClassUID", ""))), "name", "") or "object"
-        raise ImageError(
-            f"no pixel data: this DICOM {kind} holds no image; remove it from labels.csv"
-        )
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows == 0 or cols == 0:
-        raise ImageError(f"zero-size image (Rows={rows}, Columns={cols}); re-export the file")
-    if "PhotometricInterpretation" not in ds:
-        raise ImageError("missing Photometric Interpretation (0028,0004); re-export the file")
-    return ds
-
-
-def _read_without_preamble(path: Path) -> Dataset:
-    """Accept old DICOM files written without the 128-byte preamble, reject everything else."""
-    try:
-        ds = pydicom.dcmread(path, force=True)
-        looks_like_image = "Rows" in ds and "Columns" in ds and "PixelData" in ds
-    # Forcing a parse of a text or JPEG file fails in arbitrary ways; all mean "not DICOM".
-    except Exception:
-        looks_like_image = False
-    if not looks_like_image:
-        raise ImageError(
-            f"not a DICOM file (no 'DICM' marker, {path.stat().st_size} bytes); "
-            "remove it or export the image as DICOM"
-        )
-    if "TransferSyntaxUID" not in ds.file_meta:
-        # The decoders need a transfer syntax; take the encoding the reader detected.
-        ds.file_meta.TransferSyntaxUID = _SYNTAX_BY_ENCODING.get(
-            ds.original_encoding, ExplicitVRLittleEndian
-        )
-    return ds
-
-
-def transfer_syntax(ds: Dataset) -> UID:
-    """Return the dataset's transfer syntax UID."""
-    return UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
 
 
 def _decode(ds: Dataset, *, as_labels: bool) -> tuple[np.ndarray, tuple[float, float] | None, bool]:
@@ -125,18 +64,19 @@ def _decode(ds: Dataset, *, as_labels: bool) -> tuple[np.ndarray, tuple[float, f
             f"unsupported compression {name} ({uid}): no decoder installed ({missing}); "
             f"{_FIX_COMPRESSION}"
         )
-    if not uid.is_compressed and "PixelData" in ds:
-        expected, found = get_expected_length(ds), len(ds.PixelData)
-        if found < expected:
-            raise ImageError(
-                f"truncated pixel data (expected {expected} bytes, found {found}); "
-                "the copy was probably interrupted, copy or export the file again"
-            )
     try:
+        _check_stored_size(ds, uid, name)
         arr, info = decoder.as_array(ds)  # as_rgb=True by default: YBR_FULL* -> RGB
-    # Codec plugins raise anything from ValueError to RuntimeError on damaged streams.
-    except Exception as e:
-        raise ImageError(f"cannot decode {name} pixel data ({e}); re-export the file") from None
+    except ImageError:
+        raise
+    # Codec plugins raise anything from ValueError to RuntimeError (or a Rust panic) on
+    # damaged streams.
+    except BaseException as e:
+        if not is_file_failure(e):
+            raise
+        raise ImageError(
+            f"cannot decode {name} pixel data ({described(e)}); re-export the file"
+        ) from None
 
     frames, spp = int(info["number_of_frames"]), int(info["samples_per_pixel"])
     arr = arr.reshape(frames, int(info["rows"]), int(info["columns"]), spp)
@@ -149,6 +89,37 @@ def _decode(ds: Dataset, *, as_labels: bool) -> tuple[np.ndarray, tuple[float, f
         units = _modality_units(arr[..., 0], ds)[..., None]
         return units, _window(ds), photometric == "MONOCHROME1"
     return _to_rgb(arr, ds, photometric), None, False
+
+
+def _check_stored_size(ds: Dataset, uid: UID, name: str) -> None:
+    """Refuse truncated native pixel data, and codestreams that declare more than the header.
+
+    Codec libraries allocate what the codestream declares, so that is checked before decoding.
+    """
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if not uid.is_compressed:
+        stored = next((ds[k].value for k in PIXEL_KEYWORDS if k in ds), None)
+        if stored is not None:
+            expected, found = get_expected_length(ds), len(stored)
+            if found < expected:
+                raise ImageError(
+                    f"truncated pixel data (expected {expected} bytes, found {found}); "
+                    "the copy was probably interrupted, copy or export the file again"
+                )
+        return
+    frames = int(ds.get("NumberOfFrames") or 1)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        declared = declared_frame_size(frame)
+        if declared is None:
+            continue
+        frame_rows, frame_cols, components = declared
+        if frame_rows * frame_cols * components > rows * cols * samples:
+            raise ImageError(
+                f"{name} frame {index + 1} declares {frame_rows}x{frame_cols} pixels x "
+                f"{components} components, more than the header's {rows}x{cols} x {samples}; "
+                "refused before decoding (damaged or crafted file), export it again"
+            )
 
 
 def _to_rgb(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
@@ -164,16 +135,36 @@ def _to_rgb(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 
 
 def _modality_units(frames: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Apply the modality LUT / rescale (to Hounsfield units for CT), per frame if needed."""
-    if "ModalityLUTSequence" in ds or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+    """Apply the modality LUT / rescale (to Hounsfield units for CT), per frame if needed.
+
+    An invalid Rescale Slope/Intercept value (DS "1A") is ignored outside CT: percentile
+    scaling, used for every other modality, gives the same result with or without a linear
+    rescale. CT needs Hounsfield units for its fixed window, so there it refuses the file.
+    """
+    if "ModalityLUTSequence" in ds:
         return np.asarray(apply_rescale(frames, ds), dtype=np.float32)
-    # Enhanced multi-frame objects keep the rescale in functional groups, which
-    # apply_rescale does not read; without this an enhanced CT would not be in HU.
     out = frames.astype(np.float32)
-    for index in range(len(out)):
-        item = _functional_group(ds, index, "PixelValueTransformationSequence")
-        if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:
-            out[index] = out[index] * float(item.RescaleSlope) + float(item.RescaleIntercept)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        items: list[Dataset | None] = [ds] * len(out)
+    else:
+        # Enhanced multi-frame objects keep the rescale in functional groups, which
+        # apply_rescale does not read; without this an enhanced CT would not be in HU.
+        group = "PixelValueTransformationSequence"
+        items = [_functional_group(ds, index, group) for index in range(len(out))]
+    for index, item in enumerate(items):
+        if item is None or "RescaleSlope" not in item or "RescaleIntercept" not in item:
+            continue
+        slope, intercept = _first_float(item.RescaleSlope), _first_float(item.RescaleIntercept)
+        if slope is None or intercept is None or not np.isfinite([slope, intercept]).all():
+            if modality(ds) == "CT":
+                raise ImageError(
+                    f"invalid Rescale Slope/Intercept (0028,1053/0028,1052) "
+                    f"{shown(item.get('RescaleSlope'))}/{shown(item.get('RescaleIntercept'))}: "
+                    "a CT needs them for Hounsfield units; export the file again"
+                )
+            continue
+        with np.errstate(over="ignore"):  # an overflow to inf is refused after decoding
+            out[index] = out[index].astype(np.float64) * slope + intercept
     return out
 
 
@@ -200,6 +191,15 @@ def _first_float(value: Any) -> float | None:
 
 
 def _window(ds: Dataset) -> tuple[float, float] | None:
+    """Return the header's first (center, width), or None when absent or unreadable."""
+    try:
+        return _header_window(ds)
+    # A damaged window element is not worth the image: CT falls back to the soft-tissue window.
+    except Exception:
+        return None
+
+
+def _header_window(ds: Dataset) -> tuple[float, float] | None:
     source: Dataset | None = ds if "WindowCenter" in ds else None
     if source is None:
         source = _functional_group(ds, 0, "FrameVOILUTSequence")
@@ -208,12 +208,20 @@ def _window(ds: Dataset) -> tuple[float, float] | None:
     center = _first_float(source.get("WindowCenter"))
     width = _first_float(source.get("WindowWidth"))
     # A width below 1 is invalid per PS3.3 C.11.2.1.2; fall back to the default window.
-    if center is None or width is None or width < 1:
+    if center is None or width is None or not np.isfinite([center, width]).all() or width < 1:
         return None
     return center, width
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """Return (row, column) spacing in mm, or None when absent or unreadable (card: unknown)."""
+    try:
+        return _header_spacing(ds)
+    except Exception:
+        return None
+
+
+def _header_spacing(ds: Dataset) -> tuple[float, float] | None:
     value = ds.get("PixelSpacing")
     if value is None:
         measures = _functional_group(ds, 0, "PixelMeasuresSequence")
@@ -224,13 +232,13 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
         row, col = float(value[0]), float(value[1])
     except (TypeError, ValueError, IndexError):
         return None
-    return (row, col) if row > 0 and col > 0 else None
+    usable = np.isfinite([row, col]).all() and row > 0 and col > 0
+    return (row, col) if usable else None
 
 
 def _meta(ds: Dataset, slices: int, skipped: tuple[Problem, ...] = ()) -> ImageMeta:
-    modality = str(ds.get("Modality", "")).strip().upper() or None
     return ImageMeta(
-        modality=modality,
+        modality=modality(ds),
         rows=int(ds.Rows),
         cols=int(ds.Columns),
         slices=slices,
@@ -248,16 +256,18 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     # Dot files (.DS_Store, ._ resource forks) are OS litter, not data worth reporting.
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            datasets.append((file, read_header(file)))
-        except ImageError as e:
-            # Reported (and logged) by the caller, which knows the path relative to the site.
-            skipped.append(Problem(file.name, f"{e.reason}; skipped"))
+            datasets.append((file, read_header(file, as_labels=as_labels)))
+        # Any failure costs this file only; the caller reports it with the site-relative path.
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
+            skipped.append(Problem(file.name, f"{as_image_error(e).reason}; skipped"))
     if not datasets:
         raise ImageError(
             f"folder holds no DICOM image files ({len(skipped)} other files); "
             "put the series' DICOM files in it"
         )
-    series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets)
+    series = Counter(_series_uid(ds) for _, ds in datasets)
     if len(series) > 1:
         listed = ", ".join(f"{uid or '(none)'} ({n} files)" for uid, n in series.most_common())
         raise ImageError(
@@ -275,9 +285,11 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     for file, ds in _sorted_slices(datasets):
         try:
             frames, file_window, invert = _decode(ds, as_labels=as_labels)
-        except ImageError as e:
-            # One broken slice would leave a gap in the volume; report the whole series.
-            raise ImageError(f"{file.name}: {e.reason}") from None
+        # One broken slice would leave a gap in the volume; report the whole series.
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
+            raise ImageError(f"{file.name}: {as_image_error(e).reason}") from None
         window = window or file_window
         volumes.append(frames)
     channels = Counter(v.shape[-1] for v in volumes)
@@ -288,6 +300,13 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     return RawVolume(pixels, _meta(first, len(pixels), tuple(skipped)), window, invert)
 
 
+def _series_uid(ds: Dataset) -> str:
+    try:
+        return str(ds.get("SeriesInstanceUID", ""))
+    except Exception:  # a damaged UID groups the file with the others that have none
+        return ""
+
+
 def _sorted_slices(datasets: list[tuple[Path, Dataset]]) -> list[tuple[Path, Dataset]]:
     """Order slices by position along the slice normal, else InstanceNumber, else file name."""
     positions = _positions_along_normal([ds for _, ds in datasets])
@@ -296,7 +315,8 @@ def _sorted_slices(datasets: list[tuple[Path, Dataset]]) -> list[tuple[Path, Dat
         return [datasets[i] for i in order]
     try:
         return sorted(datasets, key=lambda item: int(item[1].InstanceNumber))
-    except (AttributeError, TypeError, ValueError):
+    # Missing, invalid or unreadable numbers: keep the file-name order.
+    except Exception:
         return datasets
 
 
@@ -311,6 +331,7 @@ def _positions_along_normal(datasets: list[Dataset]) -> list[float] | None:
         positions = [
             float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in datasets
         ]
-    except (AttributeError, TypeError, ValueError, IndexError):
+    # Missing, invalid or unreadable positions: the caller falls back to instance numbers.
+    except Exception:
         return None
     return positions if np.linalg.norm(normal) > 0.5 else None

@@ -1,4 +1,8 @@
-"""Loading one image (DICOM file, DICOM series folder or NIfTI) or mask as model-ready arrays."""
+"""Loading one image (DICOM file or series folder, NIfTI, Analyze, MGH) or mask as arrays.
+
+`read_raw` is the boundary for one file: whatever a reader raises on it becomes that file's
+ImageError, and pixels that are not finite are refused here, for every format.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from common.data.dicom import read_dicom
-from common.data.errors import ImageError
+from common.data.errors import ImageError, as_image_error, is_file_failure
 from common.data.nifti import is_nifti, read_nifti
+from common.data.sniff import has_dicm_marker
 from common.data.normalize import normalise, pad_to_square, resize, select_slices, to_channels
 from common.data.preprocess import Preprocess
 from common.data.volume import ImageMeta, RawVolume
@@ -26,10 +31,55 @@ class LoadedImage:
 
 
 def read_raw(path: Path, *, as_labels: bool = False) -> RawVolume:
-    """Decode `path` (NIfTI by its suffix, otherwise DICOM file or series folder)."""
-    if is_nifti(path):
+    """Decode `path`: a DICOM file or series folder, or a volume nibabel reads (by suffix).
+
+    Raises ImageError for anything that cannot be used, including any unexpected exception
+    (named with its class and message) and images holding NaN or infinite values.
+    """
+    path = Path(path)
+    try:
+        raw = _read(path, as_labels=as_labels)
+    # MemoryError and codec panics too: one file's failure never ends the site.
+    except BaseException as e:
+        if not is_file_failure(e):
+            raise
+        raise ImageError(_without_folders(as_image_error(e).reason, path)) from None
+    _check_finite(raw.pixels)
+    return raw
+
+
+def _without_folders(reason: str, path: Path) -> str:
+    """Drop the folders from a library's message that quotes the file's full path.
+
+    Skip reasons name files relative to the site, so that a data card can be shared without
+    the hospital's directory layout.
+    """
+    for form in {str(path.resolve()), str(path.absolute()), str(path)}:
+        reason = reason.replace(form, path.name)
+    return reason
+
+
+def _read(path: Path, *, as_labels: bool) -> RawVolume:
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        # A FIFO or device would block or never end; only regular files hold images.
+        raise ImageError("not a regular file (a pipe, socket or device); list image files only")
+    # The DICM marker wins over the suffix: some archives name DICOM files *.img.
+    if is_nifti(path) and not (path.is_file() and has_dicm_marker(path)):
         return read_nifti(path)
     return read_dicom(path, as_labels=as_labels)
+
+
+def _check_finite(pixels: np.ndarray) -> None:
+    """Refuse NaN/Inf pixels: normalising them would make a black image that counts as read."""
+    bad = int(np.count_nonzero(~np.isfinite(pixels)))
+    if bad == 0:
+        return
+    total = pixels.size
+    which = "every pixel is" if bad == total else f"{bad:,} of {total:,} pixels are"
+    raise ImageError(
+        f"{which} NaN or infinite after decoding; the image holds no usable values there, "
+        "export it again (or fix the tool that wrote it)"
+    )
 
 
 def load_image(path: Path, pre: Preprocess) -> LoadedImage:

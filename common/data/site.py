@@ -12,10 +12,11 @@ from typing import NamedTuple
 import numpy as np
 
 from common.data.cache import ImageCache
-from common.data.errors import ImageError, Problem
+from common.data.errors import DataError, ImageError, Problem, as_image_error, is_file_failure
 from common.data.geometry import check_mask_grid
 from common.data.image import LoadedImage, check_mask_geometry
 from common.data.labels import SPLITS, Row, read_labels
+from common.data.limits import max_image_bytes
 from common.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class SiteData:
         self.name = self.site_dir.resolve().name
         self.pre = pre
         self.rows: list[Row] = read_labels(self.site_dir, seed=seed)
+        try:
+            max_image_bytes()  # a bad $MEDFED_MAX_IMAGE_MB is the site's problem, not each file's
+        except ValueError as e:
+            raise DataError(str(e)) from None
         self.problems: list[Problem] = []
         self._cache = ImageCache(cache_dir)
         # Rows already found unreadable are not retried by later split() calls.
@@ -149,10 +154,14 @@ class SiteData:
                 yield loaded
 
     def _load(self, index: int, row: Row) -> LoadedRow | None:
+        # The per-file boundary: any exception while reading one file (not only ImageError:
+        # a parser's TypeError, a MemoryError) skips that row, named, and the site goes on.
         try:
             image = self._cache.image(self.site_dir / row.path, self.pre)
-        except ImageError as e:
-            self._report(Problem(row.path, f"{e.reason}; skipped"))
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
+            self._skip(row.path, e, "skipped")
             return None
         for inner in image.meta.skipped:
             self._report(Problem(f"{row.path}/{inner.path}", inner.reason))
@@ -162,11 +171,22 @@ class SiteData:
                 mask, mask_meta = self._cache.mask(self.site_dir / row.mask, self.pre)
                 check_mask_geometry(mask_meta, image.meta)
                 check_mask_grid(self.site_dir / row.mask, self.site_dir / row.path)
-            except ImageError as e:
+            except BaseException as e:
+                if not is_file_failure(e):
+                    raise
                 # An image whose declared mask is broken would train a segmenter on nothing.
-                self._report(Problem(row.mask, f"{e.reason}; row {row.path} skipped"))
+                self._skip(row.mask, e, f"row {row.path} skipped")
                 return None
         return LoadedRow(index, image, mask)
+
+    def _skip(self, path: str, error: BaseException, outcome: str) -> None:
+        reason = as_image_error(error).reason
+        # A library message may quote the full path; the card names files relative to the site.
+        for folder in {self.site_dir.resolve(), self.site_dir.absolute(), self.site_dir}:
+            reason = reason.replace(f"{folder}/", "")
+        if not isinstance(error, ImageError):  # unexpected: keep the trace for a bug report
+            log.debug("site %s: %s failed", self.name, path, exc_info=error)
+        self._report(Problem(path, f"{reason}; {outcome}"))
 
     def _report(self, problem: Problem) -> None:
         if problem in self._reported:
