@@ -68,7 +68,8 @@ def synth(
     sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 4,
     images_per_site: Annotated[int, typer.Option(help="Average images per site.")] = 200,
     test_images: Annotated[
-        int | None, typer.Option(help="Held-out test images (default: max(200, 2 x per site)).")
+        int | None,
+        typer.Option(help="Held-out test images.", show_default="max(200, 2 x per site)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
@@ -256,7 +257,8 @@ def _write_report_after_run(run_dir: Path) -> None:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (the --out of `simulate`).")],
     out_file: Annotated[
-        Path | None, typer.Option("--out", help="HTML file to write (default RUN_DIR/report.html).")
+        Path | None,
+        typer.Option("--out", help="HTML file to write.", show_default="RUN_DIR/report.html"),
     ] = None,
 ) -> None:
     """Write a run's self-contained HTML report: metrics, sites, privacy, fairness, failures."""

@@ -72,7 +72,8 @@ def provision(
                           "and --port (e.g. behind an ingress).")
     ] = "",
     control_address: Annotated[
-        str, typer.Option(help="HOST:PORT operators connect to [default: the fleet address].")
+        str, typer.Option(help="HOST:PORT operators connect to.",
+                          show_default="the fleet address")
     ] = "",
     force: Annotated[bool, typer.Option(help="Re-issue everything in an existing --out.")] = False,
 ) -> None:
@@ -145,16 +146,17 @@ def server(
     ] = Path("medfed-state"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="HTTPS port [default: the kit's, 9092].")
+        int | None,
+        typer.Option(min=1, max=65535, help="HTTPS port.", show_default="the kit's, 9092"),
     ] = None,
     health_port: Annotated[
         int | None,
-        typer.Option(min=1, max=65535, help="gRPC health port [default: the kit's, 9098]."),
+        typer.Option(min=1, max=65535, help="gRPC health port.", show_default="the kit's, 9098"),
     ] = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Dashboard and /metrics; 0 turns them off "
-                     "[default: the kit's, 9400]."),
+        typer.Option(min=0, max=65535, help="Dashboard and /metrics; 0 turns them off.",
+                     show_default="the kit's, 9400"),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the dashboard.")] = "127.0.0.1",
 ) -> None:
@@ -206,8 +208,8 @@ def site(
     ] = None,
     state_dir: Annotated[
         Path | None,
-        typer.Option("--state", help="The site's own state (privacy ledger) "
-                     "[default: ~/.medfed/sites/<name>]."),
+        typer.Option("--state", help="The site's own state (privacy ledger).",
+                     show_default="~/.medfed/sites/<name>"),
     ] = None,
     runtime_port: Annotated[
         int, typer.Option(min=1, max=65535, help="Local port of the SuperNode's runtime API "
@@ -223,8 +225,8 @@ def site(
     metrics_host: Annotated[str, typer.Option(help="Address of /metrics.")] = "127.0.0.1",
     budget_epsilon: Annotated[
         float | None,
-        typer.Option(help="This dataset's privacy budget over all runs "
-                     "[default: the kit's budget-epsilon, else none]."),
+        typer.Option(help="This dataset's privacy budget over all runs.",
+                     show_default="the kit's budget-epsilon, else none"),
     ] = None,
     ledger_dir: opt.LedgerDir = None,
 ) -> None:
@@ -416,7 +418,7 @@ def apps(
 @site_app.command("app-hash")
 def app_hash(
     app_dir: Annotated[
-        Path, typer.Argument(help="A Flower App folder [default: the working directory].")
+        Path, typer.Argument(help="A Flower App folder.", show_default="the working directory")
     ] = Path("."),
 ) -> None:
     """Print the FAB hash of the bundle `flwr run APP_DIR` would submit (what sites approve)."""
@@ -494,8 +496,8 @@ def run(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write here.")],
     test_data: Annotated[
         str | None,
-        typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation "
-                     "(default: none; the sites' federated evaluation is used)."),
+        typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation (none: "
+                     "the sites' federated evaluation is used).", show_default="none"),
     ] = None,
     task: opt.TaskOpt = None,
     init_encoder: opt.InitEncoder = None,
@@ -526,8 +528,9 @@ def run(
     secagg_threshold: opt.SecaggThreshold = None,
     secagg_max_weight: opt.SecaggMaxWeight = None,
     app_dir: Annotated[
-        Path | None, typer.Option("--app", help="The medfed Flower App folder [default: this "
-                                  "installation's source].")
+        Path | None,
+        typer.Option("--app", help="The medfed Flower App folder.",
+                     show_default="this installation's source"),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace results already in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show the run's whole log.")] = False,
