@@ -30,6 +30,7 @@ from typing import IO
 from client.approval import LAUNCHER_DIR, write_launchers
 from common.certs import fingerprint
 from common.kit import SiteKit
+from common.ports import check_free
 from common.procs import (
     die_with_parent,
     flower_environment,
@@ -105,6 +106,21 @@ class SiteSettings:
         env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
         env["PATH"] = os.pathsep.join([str(self.launcher_dir), env["PATH"]])
         return env
+
+
+def check_site_ports(
+    *, runtime_port: int, health_port: int | None, metrics_host: str, metrics_port: int
+) -> None:
+    """Raise PortTaken (naming the flag and a free port) if a port the site listens on is taken.
+
+    Checked before the site starts: a second site on the same machine with the default ports
+    otherwise fails inside Flower's SuperNode, which only says it exited, again and again.
+    """
+    check_free({
+        "--runtime-port": ("127.0.0.1", runtime_port),
+        "--health-port": ("0.0.0.0", health_port or 0),
+        "--metrics-port": (metrics_host, metrics_port),
+    })
 
 
 def check_node_config_value(path: Path, flag: str) -> None:

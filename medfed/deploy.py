@@ -235,12 +235,22 @@ def site(
         return
     if kit is None or data is None:
         raise fail("--kit and --data are required", EXIT_BAD_INPUT)
-    from client.supernode import SiteProcess, SiteRefused, SiteSettings, check_node_config_value
+    from client.supernode import (
+        SiteProcess,
+        SiteRefused,
+        SiteSettings,
+        check_node_config_value,
+        check_site_ports,
+    )
     from common.data import Preprocess, check_site
     from common.kit import SiteKit
 
     _logging()
     site_kit = guard(lambda: SiteKit.load(kit))
+    guard(lambda: check_site_ports(
+        runtime_port=runtime_port, health_port=health_port, metrics_host=metrics_host,
+        metrics_port=metrics_port,
+    ))
     guard(lambda: check_node_config_value(data, "--data"))
     card = guard(lambda: check_site(data, Preprocess()))
     if not card.usable:
@@ -517,6 +527,7 @@ def run(
     lr: opt.Lr = None,
     image_size: opt.ImageSize = None,
     min_sites: opt.MinSites = None,
+    wait_timeout: opt.WaitTimeout = None,
     proximal_mu: opt.ProximalMu = None,
     device: opt.Device = None,
     screen_z: opt.ScreenZ = None,
@@ -549,7 +560,7 @@ def run(
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
-        proximal_mu=proximal_mu, device=device, screen_z=screen_z,
+        wait_timeout=wait_timeout, proximal_mu=proximal_mu, device=device, screen_z=screen_z,
         central_dp=central_dp, central_noise=central_noise, clip_norm=clip_norm,
         secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
         secagg_max_weight=secagg_max_weight,
@@ -577,6 +588,8 @@ def run(
     except KeyboardInterrupt:
         err.print("stopped following the run; it continues on the aggregator")
         raise typer.Exit(130) from None
+    if result.reason:
+        raise fail(f"run {result.run_id}: {result.reason}", EXIT_FAILED)
     if result.status == "finished:stopped":
         raise fail(f"run {result.run_id} was stopped before it finished", EXIT_FAILED)
     if result.status != "finished:completed":

@@ -16,6 +16,7 @@ from server.exporter import MetricsSettings, serve_metrics
 from server.run import ProgressFn, RoundUpdate, run_federation
 from server.secure import run_secure_federation
 from server.superlink import STATE_ENV
+from server.waiting import wait_for_sites
 
 # Flower's logger: what `flwr log` shows of the ServerApp
 flwr_log = logging.getLogger("flwr")
@@ -41,6 +42,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         def federate(run_cfg: RunConfig, on_round: ProgressFn | None = on_round) -> None:
+            if cfg is None:  # deployed or `flwr run .`: sites connect when they can
+                wait_for_sites(grid, min_sites=run_cfg.min_sites, timeout=run_cfg.wait_timeout,
+                               say=flwr_log.info)
             if run_cfg.secure_agg:
                 run_secure_federation(
                     grid, context, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
