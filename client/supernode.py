@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from client.approval import LAUNCHER_DIR, write_launchers
+from common import logs
 from common.certs import fingerprint
 from common.kit import SiteKit
 from common.ports import check_free
@@ -49,6 +51,7 @@ KEY_REFUSED_MARK = "Failed to activate SuperNode"
 REFUSALS_BEFORE_GIVING_UP = 3
 REFUSAL_RETRY_S = 5.0
 BACKOFF_START_S, BACKOFF_MAX_S = 2.0, 60.0
+STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 class SiteRefused(RuntimeError):
@@ -106,6 +109,16 @@ class SiteSettings:
         env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
         env["PATH"] = os.pathsep.join([str(self.launcher_dir), env["PATH"]])
         return env
+
+
+def stamped(line: str) -> str:
+    """`line` with the time in front, unless it starts with one (medfed's own log lines do).
+
+    Flower's SuperNode logs without timestamps ("INFO :      Received: train message ...").
+    """
+    if STAMPED.match(line) or not line.strip():
+        return line
+    return f"{time.strftime(logs.DATE_FORMAT)} {line}"
 
 
 def check_site_ports(
@@ -179,7 +192,7 @@ class SiteProcess:
     def _echo(self, stream: IO[str]) -> None:
         for line in stream:
             self._tail.append(line)
-            print(line, end="", flush=True)
+            print(stamped(line), end="", flush=True)
 
     def _run_once(self) -> int:
         self._tail.clear()

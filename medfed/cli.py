@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from common.config import ConfigError, RunConfig
+from common.logs import settle_known_warnings
 from medfed import deploy
 from medfed import options as opt
 from medfed.console import (
@@ -230,6 +231,11 @@ def simulate(
     # Name the run here, so that the dashboard and the run's files show the same id.
     cfg = cfg.replace(run_key=cfg.run_key or uuid.uuid4().hex)
     settings = guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
+    # before Ray starts its workers, which inherit the filters' "explained" mark (common.logs);
+    # without --verbose the workers' output, warnings included, is not shown at all
+    settle_known_warnings(
+        (lambda line: err.print(line, highlight=False, markup=False)) if verbose else None
+    )
     results = guard(
         lambda: _simulate_with_metrics(
             cfg, resume is not None, verbose, force, settings, federation

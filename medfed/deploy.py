@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -47,7 +46,9 @@ KitsOpt = Annotated[Path, typer.Option("--kits", help="The folder `medfed provis
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    from common import logs
+
+    logs.configure()
 
 
 # --- provision ---------------------------------------------------------------------------------

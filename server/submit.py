@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,7 +213,11 @@ def submit(
                     run_id = int(started.group(1))
                     if on_started:
                         on_started(run_id)
-                if verbose or mark is not None or "ERROR" in line or started:
+                if mark is not None and not verbose:
+                    # one form, stamped on arrival: the stream carries the line with and
+                    # without Flower's timestamp, whichever comes first
+                    show(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {progress}")
+                elif verbose or "ERROR" in line or started:
                     show(line)
             code = proc.wait()
         finally:
