@@ -29,12 +29,17 @@ def bind_error(host: str, port: int) -> str | None:
     return None
 
 
-def free_port_after(host: str, port: int, avoid: set[int] | frozenset[int] = frozenset()) -> int:
-    """The first port above `port` that is free on `host` now (and not in `avoid`)."""
+def free_port_after(
+    host: str, port: int, avoid: set[int] | frozenset[int] = frozenset()
+) -> int | None:
+    """The first port above `port` free on `host` now (not in `avoid`); None: `host` is unusable."""
+    if bind_error(host, 0) is not None:
+        return None
     for candidate in range(port + 1, min(port + 200, 65536)):
         if candidate not in avoid and bind_error(host, candidate) is None:
             return candidate
-    with socket.socket() as sock:  # a crowded range: any port the system offers
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:  # crowded: any port offered
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -53,13 +58,18 @@ def check_free(ports: dict[str, tuple[str, int]], *, how: str = "pass {flag} {fr
         if port in seen:
             free = free_port_after(host, port, avoid=wanted)
             raise PortTaken(
-                f"{flag} {port} is also {seen[port]}; each needs its own port: "
-                + how.format(flag=flag, free=free)
+                f"{flag} {port} is also {seen[port]}; each needs its own port"
+                + (f": {how.format(flag=flag, free=free)}" if free is not None else "")
             )
         seen[port] = flag
         reason = bind_error(host, port)
         if reason is not None:
             free = free_port_after(host, port, avoid=wanted)
+            if free is None:
+                raise PortTaken(
+                    f"{flag} {port}: cannot listen on {host} ({reason}); give an address of "
+                    "this machine (e.g. 127.0.0.1)"
+                )
             raise PortTaken(
                 f"{flag} {port}: {host}:{port} is in use ({reason}), perhaps by another site or "
                 f"run on this machine; {how.format(flag=flag, free=free)} ({free} is free now)"

@@ -47,3 +47,8 @@ def test_the_command_line_runs_without_the_venv_and_names_the_make_variable(take
     )
     assert done.returncode == 2
     assert f"METRICS_PORT {port}" in done.stderr and "make demo METRICS_PORT=" in done.stderr
+
+
+def test_an_address_not_of_this_machine_is_named_as_such() -> None:
+    with pytest.raises(PortTaken, match="--metrics-port 9401: cannot listen on 198.51.100.77"):
+        check_free({"--metrics-port": ("198.51.100.77", 9401)})  # TEST-NET-2: never local
