@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 DEMO_DATA := data/demo
 DEMO_RUN  := runs/demo
+# The demo's dashboard and /metrics; `make demo METRICS_PORT=9500` moves them, 0 turns them off.
+METRICS_PORT ?= 9400
 
 .PHONY: install demo test lint types unit clean bench
 
@@ -23,12 +25,18 @@ install: $(STAMP)
 
 # DP-SGD at epsilon 8 needs sites of a few hundred images, batches of 64 and a livelier learning
 # rate to learn in 20 rounds; smaller sites drown in the noise their privacy needs.
-demo: install
+# The port is checked first (standard library only, nothing installed yet): a taken port used to
+# end the demo after minutes of install and synth.
+demo:
+	@$(PYTHON) -E -S -m common.ports --how "run 'make demo METRICS_PORT={free}'" \
+		METRICS_PORT=127.0.0.1:$(METRICS_PORT)
+	@$(MAKE) --no-print-directory install
 	$(BIN)/medfed synth --sites 4 --images-per-site 500 --test-images 400 --seed 0 \
 		--out $(DEMO_DATA) --force
 	$(BIN)/medfed check-data $(DEMO_DATA)/sites/hospital-01
 	$(BIN)/medfed simulate --data $(DEMO_DATA)/sites --test-data $(DEMO_DATA)/test \
-		--out $(DEMO_RUN) --rounds 20 --batch-size 64 --lr 0.001 --force
+		--out $(DEMO_RUN) --rounds 20 --batch-size 64 --lr 0.001 --metrics-port $(METRICS_PORT) \
+		--force
 	@echo
 	@echo "Demo finished. Results: $(DEMO_RUN)/results.json, plot: $(DEMO_RUN)/metrics.png," \
 		"model: $(DEMO_RUN)/model.pt"
@@ -44,20 +52,11 @@ lint: install
 types: install
 	$(BIN)/mypy
 
-# System tools the metrics tests drive: a real Prometheus and a headless Chromium (Debian).
+# System tools the tests drive (Debian packages: Prometheus, Chromium, nginx). As root it installs
+# what is missing without recommends and starts no service; it says what it installed.
 .PHONY: test-deps
 test-deps:
-	@missing=""; \
-	[ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
-	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing$$missing (Debian packages) for the tests"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	else \
-		echo "the metrics tests need$$missing: run 'sudo apt-get install -y$$missing'" \
-			"(or 'sudo make test-deps'); without them they skip locally and fail in CI"; \
-	fi
+	@sh tests/install_tools.sh
 
 unit: install test-deps
 	$(BIN)/python -m pytest -q

@@ -46,6 +46,7 @@ from client.secure import (
 from client.tasks import TASKS, Fit, SplitLoader, get_task
 from client.tasks.base import network, site_data
 from client.train import LocalTraining, resolve_device
+from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
@@ -267,6 +268,7 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        logs.configure()  # this process may be a fresh ClientApp process or a Ray worker
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)
@@ -343,6 +345,13 @@ def make_client_app(
                 target_epsilon=cfg.target_epsilon if cfg.dp else None,
             ),
         )
+        log.info(
+            "site %s, run %s, round %d, %s train: %d steps on %d images, loss %.4f, %s, %.1fs",
+            site.name, cfg.run_key or context.run_id, server_round, cfg.task, report.steps,
+            report.num_examples, report.loss,
+            f"epsilon {spent:.2f} of {cfg.target_epsilon:g}" if spent is not None else "no DP",
+            report.seconds,
+        )
         if cfg.central_dp != "off":
             metrics[UNIT_WEIGHT] = 1
         records["arrays"] = ArrayRecord(model.cpu().state_dict())
@@ -352,6 +361,7 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
+        logs.configure()
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)
@@ -364,14 +374,19 @@ def make_client_app(
         config = msg.content.config_records["config"]
         started = time.perf_counter()
         result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
+        seconds = time.perf_counter() - started
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         progress.record(
             site.state_dir,
             progress.Progress(
-                run=cfg.run_key or str(context.run_id),
-                round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
-                phase="evaluate", seconds=time.perf_counter() - started,
-                loss=float(result.get("loss", float("nan"))), examples=n,
+                run=cfg.run_key or str(context.run_id), round=server_round, phase="evaluate",
+                seconds=seconds, loss=float(result.get("loss", float("nan"))), examples=n,
             ),
+        )
+        log.info(
+            "site %s, run %s, round %d, %s evaluate: %d images, %s, %.1fs",
+            site.name, cfg.run_key or context.run_id, server_round, cfg.task, n,
+            ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
         if cfg.central_dp != "off":

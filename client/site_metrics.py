@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from client import progress
+from common.ports import PortTaken, free_port_after
 
 log = logging.getLogger("medfed.site")
 
@@ -165,9 +166,15 @@ def serve_site_metrics(collector: SiteCollector, *, host: str, port: int) -> Cal
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ValueError(
-            f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror}); pass a "
-            "free port, or --metrics-port 0 to run without site metrics"
+        # taken since `medfed site` checked it (common.ports), or a host it cannot bind
+        free = free_port_after(host, port)
+        fix = (
+            f"pass --metrics-port {free} ({free} is free now)" if free is not None
+            else f"--metrics-host {host} is not an address of this machine: use e.g. 127.0.0.1"
+        )
+        raise PortTaken(
+            f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror}); {fix}, or "
+            "--metrics-port 0 to run without site metrics"
         ) from None
 
     def stop() -> None:

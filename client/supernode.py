@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import IO
 
 from client.approval import LAUNCHER_DIR, write_launchers
+from common import logs
 from common.certs import fingerprint
 from common.kit import SiteKit
+from common.ports import check_free
 from common.procs import (
     die_with_parent,
     flower_environment,
@@ -48,6 +51,7 @@ KEY_REFUSED_MARK = "Failed to activate SuperNode"
 REFUSALS_BEFORE_GIVING_UP = 3
 REFUSAL_RETRY_S = 5.0
 BACKOFF_START_S, BACKOFF_MAX_S = 2.0, 60.0
+STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 class SiteRefused(RuntimeError):
@@ -109,6 +113,31 @@ class SiteSettings:
         return env
 
 
+def stamped(line: str) -> str:
+    """`line` with the time in front, unless it starts with one (medfed's own log lines do).
+
+    Flower's SuperNode logs without timestamps ("INFO :      Received: train message ...").
+    """
+    if STAMPED.match(line) or not line.strip():
+        return line
+    return f"{time.strftime(logs.DATE_FORMAT)} {line}"
+
+
+def check_site_ports(
+    *, runtime_port: int, health_port: int | None, metrics_host: str, metrics_port: int
+) -> None:
+    """Raise PortTaken (naming the flag and a free port) if a port the site listens on is taken.
+
+    Checked before the site starts: a second site on the same machine with the default ports
+    otherwise fails inside Flower's SuperNode, which only says it exited, again and again.
+    """
+    check_free({
+        "--runtime-port": ("127.0.0.1", runtime_port),
+        "--health-port": ("0.0.0.0", health_port or 0),
+        "--metrics-port": (metrics_host, metrics_port),
+    })
+
+
 def check_node_config_value(path: Path, flag: str) -> None:
     """Flower's node config is `key="value"` pairs: a quote in a path would break it."""
     if '"' in str(path.resolve()):
@@ -165,7 +194,7 @@ class SiteProcess:
     def _echo(self, stream: IO[str]) -> None:
         for line in stream:
             self._tail.append(line)
-            print(line, end="", flush=True)
+            print(stamped(line), end="", flush=True)
 
     def _run_once(self) -> int:
         self._tail.clear()

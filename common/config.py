@@ -77,6 +77,9 @@ class RunConfig:
     trimmed_beta: float = 0.2
     krum_byzantine: int = 0
     round_timeout: float = 3600.0
+    # deployment: seconds the aggregator waits for --min-sites sites to connect before round 1;
+    # a run that never gets them is stopped instead of waiting silently for ever
+    wait_timeout: float = 600.0
     # simulation only: every virtual site's privacy budget over all runs (0: none) and where
     # their ledgers are (empty: $MEDFED_LEDGER_DIR or ~/.medfed/ledger); deployed sites set
     # their own with `medfed site --budget-epsilon`
@@ -166,6 +169,7 @@ class RunConfig:
         need(0 <= self.trimmed_beta < 0.5, "trimmed_beta", "must be in [0, 0.5)")
         need(self.krum_byzantine >= 0, "krum_byzantine", "must be >= 0")
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        need(self.wait_timeout > 0, "wait_timeout", "must be > 0 seconds, e.g. 600")
         need(self.budget_epsilon >= 0, "budget_epsilon", "must be >= 0 (0: no budget)")
         need(self.screen_z >= 0, "screen_z", "must be >= 0 (0: no norm screening), e.g. 3.5")
         need(self.central_dp in CENTRAL_DP, "central_dp", f"must be one of {', '.join(CENTRAL_DP)}")

@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from common.config import ConfigError, RunConfig
+from common.logs import settle_known_warnings
 from medfed import deploy
 from medfed import options as opt
 from medfed.console import (
@@ -68,7 +69,8 @@ def synth(
     sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 4,
     images_per_site: Annotated[int, typer.Option(help="Average images per site.")] = 200,
     test_images: Annotated[
-        int | None, typer.Option(help="Held-out test images (default: max(200, 2 x per site)).")
+        int | None,
+        typer.Option(help="Held-out test images.", show_default="max(200, 2 x per site)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
@@ -244,6 +246,11 @@ def simulate(
     # Name the run here, so that the dashboard and the run's files show the same id.
     cfg = cfg.replace(run_key=cfg.run_key or uuid.uuid4().hex)
     settings = guard(lambda: MetricsSettings(port=metrics_port, host=metrics_host))
+    # before Ray starts its workers, which inherit the filters' "explained" mark (common.logs);
+    # without --verbose the workers' output, warnings included, is not shown at all
+    settle_known_warnings(
+        (lambda line: err.print(line, highlight=False, markup=False)) if verbose else None
+    )
     results = guard(
         lambda: _simulate_with_metrics(
             cfg, resume is not None, verbose, force, settings, federation
@@ -271,7 +278,8 @@ def _write_report_after_run(run_dir: Path) -> None:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (the --out of `simulate`).")],
     out_file: Annotated[
-        Path | None, typer.Option("--out", help="HTML file to write (default RUN_DIR/report.html).")
+        Path | None,
+        typer.Option("--out", help="HTML file to write.", show_default="RUN_DIR/report.html"),
     ] = None,
 ) -> None:
     """Write a run's self-contained HTML report: metrics, sites, privacy, fairness, failures."""

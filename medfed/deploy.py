@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -47,7 +46,9 @@ KitsOpt = Annotated[Path, typer.Option("--kits", help="The folder `medfed provis
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    from common import logs
+
+    logs.configure()
 
 
 # --- provision ---------------------------------------------------------------------------------
@@ -72,7 +73,8 @@ def provision(
                           "and --port (e.g. behind an ingress).")
     ] = "",
     control_address: Annotated[
-        str, typer.Option(help="HOST:PORT operators connect to [default: the fleet address].")
+        str, typer.Option(help="HOST:PORT operators connect to.",
+                          show_default="the fleet address")
     ] = "",
     force: Annotated[bool, typer.Option(help="Re-issue everything in an existing --out.")] = False,
 ) -> None:
@@ -145,16 +147,17 @@ def server(
     ] = Path("medfed-state"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="HTTPS port [default: the kit's, 9092].")
+        int | None,
+        typer.Option(min=1, max=65535, help="HTTPS port.", show_default="the kit's, 9092"),
     ] = None,
     health_port: Annotated[
         int | None,
-        typer.Option(min=1, max=65535, help="gRPC health port [default: the kit's, 9098]."),
+        typer.Option(min=1, max=65535, help="gRPC health port.", show_default="the kit's, 9098"),
     ] = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Dashboard and /metrics; 0 turns them off "
-                     "[default: the kit's, 9400]."),
+        typer.Option(min=0, max=65535, help="Dashboard and /metrics; 0 turns them off.",
+                     show_default="the kit's, 9400"),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the dashboard.")] = "127.0.0.1",
 ) -> None:
@@ -206,8 +209,8 @@ def site(
     ] = None,
     state_dir: Annotated[
         Path | None,
-        typer.Option("--state", help="The site's own state (privacy ledger) "
-                     "[default: ~/.medfed/sites/<name>]."),
+        typer.Option("--state", help="The site's own state (privacy ledger).",
+                     show_default="~/.medfed/sites/<name>"),
     ] = None,
     runtime_port: Annotated[
         int, typer.Option(min=1, max=65535, help="Local port of the SuperNode's runtime API "
@@ -223,8 +226,8 @@ def site(
     metrics_host: Annotated[str, typer.Option(help="Address of /metrics.")] = "127.0.0.1",
     budget_epsilon: Annotated[
         float | None,
-        typer.Option(help="This dataset's privacy budget over all runs "
-                     "[default: the kit's budget-epsilon, else none]."),
+        typer.Option(help="This dataset's privacy budget over all runs.",
+                     show_default="the kit's budget-epsilon, else none"),
     ] = None,
     ledger_dir: opt.LedgerDir = None,
 ) -> None:
@@ -233,12 +236,22 @@ def site(
         return
     if kit is None or data is None:
         raise fail("--kit and --data are required", EXIT_BAD_INPUT)
-    from client.supernode import SiteProcess, SiteRefused, SiteSettings, check_node_config_value
+    from client.supernode import (
+        SiteProcess,
+        SiteRefused,
+        SiteSettings,
+        check_node_config_value,
+        check_site_ports,
+    )
     from common.data import Preprocess, check_site
     from common.kit import SiteKit
 
     _logging()
     site_kit = guard(lambda: SiteKit.load(kit))
+    guard(lambda: check_site_ports(
+        runtime_port=runtime_port, health_port=health_port, metrics_host=metrics_host,
+        metrics_port=metrics_port,
+    ))
     guard(lambda: check_node_config_value(data, "--data"))
     guard(lambda: check_node_config_value(site_kit.private_key, "--kit"))  # signs the audit trail
     card = guard(lambda: check_site(data, Preprocess()))
@@ -417,7 +430,7 @@ def apps(
 @site_app.command("app-hash")
 def app_hash(
     app_dir: Annotated[
-        Path, typer.Argument(help="A Flower App folder [default: the working directory].")
+        Path, typer.Argument(help="A Flower App folder.", show_default="the working directory")
     ] = Path("."),
 ) -> None:
     """Print the FAB hash of the bundle `flwr run APP_DIR` would submit (what sites approve)."""
@@ -525,8 +538,8 @@ def run(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write here.")],
     test_data: Annotated[
         str | None,
-        typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation "
-                     "(default: none; the sites' federated evaluation is used)."),
+        typer.Option(help="Held-out folder ON THE AGGREGATOR for central evaluation (none: "
+                     "the sites' federated evaluation is used).", show_default="none"),
     ] = None,
     task: opt.TaskOpt = None,
     init_encoder: opt.InitEncoder = None,
@@ -546,6 +559,7 @@ def run(
     lr: opt.Lr = None,
     image_size: opt.ImageSize = None,
     min_sites: opt.MinSites = None,
+    wait_timeout: opt.WaitTimeout = None,
     proximal_mu: opt.ProximalMu = None,
     device: opt.Device = None,
     screen_z: opt.ScreenZ = None,
@@ -557,8 +571,9 @@ def run(
     secagg_threshold: opt.SecaggThreshold = None,
     secagg_max_weight: opt.SecaggMaxWeight = None,
     app_dir: Annotated[
-        Path | None, typer.Option("--app", help="The medfed Flower App folder [default: this "
-                                  "installation's source].")
+        Path | None,
+        typer.Option("--app", help="The medfed Flower App folder.",
+                     show_default="this installation's source"),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace results already in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show the run's whole log.")] = False,
@@ -577,7 +592,7 @@ def run(
         target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
         local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
-        proximal_mu=proximal_mu, device=device, screen_z=screen_z,
+        wait_timeout=wait_timeout, proximal_mu=proximal_mu, device=device, screen_z=screen_z,
         central_dp=central_dp, central_noise=central_noise, clip_norm=clip_norm,
         secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
         secagg_max_weight=secagg_max_weight,
@@ -605,6 +620,8 @@ def run(
     except KeyboardInterrupt:
         err.print("stopped following the run; it continues on the aggregator")
         raise typer.Exit(130) from None
+    if result.reason:
+        raise fail(f"run {result.run_id}: {result.reason}", EXIT_FAILED)
     if result.status == "finished:stopped":
         raise fail(f"run {result.run_id} was stopped before it finished", EXIT_FAILED)
     if result.status != "finished:completed":

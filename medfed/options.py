@@ -8,9 +8,33 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from common.config import RunConfig
+
+_RUN = RunConfig()
+
+
+def _default(name: str) -> str:
+    """The run's default for a setting as --help shows it (declared once, in RunConfig)."""
+    value = getattr(_RUN, name)
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "none"
+
+
+def _option(*decls: str, help: str, shown: str) -> Any:
+    """typer.Option whose help ends with what applies when the flag is not given.
+
+    Escaped, because rich reads a bare "[default: 5]" as markup and drops it from --help, and
+    typer's show_default="5" prints "(5)".
+    """
+    return typer.Option(*decls, help=f"{help} \\[default: {shown}]")
 
 
 class Strategy(StrEnum):
@@ -36,109 +60,143 @@ class Task(StrEnum):
 
 TaskOpt = Annotated[
     Task | None,
-    typer.Option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
-                 "or synthesize (DP conditional GAN). [default: classify]"),
+    _option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
+                 "or synthesize (DP conditional GAN).", shown=_default("task")),
 ]
 InitEncoder = Annotated[
     Path | None,
-    typer.Option(help="With --task classify: a finished --task autoencode run folder whose "
-                 "encoder initialises the classifier (federated pretraining)."),
+    _option(help="With --task classify: a finished --task autoencode run folder whose "
+                 "encoder initialises the classifier (federated pretraining).",
+                 shown=_default("init_encoder")),
 ]
 EncoderLrScale = Annotated[
     float | None,
-    typer.Option(help="With --task classify: the feature blocks' learning rate as a multiple of "
-                 "--lr; 0 freezes them and only the head trains. [default: 1]"),
+    _option(help="With --task classify: the feature blocks' learning rate as a multiple of "
+                 "--lr; 0 freezes them and only the head trains.",
+                 shown=_default("encoder_lr_scale")),
 ]
 SpotWeight = Annotated[
     float | None,
-    typer.Option(help="With --task autoencode: weight of the spot term, which teaches the encoder "
+    _option(help="With --task autoencode: weight of the spot term, which teaches the encoder "
                  "where lesions are (0.1 for an encoder to pass to --init-encoder; 0: "
-                 "reconstruction only, the better anomaly score under DP). [default: 0]"),
+                 "reconstruction only, the better anomaly score under DP).",
+                 shown=_default("spot_weight")),
 ]
 NumClasses = Annotated[
     int | None,
-    typer.Option(help="Classes (classify, synthesize) or mask labels incl. background (segment). "
-                 "[default: 2]"),
+    _option(help="Classes (classify, synthesize) or mask labels incl. background (segment).",
+                 shown=_default("num_classes")),
 ]
 TestData = Annotated[
-    Path | None, typer.Option(help="Held-out folder; every image in it is a test image.")
+    Path | None,
+    _option(help="Held-out folder; every image in it is a test image.",
+                 shown=_default("test_data")),
 ]
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds. [default: 5]")]
+Rounds = Annotated[
+    int | None, _option(help="Federated rounds.", shown=_default("rounds"))
+]
 StrategyOpt = Annotated[
-    Strategy | None, typer.Option(help="Aggregation strategy. [default: fedavg]")
+    Strategy | None,
+    _option(help="Aggregation strategy.", shown=_default("strategy")),
 ]
 Dp = Annotated[
-    bool | None, typer.Option("--dp/--no-dp", help="DP-SGD at every site. [default: --dp]")
+    bool | None,
+    _option("--dp/--no-dp", help="DP-SGD at every site.", shown=_default("dp")),
 ]
 TargetEpsilon = Annotated[
-    float | None, typer.Option(help="Each site's epsilon for the whole run. [default: 8]")
+    float | None,
+    _option(help="Each site's epsilon for the whole run.",
+                 shown=_default("target_epsilon")),
 ]
-Delta = Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")]
+Delta = Annotated[float | None, _option(help="DP delta.", shown=_default("delta"))]
 MaxGradNorm = Annotated[
-    float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")
+    float | None,
+    _option(help="Per-sample gradient clipping norm.", shown=_default("max_grad_norm")),
 ]
-LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per round. [default: 1]")]
+LocalEpochs = Annotated[
+    int | None,
+    _option(help="Local epochs per round.", shown=_default("local_epochs")),
+]
 FractionTrain = Annotated[
-    float | None, typer.Option(help="Share of sites sampled per round. [default: 1.0]")
+    float | None,
+    _option(help="Share of sites sampled per round.",
+                 shown=_default("fraction_train")),
 ]
-Seed = Annotated[int | None, typer.Option(help="Seed. [default: 0]")]
-BatchSize = Annotated[int | None, typer.Option(help="Local batch size. [default: 32]")]
-Lr = Annotated[float | None, typer.Option(help="Local learning rate. [default: 3e-4]")]
-ImageSize = Annotated[int | None, typer.Option(help="Model input size. [default: 64]")]
-MinSites = Annotated[int | None, typer.Option(help="Fewest sites a round needs. [default: 2]")]
+Seed = Annotated[int | None, _option(help="Seed.", shown=_default("seed"))]
+BatchSize = Annotated[
+    int | None, _option(help="Local batch size.", shown=_default("batch_size"))
+]
+Lr = Annotated[float | None, _option(help="Local learning rate.", shown=_default("lr"))]
+ImageSize = Annotated[
+    int | None, _option(help="Model input size.", shown=_default("image_size"))
+]
+MinSites = Annotated[
+    int | None, _option(help="Fewest sites a round needs.", shown=_default("min_sites"))
+]
+WaitTimeout = Annotated[
+    float | None,
+    _option(help="Seconds to wait for --min-sites sites to connect before the run is "
+                 "stopped (exit 1).", shown=_default("wait_timeout")),
+]
 ProximalMu = Annotated[
-    float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
+    float | None,
+    _option(help="FedProx mu (with --strategy fedprox).",
+                 shown=_default("proximal_mu")),
 ]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")]
+Device = Annotated[
+    str | None,
+    _option(help="auto, cpu, cuda or cuda:N.", shown=_default("device")),
+]
 BudgetEpsilon = Annotated[
     float | None,
-    typer.Option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
-                 "exceed it is refused. Default: none."),
+    _option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
+                 "exceed it is refused.", shown="none"),
 ]
 LedgerDir = Annotated[
     Path | None,
-    typer.Option(help="Where sites keep their privacy ledgers (default: $MEDFED_LEDGER_DIR, else "
-                 "~/.medfed/ledger)."),
+    _option(help="Where sites keep their privacy ledgers.",
+                 shown="$MEDFED_LEDGER_DIR, else ~/.medfed/ledger"),
 ]
 ScreenZ = Annotated[
     float | None,
-    typer.Option(help="Reject an update whose norm's robust z-score is above this, e.g. 3.5 "
-                 "(NaN/Inf, key, shape and dtype checks always run). Default: off."),
+    _option(help="Reject an update whose norm's robust z-score is above this, e.g. 3.5 "
+                 "(NaN/Inf, key, shape and dtype checks always run); 0: off.",
+                 shown=_default("screen_z")),
 ]
 CentralDp = Annotated[
     str | None,
-    typer.Option(help="User-level DP at the aggregator (Flower's wrappers): off, server-fixed, "
+    _option(help="User-level DP at the aggregator (Flower's wrappers): off, server-fixed, "
                  "client-fixed, server-adaptive or client-adaptive. Combine with --no-dp for "
-                 "central DP alone. Default: off."),
+                 "central DP alone.", shown=_default("central_dp")),
 ]
 CentralNoise = Annotated[
     float | None,
-    typer.Option(help="Central DP noise multiplier (default: calibrated so --rounds releases "
-                 "spend --target-epsilon)."),
+    _option(help="Central DP noise multiplier.",
+                 shown="calibrated so --rounds releases spend --target-epsilon"),
 ]
 ClipNorm = Annotated[
     float | None,
-    typer.Option(help="Central DP clipping norm of a site's update (initial norm when adaptive). "
-                 "Default: 1.0."),
+    _option(help="Central DP clipping norm of a site's update (initial norm when adaptive).",
+                 shown=_default("clip_norm")),
 ]
 SecureAgg = Annotated[
     bool | None,
-    typer.Option("--secure-agg/--no-secure-agg",
-                 help="Flower's SecAgg+: the aggregator only sees the sum of masked updates. "
-                 "Default: off."),
+    _option("--secure-agg/--no-secure-agg",
+                 help="Flower's SecAgg+: the aggregator only sees the sum of masked updates.",
+                 shown=_default("secure_agg")),
 ]
 SecaggShares = Annotated[
     float | None,
-    typer.Option(help="SecAgg+ shares per site: a fraction of the sampled sites (<= 1) or a "
-                 "count (>= 3). Default: 1.0."),
+    _option(help="SecAgg+ shares per site: a fraction of the sampled sites (<= 1) or a "
+                 "count (>= 3).", shown=_default("secagg_shares")),
 ]
 SecaggThreshold = Annotated[
     float | None,
-    typer.Option(help="SecAgg+ shares needed to rebuild a dropped site's mask: a fraction of the "
-                 "shares (<= 1) or a count. Default: 0.6."),
+    _option(help="SecAgg+ shares needed to rebuild a dropped site's mask: a fraction of the "
+                 "shares (<= 1) or a count.", shown=_default("secagg_threshold")),
 ]
 SecaggMaxWeight = Annotated[
     float | None,
-    typer.Option(help="SecAgg+ weight scale: about the largest site's training images (larger "
-                 "sites count as this many). Default: 1000."),
+    _option(help="SecAgg+ weight scale: about the largest site's training images (larger "
+                 "sites count as this many).", shown=_default("secagg_max_weight")),
 ]

@@ -16,6 +16,7 @@ from server.exporter import MetricsSettings, serve_metrics
 from server.run import ProgressFn, RoundUpdate, run_federation
 from server.secure import run_secure_federation
 from server.superlink import STATE_ENV
+from server.waiting import wait_for_sites
 
 # Flower's logger: what `flwr log` shows of the ServerApp
 flwr_log = logging.getLogger("flwr")
@@ -41,6 +42,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         def federate(run_cfg: RunConfig, on_round: ProgressFn | None = on_round) -> None:
+            if cfg is None:  # deployed or `flwr run .`: sites connect when they can
+                wait_for_sites(grid, min_sites=run_cfg.min_sites, timeout=run_cfg.wait_timeout,
+                               say=flwr_log.info)
             if run_cfg.secure_agg:
                 run_secure_federation(
                     grid, context, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
@@ -67,7 +71,8 @@ def make_server_app(
             return
         with serve_metrics(settings, flag="metrics-port") as server:
             if server is None:
-                federate(run_cfg, None)
+                federate(run_cfg, _log_round)
+                _log_results(run_cfg)
                 return
             server.metrics.start_run(
                 run_id=run_cfg.run_key or str(context.run_id), task=run_cfg.task,
@@ -81,6 +86,7 @@ def make_server_app(
                 ok = True
             finally:
                 server.metrics.finish(ok=ok)
+            _log_results(run_cfg)
 
     return app
 
@@ -91,10 +97,20 @@ def _log_round(update: RoundUpdate) -> None:
     shown = ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k in ("auc", "loss", "dice"))
     eps = [p["epsilon"] for p in entry.get("privacy", {}).values() if p.get("epsilon")]
     flwr_log.info(
-        "medfed round %d/%d: %s; sites %d trained, %d failed%s",
+        "medfed round %d/%d: %s; sites %d trained, %d failed%s; %.1fs",
         update.round, update.total_rounds, shown or "no evaluation",
         len(entry.get("participants", [])), len(entry.get("failures", [])),
-        f"; max epsilon {max(eps):.2f}" if eps else "",
+        f"; max epsilon {max(eps):.2f}" if eps else "", float(entry.get("duration_s", 0.0)),
+    )
+
+
+def _log_results(cfg: RunConfig) -> None:
+    # `flwr run .` prints no summary of its own: say where the run's files are (the ServerApp's
+    # working directory is the local SuperLink's, so a relative --out is shown resolved)
+    run_dir = Path(cfg.out).resolve()
+    flwr_log.info(
+        "medfed results: %s (results.json, metrics.png, model.pt; `medfed report %s` writes the "
+        "HTML report)", run_dir, run_dir,
     )
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +26,13 @@ from common.apps import build_app_bundle
 from common.kit import OperatorKit
 from common.procs import flower_environment, flower_executable
 from server import artifacts
+from server.waiting import GAVE_UP_MARK, WAITING_MARK
 
 CONNECTION = "medfed"
 STARTED = re.compile(r"Successfully started run (\d+)")
 PROGRESS_MARK = "medfed round"
+# the ServerApp's lines `medfed run` shows: rounds, and waiting for sites (server.waiting)
+SHOWN_MARKS = (PROGRESS_MARK, WAITING_MARK, GAVE_UP_MARK)
 # Colour codes Flower's logger adds; progress lines are shown without them.
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -145,6 +149,8 @@ class Submission:
     run_id: int | None
     status: str
     files: list[Path]
+    # why the aggregator ended the run, when it said so (e.g. its sites never connected)
+    reason: str = ""
 
 
 def submit(
@@ -185,25 +191,33 @@ def submit(
         assert proc.stdout is not None
         tail: list[str] = []
         last_progress = ""
+        reason = ""
         try:
             for raw in proc.stdout:
                 line = ANSI.sub("", raw.rstrip("\n"))
                 if collector.feed(line):
                     continue
-                if PROGRESS_MARK in line:
+                mark = next((m for m in SHOWN_MARKS if m in line), None)
+                if mark is not None:
                     # the ServerApp's log reaches the stream twice (Flower's handler and the
                     # root logger's); show each progress line once
-                    progress = line[line.index(PROGRESS_MARK):]
+                    progress = line[line.index(mark):]
                     if progress == last_progress:
                         continue
                     last_progress = progress
+                    if mark == GAVE_UP_MARK:
+                        reason = progress[len(GAVE_UP_MARK) + 2:]
                 tail = (tail + [line])[-20:]
                 started = STARTED.search(line)
                 if started and run_id is None:
                     run_id = int(started.group(1))
                     if on_started:
                         on_started(run_id)
-                if verbose or PROGRESS_MARK in line or "ERROR" in line or started:
+                if mark is not None and not verbose:
+                    # one form, stamped on arrival: the stream carries the line with and
+                    # without Flower's timestamp, whichever comes first
+                    show(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {progress}")
+                elif verbose or "ERROR" in line or started:
                     show(line)
             code = proc.wait()
         finally:
@@ -214,4 +228,4 @@ def submit(
         raise OperatorError(_explain("\n".join(tail)) if tail else f"flwr exited with {code}")
     status = run_status(kit, run_id).get("status", "unknown")
     files = collector.write(out_dir) if collector.done else []
-    return Submission(run_id, str(status), files)
+    return Submission(run_id, str(status), files, reason)
