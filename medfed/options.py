@@ -90,10 +90,20 @@ ProximalMu = Annotated[
     float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
 ]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")]
+def budget_flag(value: float | None) -> float | None:
+    """--budget-epsilon: a finite epsilon > 0 when given (usage error, exit 2, otherwise)."""
+    from common.config import ConfigError, check_budget
+
+    try:
+        return None if value is None else check_budget(value, "--budget-epsilon")
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 BudgetEpsilon = Annotated[
     float | None,
     typer.Option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
-                 "exceed it is refused. Default: none."),
+                 "exceed it is refused. Default: none.", callback=budget_flag),
 ]
 LedgerDir = Annotated[
     Path | None,
