@@ -84,6 +84,20 @@ class Book:
     delta: float = DEFAULT_DELTA
     spends: dict[str, Spend] = field(default_factory=dict)
     datasets: dict[str, list[str]] = field(default_factory=dict)
+    # the budget each dataset was last held to, refused or not; the latest last
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    def hold_to(self, digest: str, budget: float | None) -> None:
+        """Remember the budget a round on dataset `digest` was checked against."""
+        if budget is not None:
+            self.budgets.pop(digest, None)
+            self.budgets[digest] = budget
+
+    def budget_of(self, keys: Iterable[str]) -> float | None:
+        """The budget a dataset sharing any of `keys` was held to most recently."""
+        wanted = set(keys)
+        held = [b for d, b in self.budgets.items() if wanted.intersection(self.datasets[d])]
+        return held[-1] if held else None
 
     def spends_by_image(self, keys: Iterable[str]) -> dict[str, frozenset[str]]:
         """For each of `keys`, the spends that trained on it."""
@@ -133,6 +147,7 @@ class Book:
                 for k, s in self.spends.items()
             },
             "datasets": self.datasets,
+            "budgets": self.budgets,
         }
 
 
@@ -166,7 +181,10 @@ def _parse(raw: Any) -> Book:
             None if history is None else [_step(s) for s in _list(history)],
             digests, None if budget is None else float(budget),
         )
-    return Book(delta, spends, datasets)
+    budgets = {str(k): float(v) for k, v in _dict(raw.get("budgets", {})).items()}
+    if any(d not in datasets for d in budgets):
+        raise ValueError("a budget names an unknown dataset")
+    return Book(delta, spends, datasets, budgets)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -315,6 +333,7 @@ class PrivacyLedger:
             # every row, whatever split: the old ledger did not know which images trained
             keys = dataset_keys(Path(folder), self.hashes, split=None, subset=subset)
             digest = book.add_dataset(keys)
+            book.hold_to(digest, None if budget is None else float(budget))
             for run, history in runs.items():
                 book.spends[f"legacy:{run}@{dataset}"] = Spend(
                     history, [digest], None if budget is None else float(budget)
@@ -331,11 +350,10 @@ class PrivacyLedger:
         with self._locked(write=False) as book:
             by_image = book.spends_by_image(self.keys)
             touching = sorted(set().union(*by_image.values())) if by_image else []
-            budgets = [b for s in touching if (b := book.spends[s].budget_epsilon) is not None]
             return DatasetLedger(
                 dataset=self.dataset, images=len(self.keys),
                 content=hashlib.sha256("\n".join(self.keys).encode()).hexdigest(),
-                budget_epsilon=budgets[-1] if budgets else None, delta=book.delta,
+                budget_epsilon=book.budget_of(self.keys), delta=book.delta,
                 runs={s: book.spends[s].history for s in touching},
                 epsilon=book.most_spent(self.keys),
             )
@@ -354,6 +372,7 @@ class PrivacyLedger:
         with the round; raises BudgetRefused, recording nothing, when that exceeds `budget`.
         """
         spend_id = f"{run}@{site}"
+        refusal: BudgetRefused | None = None
         with self._locked() as book:
             held = book.spends.get(spend_id)
             candidates = [history + [this_round]]
@@ -361,19 +380,24 @@ class PrivacyLedger:
                 candidates.append(held.history + [this_round])
             steps = max(candidates, key=lambda h: epsilon_of(h, delta=book.delta,
                                                              accountant=ACCOUNTANT))
-            datasets = sorted({*(held.datasets if held else []), book.add_dataset(self.keys)})
+            digest = book.add_dataset(self.keys)
+            datasets = sorted({*(held.datasets if held else []), digest})
             new = Spend(steps, datasets, budget)
             after = book.most_spent(self.keys, replace=spend_id, with_=new)
+            book.hold_to(digest, budget)  # what the dataset was held to, refused or not
             if budget is not None and after > budget:
                 before = book.most_spent(self.keys)
-                raise BudgetRefused(
+                refusal = BudgetRefused(
                     f"{REFUSAL_MARK}: site {site} has spent epsilon {_eps(before)} of its budget "
                     f"{budget:g} on these images (all runs, all copies); this round would take "
                     f"them to {_eps(after)}. The hospital decides whether to raise the budget "
                     "(`medfed site --budget-epsilon`)"
                 )
-            book.spends[spend_id] = new
-            return after
+            else:
+                book.spends[spend_id] = new
+        if refusal is not None:
+            raise refusal
+        return after
 
     def commit(self, *, run: str, site: str, history: list[Step]) -> float:
         """After training: record the run's real history where it spent more than reserved.

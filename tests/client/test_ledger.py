@@ -67,6 +67,7 @@ def test_a_round_past_the_budget_is_refused_and_nothing_is_recorded(tmp_path: Pa
     assert "hospital-a" in str(refused.value) and f"{before:.3f}" in str(refused.value)
     assert ledger.read().spent() == before
     assert set(ledger.read().runs) == {"r1@a"}
+    assert ledger.read().budget_epsilon == 5.0
     # a cheap round fits, and is on the books before it trains
     after = ledger.reserve_round(run="r2", site="a", history=[], this_round=(5.0, 0.01, 1),
                                  budget=5.0)
@@ -216,6 +217,7 @@ def test_a_ledger_of_the_previous_version_is_migrated_onto_its_images(tmp_path: 
     assert PrivacyLedger(copy, ledgers).read().spent() == pytest.approx(expected)
     assert not old.exists() and old.with_name(old.name + ".migrated").exists()
     assert PrivacyLedger(site, ledgers).read().spent() == pytest.approx(expected)
+    assert PrivacyLedger(site, ledgers).read().budget_epsilon == 9.0
 
 
 def test_a_ledger_of_the_previous_version_for_a_missing_folder_is_refused(tmp_path: Path) -> None:
