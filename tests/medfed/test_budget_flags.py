@@ -96,3 +96,23 @@ def test_a_good_budget_is_kept_everywhere(tmp_path: Path) -> None:
                                                         "budget-epsilon": 8.0},
                       state=RecordDict(), run_config={})
     assert _budget(context, RunConfig())[0] == 8.0
+
+
+def test_a_site_with_a_damaged_ledger_does_not_start_and_names_the_file(
+    site_kit: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from tests.simulations.conftest import write_easy_site
+
+    data, ledgers = tmp_path / "site", tmp_path / "ledgers"
+    write_easy_site(data, 10, 0.5, np.random.default_rng(0))
+    ledgers.mkdir()
+    (ledgers / "ledger.json").write_text('{"format": "medfed-ledger/2", "spe')
+    result = CliRunner().invoke(app, ["site", "--kit", str(site_kit), "--data", str(data),
+                                      "--budget-epsilon", "8", "--ledger-dir", str(ledgers),
+                                      "--metrics-port", "0"])
+    assert result.exit_code == 2, result.output
+    text = _text(result.output)
+    assert str(ledgers / "ledger.json") in text.replace(" ", "")
+    assert "never read as zero spent" in text
