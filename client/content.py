@@ -70,24 +70,38 @@ class ContentHashes:
         return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
     def keys(self, files: Iterable[Path]) -> list[str]:
-        """One key per file, in order."""
+        """One key per file, in order.
+
+        A file that is gone is left out: the site's loader cannot train on it either. One that
+        exists but cannot be read is keyed by its identity on this disk (the decoded-image
+        cache may still serve it), so it is charged all the same.
+        """
         stored: dict[str, str] | None = None
         found: dict[str, str] = {}
         keys: list[str] = []
         for path in files:
-            stat = _stat_key(path)
+            try:
+                stat = _stat_key(path)
+            except OSError:
+                continue
             key = _memory.get(stat) or found.get(stat)
             if key is None:
                 if stored is None:
                     stored = self._load()
                 key = stored.get(stat)
             if key is None:
-                key = _sha256(path)
+                try:
+                    key = _sha256(path)
+                except OSError as exc:
+                    log.warning("%s: cannot be read to hash it for the privacy ledger (%s); "
+                                "charged by its place on this disk", path, exc)
+                    keys.append(f"file-{stat}")
+                    continue
                 found[stat] = key
             _memory[stat] = key
             keys.append(key)
         if found:
-            self._save({**(stored or {}), **found})
+            self._save({**(stored if stored is not None else self._load()), **found})
         return keys
 
     def _save(self, values: dict[str, str]) -> None:

@@ -265,3 +265,20 @@ def test_concurrent_processes_never_spend_past_the_budget(tmp_path: Path) -> Non
     book = PrivacyLedger(site, ledgers).read()
     assert book.spent() <= budget
     assert len(book.runs) == fits  # exactly the rounds that fit trained, across all workers
+
+
+def test_images_are_hashed_once_per_device_inode_size_and_mtime(tmp_path: Path) -> None:
+    from client import content
+
+    site, ledgers = _site(tmp_path / "site"), tmp_path / "ledger"
+    first = PrivacyLedger(site, ledgers).keys
+    image = site / "img000.dcm"
+    stat = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 0xFF  # same size, same mtime: the cached hash is used, the file is not re-read
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    content._memory.clear()  # a new process: the cache file beside the ledger answers
+    assert PrivacyLedger(site, ledgers).keys == first
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # changed: hashed again
+    assert PrivacyLedger(site, ledgers).keys != first
