@@ -90,6 +90,8 @@ ProximalMu = Annotated[
     float | None, typer.Option(help="FedProx mu (with --strategy fedprox). [default: 0.01]")
 ]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")]
+
+
 def budget_flag(value: float | None) -> float | None:
     """--budget-epsilon: a finite epsilon > 0 when given (usage error, exit 2, otherwise)."""
     from common.config import ConfigError, check_budget
