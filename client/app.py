@@ -48,7 +48,7 @@ from client.tasks.base import network, site_data
 from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
-from common.config import RunConfig
+from common.config import RunConfig, check_budget
 from common.data import Preprocess, SiteData
 from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
 from common.secure import PRIVACY_PREFIX, SITE_NAME
@@ -123,11 +123,15 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
     """
     node = context.node_config
     if "data-path" in node:
-        raw = float(node.get("budget-epsilon", 0) or 0)
+        given = node.get("budget-epsilon")
+        budget = None if given in (None, "") else check_budget(
+            given, "the node config's budget-epsilon (`medfed site --budget-epsilon`)"
+        )
         folder = str(node.get("ledger-dir", "") or "")
     else:
-        raw, folder = cfg.budget_epsilon, cfg.ledger_dir
-    return (raw if raw > 0 else None), (Path(folder) if folder else None)
+        budget = cfg.budget_epsilon or None  # a run config's 0: no budget
+        folder = cfg.ledger_dir
+    return budget, (Path(folder) if folder else None)
 
 
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
@@ -290,38 +294,40 @@ def make_client_app(
         spent: float | None = None
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
         budget, ledger_dir = _budget(context, cfg)
-        ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset)
         if budget is not None and not cfg.dp:
             raise BudgetRefused(
                 f"{REFUSAL_MARK}: site {site.name} has a privacy budget (epsilon {budget:g}) and "
                 "this run trains without differential privacy; run with --dp"
             )
+        # the images this round trains on, by content: copies of them share their spend
+        ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
+                               seed=cfg.seed)
+        run_key = cfg.run_key or str(context.run_id)
         if cfg.dp:
-            run_key = cfg.run_key or str(context.run_id)
             privacy = _load_or_plan_privacy(site, cfg, run_key, n)
             per_epoch = batches_per_epoch(n, cfg.batch_size)
             rounds_left = max(1, cfg.rounds - server_round + 1)
             privacy.ensure_room(rounds_left * cfg.local_epochs * per_epoch)
-            if budget is not None:
-                this_round = (privacy.noise_multiplier, privacy.sample_rate,
-                              cfg.local_epochs * per_epoch)
-                ledger.check_round(
-                    run=run_key, history_after=[*privacy.history, this_round], budget=budget,
-                    site=site.name,
-                )
+            # checked and recorded under one lock before training, kept if training fails
+            ledger.reserve_round(
+                run=run_key, site=site.name, history=privacy.history, budget=budget,
+                this_round=(privacy.noise_multiplier, privacy.sample_rate,
+                            cfg.local_epochs * per_epoch),
+            )
             report = task.train(
                 model, samples, cfg,
                 Fit(settings, device, privacy, seed=cfg.seed * 1000 + server_round,
                     proximal=mu > 0),
             )
             privacy.save(_privacy_path(site, run_key))
-            ledger.commit(run=run_key, history=privacy.history, budget=budget)
+            ledger.commit(run=run_key, site=site.name, history=privacy.history)
             summary = privacy.summary()
             spent = float(summary["epsilon"])
             metrics["epsilon"] = spent
             privacy_record: dict[str, ConfigRecordValues] = dict(summary)
             records["privacy"] = ConfigRecord(privacy_record)
         else:
+            ledger.record_unbounded(run=run_key, site=site.name)  # no DP: no bound on the spend
             report = task.train(
                 model, samples, cfg,
                 Fit(settings, device, None, seed=cfg.seed * 1000 + server_round,

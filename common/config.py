@@ -9,6 +9,7 @@ the error, so nothing deeper in the code needs to re-check user input.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,21 @@ class ConfigError(ValueError):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def check_budget(value: object, where: str) -> float:
+    """A privacy budget as given at `where` (a flag, a file's key): a finite epsilon > 0.
+
+    NaN compares false with everything and inf is no limit at all, so either would silently
+    mean "no budget"; leaving the budget out is how a hospital says that.
+    """
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(
+            f"{where} must be a finite epsilon > 0 (e.g. 8), got {value!r}; leave it out for "
+            "no budget"
+        )
+    return float(number)
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,11 @@ class RunConfig:
         need(self.krum_byzantine >= 0, "krum_byzantine", "must be >= 0")
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
         need(self.wait_timeout > 0, "wait_timeout", "must be > 0 seconds, e.g. 600")
-        need(self.budget_epsilon >= 0, "budget_epsilon", "must be >= 0 (0: no budget)")
+        need(
+            self.budget_epsilon == 0
+            or (math.isfinite(self.budget_epsilon) and self.budget_epsilon > 0),
+            "budget_epsilon", "must be a finite epsilon > 0 (0 in a run config: no budget)",
+        )
         need(self.screen_z >= 0, "screen_z", "must be >= 0 (0: no norm screening), e.g. 3.5")
         need(self.central_dp in CENTRAL_DP, "central_dp", f"must be one of {', '.join(CENTRAL_DP)}")
         need(self.central_noise >= 0, "central_noise", "must be >= 0 (0: calibrate to the target)")

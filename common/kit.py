@@ -32,6 +32,7 @@ import tomli_w
 
 from common.apps import check_fab_hash
 from common.certs import load_public_key
+from common.config import ConfigError, check_budget
 from common.sites import site_name_problem
 
 KIT_FILE = "medfed-kit.toml"
@@ -265,8 +266,11 @@ class SiteKit:
                 "kit under a valid name (`medfed provision add-site NAME`)"
             )
         budget = values.get("budget-epsilon")
-        if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
-            raise KitError(f"{kit_dir / KIT_FILE}: budget-epsilon must be a number > 0")
+        if budget is not None:
+            try:
+                budget = check_budget(budget, f"{kit_dir / KIT_FILE}: budget-epsilon")
+            except ConfigError as exc:
+                raise KitError(str(exc)) from None
         return cls(
             kit_dir, str(values.get("project", "")), site, _address(values, kit_dir),
             float(budget) if budget is not None else None, _approved_apps(values, kit_dir),

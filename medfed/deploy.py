@@ -227,7 +227,8 @@ def site(
     budget_epsilon: Annotated[
         float | None,
         typer.Option(help="This dataset's privacy budget over all runs.",
-                     show_default="the kit's budget-epsilon, else none"),
+                     show_default="the kit's budget-epsilon, else none",
+                     callback=opt.budget_flag),
     ] = None,
     ledger_dir: opt.LedgerDir = None,
 ) -> None:
@@ -278,13 +279,11 @@ def site(
             f"until the hospital approves one: `medfed site approve --kit {kit} --app APP_DIR` "
             "(or --fab-hash HASH, as `medfed run` prints it)", highlight=False,
         )
-    if budget_epsilon is not None and budget_epsilon <= 0:
-        raise fail(f"--budget-epsilon must be > 0, got {budget_epsilon:g}", EXIT_BAD_INPUT)
     budget = budget_epsilon if budget_epsilon is not None else site_kit.budget_epsilon
     if budget is not None:
         from client.ledger import PrivacyLedger
 
-        spent = PrivacyLedger(data, ledger_dir).read().spent()
+        spent = guard(lambda: PrivacyLedger(data, ledger_dir).read().spent())
         out.print(f"privacy budget: epsilon {spent:.3f} of {budget:g} spent on this dataset")
     process = SiteProcess(
         SiteSettings(
@@ -453,12 +452,16 @@ def budget(
         print(json.dumps(entry, indent=2))
         return
     budget_text = f"{entry['budget_epsilon']:g}" if entry["budget_epsilon"] else "none set"
+    spent = entry["epsilon_spent"]
+    spent_text = f"{spent:.3f}" if isinstance(spent, float | int) else "inf (trained without DP)"
     out.print(
-        f"dataset {entry['dataset']}: epsilon {entry['epsilon_spent']:.3f} spent "
-        f"(delta {entry['delta']:g}), budget {budget_text}", highlight=False,
+        f"dataset {entry['dataset']} ({entry['images']} images, by content): epsilon "
+        f"{spent_text} spent on its most-spent image (delta {entry['delta']:g}), "
+        f"budget {budget_text}", highlight=False,
     )
     for run, steps in entry["runs"].items():
-        out.print(f"  run {run}: {steps} DP-SGD steps", highlight=False)
+        shown = f"{steps} DP-SGD steps" if isinstance(steps, int) else steps
+        out.print(f"  run {run}: {shown}", highlight=False)
 
 
 @site_app.command("audit")

@@ -28,13 +28,13 @@ def _default(name: str) -> str:
     return str(value) if value != "" else "none"
 
 
-def _option(*decls: str, help: str, shown: str) -> Any:
+def _option(*decls: str, help: str, shown: str, **extra: Any) -> Any:
     """typer.Option whose help ends with what applies when the flag is not given.
 
     Escaped, because rich reads a bare "[default: 5]" as markup and drops it from --help, and
     typer's show_default="5" prints "(5)".
     """
-    return typer.Option(*decls, help=f"{help} \\[default: {shown}]")
+    return typer.Option(*decls, help=f"{help} \\[default: {shown}]", **extra)
 
 
 class Strategy(StrEnum):
@@ -147,10 +147,20 @@ Device = Annotated[
     str | None,
     _option(help="auto, cpu, cuda or cuda:N.", shown=_default("device")),
 ]
+def budget_flag(value: float | None) -> float | None:
+    """--budget-epsilon: a finite epsilon > 0 when given (usage error, exit 2, otherwise)."""
+    from common.config import ConfigError, check_budget
+
+    try:
+        return None if value is None else check_budget(value, "--budget-epsilon")
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 BudgetEpsilon = Annotated[
     float | None,
     _option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
-                 "exceed it is refused.", shown="none"),
+                 "exceed it is refused.", shown="none", callback=budget_flag),
 ]
 LedgerDir = Annotated[
     Path | None,

@@ -24,6 +24,7 @@ import torch
 
 from common.config import RunConfig
 from common.metrics import RATE_METRICS
+from common.modelfile import UnsafeModelFile, load_npz
 from server.federation import RoundLog
 
 if TYPE_CHECKING:
@@ -214,10 +215,15 @@ class RunRecord:
         record.privacy = state["privacy"]
         record.sites_seen = state["sites_seen"]
         record.central_privacy = state.get("central_privacy", {})
-        with np.load(folder / "arrays.npz") as npz:
-            arrays = {name: npz[name] for name in state["array_order"]}
-        with np.load(folder / "strategy.npz") as npz:
-            strategy = {name: npz[name] for name in npz.files}
+        saved = load_npz(folder / "arrays.npz")
+        missing = [name for name in state["array_order"] if name not in saved]
+        if missing:
+            raise UnsafeModelFile(
+                f"{folder / 'arrays.npz'}: lacks arrays {missing[:3]} that {state_file} lists; "
+                "the checkpoint is damaged: start a new run instead of --resume"
+            )
+        arrays = {name: saved[name] for name in state["array_order"]}
+        strategy = load_npz(folder / "strategy.npz")
         return record, arrays, strategy
 
     # --- artefacts ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from common.config import ConfigError
+from common.modelfile import load_model_file
 from models import build_model
 from models.cgan import ConditionalGAN
 from server.record import MODEL
@@ -33,7 +34,7 @@ def load_generator(run_dir: Path) -> tuple[ConditionalGAN, dict[str, object]]:
             f"{run_dir}: no {MODEL} there; pass the --out folder of a finished "
             "`medfed simulate --task synthesize` run"
         )
-    saved = torch.load(path, weights_only=True)
+    saved = load_model_file(path)
     config = saved.get("config", {})
     if config.get("task") != "synthesize":
         raise ConfigError(

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from common.data import Preprocess, SiteData
+from common.modelfile import load_model_file
 from common.sites import discover_sites
 from models import build_model
 
@@ -37,7 +38,7 @@ def load_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise FileNotFoundError(
             f"{run_dir}: no model.pt; pass a finished run folder (`medfed simulate --out`)"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_model_file(path)
     model = build_model(saved["model"], **saved["model_args"])
     model.load_state_dict(saved["state_dict"])
     return model.eval(), dict(saved.get("config", {}))

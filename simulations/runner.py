@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from server.record import CHECKPOINT, MODEL, PLOT, RESULTS
+from server.record import CHECKPOINT, MODEL, PLOT, RESULTS, RunRecord
 from server.run import ProgressFn
 from simulations.faults import FAULTS_FILE
 from simulations.report import REPORT
@@ -41,6 +41,9 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
             f"--resume {run_dir}: no checkpoint found ({state} is missing); "
             "a run leaves one after each completed round"
         )
+    # the whole checkpoint, read up front: a damaged or crafted one (arrays that need
+    # unpickling) is refused here, naming its file, before any site starts
+    RunRecord.load_checkpoint(run_dir)
     saved = json.loads(state.read_text())["config"]
     saved.update({k.replace("_", "-"): v for k, v in overrides.items()})
     saved["out"] = str(run_dir)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from common.config import ConfigError, RunConfig
+from common.modelfile import load_model_file
 from models.autoencoder import classifier_init
 from server.central import CentralEvaluator
 from server.tasks.base import DefaultSteps, Evaluator, StateDict
@@ -23,7 +22,7 @@ def load_encoder_run(run_dir: Path) -> StateDict:
             f"--init-encoder {run_dir}: no {MODEL_FILE} there; pass the --out folder of a "
             "finished `medfed simulate --task autoencode` run"
         )
-    saved = torch.load(path, weights_only=True)
+    saved = load_model_file(path, what="--init-encoder model")
     if saved.get("config", {}).get("task") != "autoencode":
         raise ConfigError(
             f"--init-encoder {run_dir}: that run trained --task "

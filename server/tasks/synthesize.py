@@ -21,6 +21,7 @@ from client.train import LocalTraining, evaluate, resolve_device, train_local
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.frechet import frechet_distance
+from common.modelfile import load_torch_file
 from models import build_model
 from models.cgan import ConditionalGAN
 from models.cnn import CNNClassifier
@@ -108,7 +109,7 @@ class Reference:
         self.model = build_model("cnn", in_channels=cfg.channels, num_classes=cfg.num_classes,
                                  image_size=cfg.image_size)
         if path.is_file():
-            self.model.load_state_dict(torch.load(path, weights_only=True))
+            self.model.load_state_dict(load_torch_file(path, what="reference classifier"))
         else:
             log.info("training the reference classifier on %d real images", len(train[1]))
             self.model = train_classifier(cfg, train[0], train[1], seed=cfg.seed)

@@ -122,7 +122,7 @@ def test_aggregator_holds_only_the_masked_sum_and_a_dropout_is_recovered(
     updates = {p.stem: dict(np.load(p)) for p in captured.glob("*.npz")}
     assert sorted(updates) == ["site-a", "site-b", "site-c"]
     weights = np.array([float(u.pop("__weight__")) for u in updates.values()])
-    final = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["state_dict"]
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
     # SecAgg+ quantises weight/max-weight * value to 2**22 levels over [-8, 8] with stochastic
     # rounding: each site's share is off by less than a level, and the sum is divided by the
     # total weight
