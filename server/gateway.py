@@ -40,7 +40,7 @@ from pathlib import Path
 
 from common.certs import OPERATOR_OU, load_crl
 from common.kit import KitError, ServerKit
-from common.procs import descendants, die_with_parent
+from common.procs import die_with_parent
 
 log = logging.getLogger("medfed.gateway")
 
@@ -316,19 +316,22 @@ class Gateway:
         return True
 
     def stop(self) -> None:
-        """Stop nginx by its pid: SIGTERM (fast shutdown), SIGKILL after a grace period."""
+        """Stop nginx by its pid: SIGTERM (fast shutdown), SIGKILL after a grace period.
+
+        nginx runs in its own process group (its pid), so a master that died on its own, whose
+        workers would otherwise keep the port, is cleaned up too.
+        """
         proc = self.process
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        workers = descendants(proc.pid)
-        proc.terminate()  # nginx's master ends its workers on SIGTERM
+        if proc.poll() is None:
+            proc.terminate()  # nginx's master ends its workers on SIGTERM
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
         try:
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-            for pid in workers:  # a killed master leaves its workers holding the port
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a killed master
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -184,20 +184,20 @@ def _error(output: str, kit: OperatorKit) -> OperatorError:
     return OperatorError(text.splitlines()[-1] if text else "flwr failed without a message")
 
 
-def _json_payload(output: str) -> dict[str, Any]:
+def _json_payload(output: str, kit: OperatorKit) -> dict[str, Any]:
     start = output.find("{")
     if start < 0:
         raise OperatorError(f"unexpected answer from flwr: {output.strip()[:200]}")
     payload = json.loads(output[start:])
     if not payload.get("success", True):
-        raise OperatorError(str(payload.get("error-message", payload)))
+        raise _error(str(payload.get("error-message", payload)), kit)
     return dict(payload)
 
 
 def list_runs(kit: OperatorKit) -> list[dict[str, Any]]:
     """Every run the aggregator knows, as Flower's `flwr ls --format json` lists them."""
     with flower_home(kit) as env:
-        payload = _json_payload(_flwr(["ls", CONNECTION, "--format", "json"], env, kit))
+        payload = _json_payload(_flwr(["ls", CONNECTION, "--format", "json"], env, kit), kit)
     return list(payload.get("runs", []))
 
 
@@ -205,7 +205,7 @@ def run_status(kit: OperatorKit, run_id: int) -> dict[str, Any]:
     """One run as `flwr ls --run-id` shows it."""
     with flower_home(kit) as env:
         payload = _json_payload(
-            _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, kit)
+            _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, kit), kit
         )
     runs = payload.get("runs", [])
     if not runs:
