@@ -19,8 +19,8 @@ The hop to the SuperLink is TLS again, checked against the CA under the name `lo
 (which the server certificate always carries). Streams (`flwr log`, `medfed run`'s results)
 pass unbuffered over HTTP/1.1 with day-long read timeouts. nginx runs unprivileged as a child
 of `medfed server` (`nginx -p STATE/gateway -c nginx.conf -g 'daemon off;'`), with its pid,
-temp files and access log (who called what, with which certificate) in STATE/gateway; a
-changed CRL is applied with SIGHUP, nginx's own graceful reload.
+temp files and access log (who called the Control API, with which certificate) in
+STATE/gateway; a changed CRL is applied with SIGHUP, nginx's own graceful reload.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class GatewaySettings:
 
     @property
     def access_log(self) -> Path:
-        """Every request: time, client, path, status, certificate check and subject."""
+        """Each request but Fleet's and /health: time, client, path, status, certificate."""
         return self.folder / "access.log"
 
     def config(self) -> str:
@@ -121,7 +121,9 @@ class GatewaySettings:
         # Only certificates this CA issues pass SUCCESS; of those, only operator certificates
         # have this exact subject (names are validated like site names, so no escaped commas).
         operator_dn = f"~^SUCCESS:CN=[A-Za-z0-9._-]+,OU={OPERATOR_OU}$"
-        proxy = "        proxy_pass https://superlink;\n"
+        proxy = "            proxy_pass https://superlink;\n"
+        # sites poll Fleet every few seconds: logging it would grow the log by megabytes a day
+        quiet = "            access_log off;\n"
         return f"""# Written by `medfed server` at every start (server/gateway.py); edits are lost.
 worker_processes 1;
 pid {_quote(folder / "nginx.pid")};
@@ -179,9 +181,9 @@ http {{
         proxy_send_timeout {STREAM_TIMEOUT};
 
         location /v1/fleet/ {{
-{proxy}        }}
+{quiet}{proxy}        }}
         location = /health {{
-{proxy}        }}
+{quiet}{proxy}        }}
         location /v1/control/ {{
             if ($medfed_operator = 0) {{
                 return 403 "{REFUSAL}\\n";
