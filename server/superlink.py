@@ -226,7 +226,7 @@ class NodeRegistry:
             if self._reported.get(name) != why:
                 log.error("%s", why)
         for name in set(self._reported) - set(blocked):
-            log.info("site %s is registered again", name)
+            log.info("site %s: resolved (its key re-issued, or it left the kit)", name)
         self._reported = dict(blocked)
 
 
