@@ -1,5 +1,5 @@
 # One image for both roles of a medfed federation (k8s/README.md deploys them):
-#   aggregator: medfed server --kit /kit --state /state ...         SuperLink: 9092 9098 9400
+#   aggregator: medfed server --kit /kit --state /state ...         gateway: 9092 9098 9400
 #   hospital:   medfed site --kit /kit --data /data --state /state ...  SuperNode: 9401 9099
 #
 #   CPU image (aggregator, CPU sites):  docker build -t medfed:0.1.0 .
@@ -24,6 +24,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/medfed \
     MEDFED_APP_DIR=/opt/medfed/app
+
+# nginx: `medfed server` serves the federation's port through it (server/gateway.py: the
+# Control API for operator certificates only); it runs unprivileged from /state, never as a
+# service. Debian's plain `nginx` package name (on bookworm it brings nginx-core, a superset of
+# nginx-light) is chosen because it exists in every Debian release the slim base may follow;
+# the gateway needs only its ssl, map and proxy modules.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nginx \
+    && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --gid 10001 medfed \
     && useradd --uid 10001 --gid 10001 --home-dir /home/medfed --create-home \
@@ -52,7 +61,8 @@ RUN pip install --no-cache-dir . && rm -rf build ./*.egg-info
 USER 10001:10001
 WORKDIR /home/medfed
 
-# aggregator: 9092 Fleet+Control+Runtime (HTTPS), 9098 gRPC health, 9400 /metrics and dashboard
+# aggregator: 9092 the gateway (HTTPS: Fleet, and Control for operator certificates only),
+#             9098 gRPC health, 9400 /metrics and dashboard
 # hospital:   9401 /metrics, 9099 gRPC health
 EXPOSE 9092 9098 9400 9401 9099
 

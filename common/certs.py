@@ -1,4 +1,4 @@
-"""Certificates and keys of a federation: project CA, SuperLink TLS, SuperNode key pairs.
+"""Certificates and keys of a federation: CA, SuperLink TLS, SuperNode keys, operator certs.
 
 Flower's rules, which these follow:
 - the SuperLink serves TLS with a certificate signed by a CA that every SuperNode and operator
@@ -25,8 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CURVE = ec.SECP384R1()
+OPERATOR_CURVE = ec.SECP256R1()  # the operator key also signs run configs (P-256, as agreed)
 CA_DAYS = 10 * 365
 SERVER_DAYS = 2 * 365
+OPERATOR_DAYS = 365
+OPERATOR_OU = "medfed-operator"
 # The SuperLink's own SuperExec reaches it here, whatever the public host names are.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -159,6 +162,91 @@ class Authority:
             .sign(self.key, hashes.SHA384())
         )
         return key, cert
+
+    def issue_operator_cert(
+        self, name: str, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.Certificate:
+        """An operator's client certificate: CN=name, OU=medfed-operator, clientAuth only."""
+        now = _now()
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OPERATOR_OU),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(min(now + dt.timedelta(days=OPERATOR_DAYS),
+                                 self.cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA384())
+        )
+
+    def revocation_list(
+        self, revoked: Sequence[tuple[int, dt.datetime]]
+    ) -> x509.CertificateRevocationList:
+        """A CRL of these (serial, revoked at) pairs, valid until the CA itself expires.
+
+        The aggregator holds no CA key, so it cannot re-sign a CRL that is about to expire;
+        the list therefore stays valid as long as the CA, and each revocation writes a new one.
+        """
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(self.cert.not_valid_after_utc)
+        )
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(when)
+                .build()
+            )
+        return builder.sign(self.key, hashes.SHA384())
+
+
+def generate_operator_key() -> ec.EllipticCurvePrivateKey:
+    """A new operator key (EC P-256): TLS client authentication and run signing."""
+    return ec.generate_private_key(OPERATOR_CURVE)
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    """A CRL as PEM."""
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def load_crl(path: Path, ca_cert: Path) -> x509.CertificateRevocationList:
+    """A PEM CRL signed by the CA in `ca_cert`; raises ValueError naming the file."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a PEM certificate revocation list ({exc})") from None
+    public = ca.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public):
+        raise ValueError(f"{path}: not signed by the project CA in {ca_cert}")
+    return crl
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:

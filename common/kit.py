@@ -2,15 +2,18 @@
 
     KITS/
       ca/ca.key, ca/ca.crt            the project CA (keep ca.key offline; it signs server certs)
-      server/   medfed-kit.toml ca.crt server.crt server.key
+      server/   medfed-kit.toml ca.crt server.crt server.key operators.crl
       sites/<name>/ medfed-kit.toml ca.crt site.key site.pub
-      operator/ medfed-kit.toml ca.crt
+      operator/ medfed-kit.toml ca.crt operator.crt operator.key     (the first operator)
+      operators/<name>/ (the same)                                   (`add-operator NAME`)
 
 Every kit folder is flat, so it maps one-to-one onto a Kubernetes Secret
 (`kubectl create secret generic NAME --from-file=KITS/server/`). The server kit's
 `medfed-kit.toml` lists every authorised site with its public key: adding or revoking a
 hospital changes that one file, and a running `medfed server` picks the change up.
-A private key is never written into another party's kit.
+It also lists the operators holding a valid certificate (`[operators.NAME]`, with its serial);
+`operators.crl` is the CA's list of revoked operator certificates, which the server's gateway
+applies within seconds of a change. A private key is never written into another party's kit.
 
 A site kit's `[[apps.approved]]` entries are the app versions (FAB SHA-256 hashes) the hospital
 approved; the hospital edits them (`medfed site approve`, `revoke-app`), and a site runs no
@@ -113,9 +116,48 @@ class AuthorisedSite:
         load_public_key(self.public_key, where=f"site {self.name}'s public key")
 
 
+OPERATORS_CRL = "operators.crl"
+
+
+@dataclass(frozen=True)
+class IssuedOperator:
+    """An operator whose certificate the server kit records (to revoke it by name)."""
+
+    name: str
+    serial: int
+    not_after: str = ""
+
+    def __post_init__(self) -> None:
+        if not is_safe_site_name(self.name):
+            raise KitError(
+                f"operator name {self.name!r} must be 1-64 letters, digits, '.', '_', '-'"
+            )
+
+    def to_toml(self) -> dict[str, str]:
+        """The `[operators.NAME]` entry (the serial in hex: TOML integers stop at 2**63)."""
+        return {"serial": f"{self.serial:x}", "not-after": self.not_after}
+
+
+def _operators(values: dict[str, Any], kit_dir: Path) -> tuple[IssuedOperator, ...]:
+    entries = values.get("operators", {})
+    if not isinstance(entries, dict):
+        raise KitError(f"{kit_dir / KIT_FILE}: [operators] must be a table of NAME = {{serial}}")
+    issued = []
+    for name, entry in sorted(entries.items()):
+        try:
+            serial = int(str(entry.get("serial", "")), 16)
+        except (AttributeError, ValueError):
+            raise KitError(
+                f"{kit_dir / KIT_FILE}: operators.{name}.serial must be a hex serial number; "
+                "re-issue the operator (`medfed provision add-operator`)"
+            ) from None
+        issued.append(IssuedOperator(name, serial, str(entry.get("not-after", ""))))
+    return tuple(issued)
+
+
 @dataclass(frozen=True)
 class ServerKit:
-    """The aggregator's kit: TLS certificate and key, the CA, the authorised sites."""
+    """The aggregator's kit: TLS certificate and key, the CA, the authorised sites, operators."""
 
     path: Path
     project: str
@@ -125,6 +167,7 @@ class ServerKit:
     metrics_port: int
     sites: tuple[AuthorisedSite, ...]
     revoked: dict[str, dict[str, str]] = field(default_factory=dict)
+    operators: tuple[IssuedOperator, ...] = ()
 
     @property
     def ca_cert(self) -> Path:
@@ -141,12 +184,28 @@ class ServerKit:
         """The SuperLink's TLS private key."""
         return self.path / "server.key"
 
+    @property
+    def operators_crl(self) -> Path:
+        """The CA's list of revoked operator certificates (PEM)."""
+        return self.path / OPERATORS_CRL
+
     @classmethod
-    def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> ServerKit:
-        """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
+    def load(
+        cls, kit_dir: Path, *, check_permissions: bool = True, require_crl: bool = True
+    ) -> ServerKit:
+        """Read and check the kit in `kit_dir`; raises KitError saying what to fix.
+
+        `require_crl=False` reads a kit from before operator certificates (to add one).
+        """
         values = _read_toml(kit_dir)
         _kind(values, kit_dir, "server")
         _need(kit_dir, "ca.crt", "server.crt", "server.key")
+        if require_crl and not (kit_dir / OPERATORS_CRL).is_file():
+            raise KitError(
+                f"{kit_dir}: missing {OPERATORS_CRL} (the revoked operator certificates); the "
+                "kit predates operator certificates: issue one with `medfed provision "
+                "add-operator NAME --kits KITS`, which writes it, and copy the server kit again"
+            )
         if check_permissions:
             check_private(kit_dir / "server.key")
         link = values.get("superlink", {})
@@ -163,6 +222,7 @@ class ServerKit:
             metrics_port=int(link.get("metrics-port", DEFAULT_METRICS_PORT)),
             sites=sites,
             revoked=dict(values.get("revoked", {})),
+            operators=_operators(values, kit_dir),
         )
 
     def to_toml(self) -> dict[str, Any]:
@@ -179,6 +239,7 @@ class ServerKit:
             },
             "sites": {s.name: {"public-key": s.public_key} for s in self.sites},
             "revoked": self.revoked,
+            "operators": {o.name: o.to_toml() for o in self.operators},
         }
 
 
@@ -328,32 +389,61 @@ def revoke_app(kit_dir: Path, fab_sha256: str) -> ApprovedApp:
     return entry
 
 
+DEFAULT_OPERATOR = "operator"
+
+
 @dataclass(frozen=True)
 class OperatorKit:
-    """The operator's kit: the CA and the aggregator's Control API address."""
+    """An operator's kit: the CA, the Control API address, a client certificate and its key.
+
+    The aggregator serves its Control API to nobody without such a certificate.
+    """
 
     path: Path
     project: str
     superlink: str
+    name: str = DEFAULT_OPERATOR
 
     @property
     def ca_cert(self) -> Path:
         """The project CA certificate."""
         return self.path / "ca.crt"
 
+    @property
+    def cert(self) -> Path:
+        """The operator's client certificate (CN=name, OU=medfed-operator)."""
+        return self.path / "operator.crt"
+
+    @property
+    def key(self) -> Path:
+        """The operator's private key (EC P-256, PKCS#8 PEM, mode 0600)."""
+        return self.path / "operator.key"
+
     @classmethod
-    def load(cls, kit_dir: Path) -> OperatorKit:
+    def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> OperatorKit:
         """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
         values = _read_toml(kit_dir)
         _kind(values, kit_dir, "operator")
         _need(kit_dir, "ca.crt")
-        return cls(kit_dir, str(values.get("project", "")), _address(values, kit_dir))
+        name = str(values.get("name", DEFAULT_OPERATOR))
+        if not is_safe_site_name(name):
+            raise KitError(f"{kit_dir / KIT_FILE}: invalid operator name {name!r}; re-issue it")
+        missing = [f for f in ("operator.crt", "operator.key") if not (kit_dir / f).is_file()]
+        if missing:
+            raise KitError(
+                f"{kit_dir}: missing {', '.join(missing)}; the aggregator serves its Control API "
+                "only to an operator certificate: issue one with `medfed provision add-operator "
+                "NAME --kits KITS` and use the kit it writes (KITS/operators/NAME)"
+            )
+        if check_permissions:
+            check_private(kit_dir / "operator.key")
+        return cls(kit_dir, str(values.get("project", "")), _address(values, kit_dir), name)
 
     def to_toml(self) -> dict[str, Any]:
         """The kit file's content."""
         return {
             "kind": "operator", "version": KIT_VERSION, "project": self.project,
-            "superlink": self.superlink,
+            "name": self.name, "superlink": self.superlink,
         }
 
 

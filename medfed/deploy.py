@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from common.apps import AppBundle
 
 provision_app = typer.Typer(
-    help="Issue a federation's CA, the aggregator's TLS certificate and one key per hospital, "
-    "as kits: KITS/server, KITS/sites/<name>, KITS/operator.",
+    help="Issue a federation's CA, the aggregator's TLS certificate, one key per hospital and "
+    "an operator client certificate, as kits: KITS/server, KITS/sites/<name>, KITS/operator.",
     no_args_is_help=False,
 )
 site_app = typer.Typer(help="Run this hospital's site (a Flower SuperNode) from its kit.")
@@ -77,8 +77,11 @@ def provision(
                           show_default="the fleet address")
     ] = "",
     force: Annotated[bool, typer.Option(help="Re-issue everything in an existing --out.")] = False,
+    operator: Annotated[
+        str, typer.Option(help="The first operator's name (its certificate's CN).")
+    ] = "operator",
 ) -> None:
-    """Provision a new federation (see `add-site` and `revoke-site` for later changes)."""
+    """Provision a new federation (later: add-site, revoke-site, add-operator, revoke-operator)."""
     if ctx.invoked_subcommand is not None:
         return
     if not (project and server_host and out_dir):
@@ -89,20 +92,22 @@ def provision(
         lambda: write_kits(
             out_dir, project=project, server_hosts=server_host.split(","),
             sites=sites.split(","), port=port, fleet_address=fleet_address,
-            control_address=control_address, force=force,
+            control_address=control_address, force=force, operator=operator,
         )
     )
     table = Table("kit", "folder", "hand it to", title=f"Kits for {project}")
     table.add_row("server", str(summary.server), "the aggregator (`medfed server --kit`)")
     for name, folder in summary.sites.items():
         table.add_row(f"site {name}", str(folder), f"hospital {name} (`medfed site --kit`)")
-    table.add_row("operator", str(summary.operator), "whoever submits runs (`medfed run --kit`)")
+    table.add_row(
+        f"operator {operator}", str(summary.operator), "whoever submits runs (`medfed run --kit`)"
+    )
     out.print(table)
     out.print(
         f"sites connect to {summary.fleet}, the operator to {summary.control}. "
         f"Keep {out_dir}/ca/ca.key offline: "
-        "it signs the aggregator's certificate. Send each kit over a secure channel; private "
-        "keys are mode 0600 and no kit holds another party's key."
+        "it signs the aggregator's and the operators' certificates. Send each kit over a secure "
+        "channel; private keys are mode 0600 and no kit holds another party's key."
     )
 
 
@@ -137,6 +142,40 @@ def revoke_site(
     )
 
 
+@provision_app.command("add-operator")
+def add_operator(
+    name: Annotated[str, typer.Argument(help="The new operator's name (certificate CN).")],
+    kits: KitsOpt,
+) -> None:
+    """Issue one more operator's client certificate and kit (KITS/operators/NAME)."""
+    from server.provision import add_operator as issue
+
+    folder, control = guard(lambda: issue(kits, name))
+    out.print(f"operator {name}: kit in {folder} (Control API at {control})", highlight=False)
+    out.print(
+        "Hand it over a secure channel: it holds the operator's private key (operator.key). "
+        f"If the server kit predated operator certificates, copy {kits / 'server'} to the "
+        "aggregator again (on Kubernetes, update its Secrets)."
+    )
+
+
+@provision_app.command("revoke-operator")
+def revoke_operator(
+    name: Annotated[str, typer.Argument(help="The operator to withdraw.")],
+    kits: KitsOpt,
+) -> None:
+    """Revoke an operator's certificate; the aggregator refuses it within seconds."""
+    from server.provision import revoke_operator as revoke
+
+    guard(lambda: revoke(kits, name))
+    out.print(
+        f"operator {name} revoked: {kits / 'server' / 'operators.crl'} lists its certificate. "
+        "A running `medfed server` reading this server kit refuses it within seconds; copy the "
+        "file to the aggregator if its kit is elsewhere (on Kubernetes: the server kit and "
+        "operator CA Secrets, k8s/README.md)."
+    )
+
+
 # --- server ------------------------------------------------------------------------------------
 
 
@@ -161,7 +200,7 @@ def server(
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the dashboard.")] = "127.0.0.1",
 ) -> None:
-    """Run the aggregator: Flower's SuperLink with TLS and authenticated sites."""
+    """Run the aggregator: Flower's SuperLink behind a gateway; Control API for operators only."""
     from common.kit import ServerKit
     from server.exporter import MetricsSettings
     from server.superlink import ServerProcess, ServerSettings
@@ -186,7 +225,8 @@ def server(
         guard(process.start)
         out.print(
             f"medfed server ready: https://{host}:{settings.link_port} "
-            f"({len(server_kit.sites)} sites authorised, state in {state_dir})"
+            f"({len(server_kit.sites)} sites authorised, Control API for operator certificates "
+            f"only, state in {state_dir})"
             + (f"; dashboard {watcher.url}" if watcher.url else ""),
             highlight=False,
         )
@@ -583,9 +623,10 @@ def run(
 ) -> None:
     """Submit a training run to the aggregator, follow it, and write its results to --out."""
     from common.kit import OperatorKit
-    from server.submit import OperatorError, find_app_dir, submit
+    from server.submit import OperatorError, check_credentials, find_app_dir, submit
 
     operator = guard(lambda: OperatorKit.load(kit))
+    guard(lambda: check_credentials(operator))
     app_path = guard(lambda: find_app_dir(app_dir))
     values = given(
         test_data=test_data or "", task=task,
@@ -619,7 +660,7 @@ def run(
             on_started=started,
         )
     except OperatorError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_REFUSED if exc.refused else EXIT_FAILED) from None
     except KeyboardInterrupt:
         err.print("stopped following the run; it continues on the aggregator")
         raise typer.Exit(130) from None
@@ -641,13 +682,14 @@ def run(
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:
     """List the aggregator's runs."""
     from common.kit import OperatorKit
-    from server.submit import OperatorError, list_runs
+    from server.submit import OperatorError, check_credentials, list_runs
 
     operator = guard(lambda: OperatorKit.load(kit))
+    guard(lambda: check_credentials(operator))
     try:
         listed = list_runs(operator)
     except OperatorError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_REFUSED if exc.refused else EXIT_FAILED) from None
     table = Table(title=operator.superlink)
     table.add_column("run id", no_wrap=True, min_width=20)
     table.add_column("status", no_wrap=True)
@@ -667,11 +709,12 @@ def stop(
 ) -> None:
     """Stop a run on the aggregator."""
     from common.kit import OperatorKit
-    from server.submit import OperatorError, stop_run
+    from server.submit import OperatorError, check_credentials, stop_run
 
     operator = guard(lambda: OperatorKit.load(kit))
+    guard(lambda: check_credentials(operator))
     try:
         stop_run(operator, run_id)
     except OperatorError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_REFUSED if exc.refused else EXIT_FAILED) from None
     out.print(f"run {run_id} stopped")

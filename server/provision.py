@@ -1,4 +1,4 @@
-"""`medfed provision`: a CA, the aggregator's TLS certificate and a key per hospital, as kits.
+"""`medfed provision`: the CA, aggregator certificate, hospital keys, operator certs, as kits.
 
 The kits' layout is described in common.kit.
 """
@@ -8,15 +8,22 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import tempfile
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from cryptography import x509
 
 from common.certs import (
     Authority,
     SiteKeyPair,
     cert_pem,
+    crl_pem,
     fingerprint,
+    generate_operator_key,
+    load_crl,
     tls_key_pem,
     validate_host,
     write_private,
@@ -25,9 +32,12 @@ from common.certs import (
 from common.kit import (
     DEFAULT_HEALTH_PORT,
     DEFAULT_METRICS_PORT,
+    DEFAULT_OPERATOR,
     DEFAULT_PORT,
     KIT_FILE,
+    OPERATORS_CRL,
     AuthorisedSite,
+    IssuedOperator,
     KitError,
     OperatorKit,
     ServerKit,
@@ -36,7 +46,7 @@ from common.kit import (
 )
 from common.sites import site_name_problem
 
-PARTS = ("ca", "server", "sites", "operator")
+PARTS = ("ca", "server", "sites", "operator", "operators")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,16 @@ def _site_names(names: Sequence[str]) -> list[str]:
     if duplicates:
         raise ValueError(f"--sites: {', '.join(duplicates)} given more than once")
     return clean
+
+
+def _operator_name(name: str, flag: str) -> str:
+    name = name.strip()
+    if not is_safe_site_name(name):
+        raise ValueError(
+            f"{flag}: {name!r} is not a valid operator name (1-64 letters, digits, '.', '_' or "
+            "'-'; it is the certificate's CN and appears in logs)"
+        )
+    return name
 
 
 def _address(value: str, flag: str) -> str:
@@ -100,8 +120,12 @@ def provision(
     fleet_address: str = "",
     control_address: str = "",
     force: bool = False,
+    operator: str = DEFAULT_OPERATOR,
 ) -> ProvisionSummary:
     """Write a new federation's kits under `kits`; refuses to overwrite unless `force`.
+
+    The first operator's kit (KITS/operator) holds a client certificate named `operator`;
+    `add-operator` issues more.
 
     Sites connect to `fleet_address` and operators to `control_address` (HOST:PORT; both
     default to the first server host and `port`, where the SuperLink listens). They differ
@@ -120,6 +144,7 @@ def provision(
         if host not in hosts:
             hosts.append(host)
     names = _site_names(sites)
+    operator = _operator_name(operator, "--operator")
     existing = [kits / p for p in PARTS if (kits / p).exists()]
     if existing and not force:
         raise FileExistsError(
@@ -150,13 +175,127 @@ def provision(
     )
     write_toml(server_dir / KIT_FILE, server.to_toml())
 
+    write_public(server_dir / OPERATORS_CRL, crl_pem(ca.revocation_list([])))
+
     operator_dir = kits / "operator"
-    operator_dir.mkdir(parents=True, exist_ok=True)
-    write_public(operator_dir / "ca.crt", cert_pem(ca.cert))
-    write_toml(operator_dir / KIT_FILE, OperatorKit(operator_dir, project, control).to_toml())
+    first = _write_operator_kit(ca, operator_dir, project, operator, control)
+    server = replace(server, operators=(first,))
+    write_toml(server_dir / KIT_FILE, server.to_toml())
     return ProvisionSummary(
         kits, server_dir, operator_dir, {n: kits / "sites" / n for n in names}, fleet, control
     )
+
+
+def _write_operator_kit(
+    ca: Authority, kit_dir: Path, project: str, name: str, control: str
+) -> IssuedOperator:
+    """An operator's kit: CA, client certificate and key (0600), the Control API address."""
+    _private_dir(kit_dir)
+    key = generate_operator_key()
+    cert = ca.issue_operator_cert(name, key.public_key())
+    write_public(kit_dir / "ca.crt", cert_pem(ca.cert))
+    write_private(kit_dir / "operator.key", tls_key_pem(key))
+    write_public(kit_dir / "operator.crt", cert_pem(cert))
+    write_toml(kit_dir / KIT_FILE, OperatorKit(kit_dir, project, control, name).to_toml())
+    not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
+    return IssuedOperator(name, cert.serial_number, not_after)
+
+
+def _authority(kits: Path, command: str) -> Authority:
+    key, cert = kits / "ca" / "ca.key", kits / "ca" / "ca.crt"
+    if not key.is_file() or not cert.is_file():
+        raise KitError(
+            f"{kits}/ca/ca.key or ca.crt is missing; {command} signs with the project CA: run it "
+            "where the CA key is kept (pass that folder as --kits)"
+        )
+    return Authority.load(key, cert)
+
+
+def _control_address(kits: Path) -> str:
+    """The Control API address the existing operator kits name."""
+    others = sorted((kits / "operators").glob(f"*/{KIT_FILE}"))
+    for kit_file in [kits / "operator" / KIT_FILE, *others]:
+        if kit_file.is_file():
+            address = str(tomllib.loads(kit_file.read_text()).get("superlink", ""))
+            if address:
+                return address
+    raise KitError(
+        f"{kits}: no operator kit to take the Control API address from (KITS/operator is "
+        "missing); re-provision"
+    )
+
+
+def _write_crl(server: ServerKit, crl: x509.CertificateRevocationList) -> None:
+    # atomically: the running gateway reloads the file as soon as it changes
+    fd, tmp = tempfile.mkstemp(dir=server.path, prefix=".operators-", suffix=".crl")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(crl_pem(crl))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, server.operators_crl)
+
+
+def _revoked_serials(server: ServerKit) -> list[tuple[int, dt.datetime]]:
+    if not server.operators_crl.is_file():
+        return []
+    crl = load_crl(server.operators_crl, server.ca_cert)
+    return [(r.serial_number, r.revocation_date_utc) for r in crl]
+
+
+def add_operator(kits: Path, name: str) -> tuple[Path, str]:
+    """Issue one more operator's kit (KITS/operators/NAME); returns it and its Control address."""
+    name = _operator_name(name, "add-operator")
+    server = _server_kit_for_operators(kits)
+    if any(o.name == name for o in server.operators):
+        raise FileExistsError(
+            f"operator {name!r} already holds a valid certificate; revoke it first "
+            f"(`medfed provision revoke-operator {name} --kits {kits}`) to re-issue it"
+        )
+    ca = _authority(kits, "add-operator")
+    control = _control_address(kits)
+    kit_dir = kits / "operators" / name
+    if kit_dir.exists():
+        shutil.rmtree(kit_dir)
+    issued = _write_operator_kit(ca, kit_dir, server.project, name, control)
+    if not server.operators_crl.is_file():  # a kit from before operator certificates
+        _write_crl(server, ca.revocation_list([]))
+    updated = replace(server, operators=(*server.operators, issued))
+    write_toml(server.path / KIT_FILE, updated.to_toml())
+    return kit_dir, control
+
+
+def revoke_operator(kits: Path, name: str) -> None:
+    """Revoke an operator's certificate: it joins operators.crl; its kit's key is deleted."""
+    server = _server_kit_for_operators(kits)
+    entry = next((o for o in server.operators if o.name == name), None)
+    if entry is None:
+        known = ", ".join(o.name for o in server.operators) or "none"
+        raise ValueError(
+            f"revoke-operator: no operator {name!r} holds a valid certificate (valid: {known})"
+        )
+    ca = _authority(kits, "revoke-operator")
+    revoked = [*_revoked_serials(server), (entry.serial, dt.datetime.now(dt.UTC))]
+    _write_crl(server, ca.revocation_list(revoked))
+    remaining = tuple(o for o in server.operators if o.name != name)
+    write_toml(server.path / KIT_FILE, replace(server, operators=remaining).to_toml())
+    # the revoked key is useless now; leave no copy of it in KITS
+    for kit_dir in (kits / "operators" / name, kits / "operator"):
+        kit_file = kit_dir / KIT_FILE
+        if kit_file.is_file() and tomllib.loads(kit_file.read_text()).get(
+            "name", DEFAULT_OPERATOR
+        ) == name:
+            for secret in ("operator.key", "operator.crt"):
+                (kit_dir / secret).unlink(missing_ok=True)
+
+
+def _server_kit_for_operators(kits: Path) -> ServerKit:
+    server_dir = kits / "server"
+    if not (server_dir / KIT_FILE).is_file():
+        raise KitError(
+            f"{kits}: no server kit at {server_dir}; pass the folder `medfed provision --out` "
+            "wrote (--kits KITS)"
+        )
+    # a kit from before operator certificates has no CRL yet: add-operator writes one
+    return ServerKit.load(server_dir, require_crl=False)
 
 
 def _server_kit(kits: Path) -> ServerKit:

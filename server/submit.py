@@ -2,16 +2,22 @@
 
 Everything goes through Flower's own CLI (`flwr run`, `flwr ls`, `flwr stop`) over the TLS
 Control API, configured from the operator kit in a private, temporary Flower home, so the
-operator's own `~/.flwr` is neither read nor changed.
+operator's own `~/.flwr` is neither read nor changed. The CLI runs as
+`python -m server.flwr_operator`, which presents the kit's operator certificate: the
+aggregator's gateway serves the Control API to nobody else. The certificate is checked here
+first (readable, matches its key, issued by the kit's CA, in its validity period), so a wrong
+kit is named before anything is sent.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,11 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from common.apps import build_app_bundle
-from common.kit import OperatorKit
-from common.procs import flower_environment, flower_executable
+from common.certs import OPERATOR_OU
+from common.kit import KitError, OperatorKit
+from common.procs import flower_environment
 from server import artifacts
+from server.flwr_operator import CERT_ENV, KEY_ENV
 from server.waiting import GAVE_UP_MARK, WAITING_MARK
 
 CONNECTION = "medfed"
@@ -38,7 +49,57 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class OperatorError(RuntimeError):
-    """The aggregator could not be reached or refused the request; the message says why."""
+    """The aggregator could not be reached or refused the request; the message says why.
+
+    `refused`: the aggregator turned the operator's certificate away (exit 3, not 1).
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def check_credentials(kit: OperatorKit) -> x509.Certificate:
+    """The kit's operator certificate, checked locally; raises KitError naming kit and fix."""
+    fix = (
+        f"ask the federation's operator for a new operator kit (`medfed provision add-operator "
+        f"NAME --kits KITS`) and pass it as --kit (this one: {kit.path})"
+    )
+    try:
+        cert = x509.load_pem_x509_certificate(kit.cert.read_bytes())
+        ca = x509.load_pem_x509_certificate(kit.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(kit.key.read_bytes(), password=None)
+    except OSError as exc:
+        raise KitError(f"{exc.filename}: cannot read ({exc.strerror}); {fix}") from None
+    except (ValueError, TypeError) as exc:
+        raise KitError(
+            f"{kit.path}: operator.crt or operator.key is damaged ({exc}); {fix}"
+        ) from None
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise KitError(f"{kit.key}: not the key of {kit.cert}; {fix}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise KitError(f"{kit.cert}: not issued by the kit's CA ({kit.ca_cert}); {fix}") from None
+    unit = x509.NameOID.ORGANIZATIONAL_UNIT_NAME
+    if OPERATOR_OU not in [a.value for a in cert.subject.get_attributes_for_oid(unit)]:
+        raise KitError(f"{kit.cert}: not an operator certificate (no OU={OPERATOR_OU}); {fix}")
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        raise KitError(
+            f"{kit.cert}: operator certificate expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}; {fix}"
+        )
+    if now < cert.not_valid_before_utc:
+        raise KitError(
+            f"{kit.cert}: operator certificate not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)"
+        )
+    return cert
 
 
 def find_app_dir(given: Path | None = None) -> Path:
@@ -64,6 +125,7 @@ def find_app_dir(given: Path | None = None) -> Path:
 @contextmanager
 def flower_home(kit: OperatorKit) -> Iterator[dict[str, str]]:
     """Environment for `flwr` with one connection, `medfed`, from the operator kit."""
+    check_credentials(kit)
     home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
     try:
         config = {
@@ -79,48 +141,67 @@ def flower_home(kit: OperatorKit) -> Iterator[dict[str, str]]:
         env = flower_environment()
         env["FLWR_HOME"] = str(home)
         env["NO_COLOR"] = "1"
+        env[CERT_ENV] = str(kit.cert.resolve())
+        env[KEY_ENV] = str(kit.key.resolve())
         yield env
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _flwr(args: list[str], env: Mapping[str, str], timeout: float = 120) -> str:
+def flwr_argv(*args: str) -> list[str]:
+    """Flower's CLI, presenting the operator certificate (server.flwr_operator)."""
+    return [sys.executable, "-m", "server.flwr_operator", *args]
+
+
+def _flwr(args: list[str], env: Mapping[str, str], kit: OperatorKit, timeout: float = 120) -> str:
     proc = subprocess.run(  # noqa: S603 - our own argv, no shell
-        [flower_executable("flwr"), *args], env=dict(env), capture_output=True, text=True,
+        flwr_argv(*args), env=dict(env), capture_output=True, text=True,
         timeout=timeout, check=False,
     )
     if proc.returncode != 0:
-        raise OperatorError(_explain(proc.stdout + proc.stderr))
+        raise _error(proc.stdout + proc.stderr, kit)
     return proc.stdout
 
 
-def _explain(output: str) -> str:
+def _error(output: str, kit: OperatorKit) -> OperatorError:
     text = ANSI.sub("", output).strip()
     lowered = text.lower()
+    fix = f"`medfed provision add-operator NAME --kits KITS` issues a new one (kit: {kit.path})"
+    if "403 forbidden" in lowered:
+        return OperatorError(
+            f"the aggregator refused the Control API call: {kit.cert} is not accepted as an "
+            f"operator certificate of this federation; {fix}", refused=True,
+        )
+    if "400 bad request" in lowered:
+        return OperatorError(
+            f"the aggregator rejected the operator certificate {kit.cert} (revoked, expired, or "
+            f"issued by another federation's CA); {fix}", refused=True,
+        )
     if "certificate verify failed" in lowered or "certificate_verify_failed" in lowered:
-        return (
+        return OperatorError(
             "the aggregator's certificate is not signed by the operator kit's CA; the kit "
             "belongs to another provisioning"
         )
     if "connect" in lowered and ("refused" in lowered or "error" in lowered):
-        return f"cannot reach the aggregator: {text.splitlines()[-1] if text else 'no answer'}"
-    return text.splitlines()[-1] if text else "flwr failed without a message"
+        last = text.splitlines()[-1] if text else "no answer"
+        return OperatorError(f"cannot reach the aggregator: {last}")
+    return OperatorError(text.splitlines()[-1] if text else "flwr failed without a message")
 
 
-def _json_payload(output: str) -> dict[str, Any]:
+def _json_payload(output: str, kit: OperatorKit) -> dict[str, Any]:
     start = output.find("{")
     if start < 0:
         raise OperatorError(f"unexpected answer from flwr: {output.strip()[:200]}")
     payload = json.loads(output[start:])
     if not payload.get("success", True):
-        raise OperatorError(str(payload.get("error-message", payload)))
+        raise _error(str(payload.get("error-message", payload)), kit)
     return dict(payload)
 
 
 def list_runs(kit: OperatorKit) -> list[dict[str, Any]]:
     """Every run the aggregator knows, as Flower's `flwr ls --format json` lists them."""
     with flower_home(kit) as env:
-        payload = _json_payload(_flwr(["ls", CONNECTION, "--format", "json"], env))
+        payload = _json_payload(_flwr(["ls", CONNECTION, "--format", "json"], env, kit), kit)
     return list(payload.get("runs", []))
 
 
@@ -128,7 +209,7 @@ def run_status(kit: OperatorKit, run_id: int) -> dict[str, Any]:
     """One run as `flwr ls --run-id` shows it."""
     with flower_home(kit) as env:
         payload = _json_payload(
-            _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
+            _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, kit), kit
         )
     runs = payload.get("runs", [])
     if not runs:
@@ -139,7 +220,7 @@ def run_status(kit: OperatorKit, run_id: int) -> dict[str, Any]:
 def stop_run(kit: OperatorKit, run_id: int) -> None:
     """Stop a run on the aggregator."""
     with flower_home(kit) as env:
-        _flwr(["stop", str(run_id), CONNECTION], env)
+        _flwr(["stop", str(run_id), CONNECTION], env, kit)
 
 
 @dataclass
@@ -181,10 +262,9 @@ def submit(
     with flower_home(kit) as env, tempfile.TemporaryDirectory() as tmp:
         overrides_file = Path(tmp) / "run-config.toml"
         overrides_file.write_text(tomli_w.dumps(dict(overrides)))
-        argv = [
-            flower_executable("flwr"), "run", str(app_dir), CONNECTION,
-            "--run-config", str(overrides_file), "--stream",
-        ]
+        argv = flwr_argv(
+            "run", str(app_dir), CONNECTION, "--run-config", str(overrides_file), "--stream",
+        )
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
@@ -225,7 +305,7 @@ def submit(
                 proc.terminate()
                 proc.wait(timeout=10)
     if run_id is None:
-        raise OperatorError(_explain("\n".join(tail)) if tail else f"flwr exited with {code}")
+        raise _error("\n".join(tail), kit) if tail else OperatorError(f"flwr exited with {code}")
     status = run_status(kit, run_id).get("status", "unknown")
     files = collector.write(out_dir) if collector.done else []
     return Submission(run_id, str(status), files, reason)

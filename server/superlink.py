@@ -1,13 +1,23 @@
-"""`medfed server`: Flower's SuperLink with the federation's kit, and the kit kept in force.
+"""`medfed server`: Flower's SuperLink behind the gateway, with the kit kept in force.
 
 The SuperLink serves TLS with the kit's certificate, authenticates SuperNodes, keeps its state in
 `--state` (a restart keeps runs and registered nodes) and runs ServerApps in subprocesses that
 inherit MEDFED_STATE_DIR, so each deployed run writes its results under `STATE/runs/<run-id>`.
+It listens on 127.0.0.1 only, on an internal port chosen at start that no kit names; the kit's
+address is served by the gateway (server.gateway: nginx, the Control API for operator
+certificates only). This process's own Control API calls and the ServerApps use the internal
+port. If nginx or the SuperLink dies, `medfed server` ends with exit code 1.
 
 While it runs, the server kit is the single source of truth for who may connect: every site in
 it is registered with the SuperLink, and a node whose key is not in it (a revoked hospital, or
 a key someone registered through the Control API by hand) is unregistered. Editing the kit with
-`medfed provision add-site|revoke-site` takes effect within seconds, without a restart.
+`medfed provision add-site|revoke-site` takes effect within seconds, without a restart, and so
+does a new operators.crl (`revoke-operator`).
+
+Flower never registers a public key again once it was unregistered (the key stays in its
+database, marked unregistered). A kit site whose key was unregistered at the SuperLink is
+therefore reported, once, with the way out (re-issue the site's key), and never stops the
+server or its reconciliation of the other sites.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from common.procs import (
     on_stop_signals,
     terminate_tree,
 )
+from server.gateway import Gateway, GatewaySettings, free_loopback_port
 
 log = logging.getLogger("medfed.server")
 
@@ -54,6 +65,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int | None = None  # default: the kit's
     health_port: int | None = None
+    internal_port: int = 0  # the SuperLink's own, on 127.0.0.1; 0: a free one at start
 
     @property
     def link_port(self) -> int:
@@ -65,13 +77,8 @@ class ServerSettings:
         """The gRPC health port: --health-port, else the kit's."""
         return self.health_port or self.kit.health_port
 
-    @property
-    def local_address(self) -> str:
-        """How this machine reaches the SuperLink (the certificate always names 127.0.0.1)."""
-        return f"127.0.0.1:{self.link_port}"
-
-    def command(self) -> list[str]:
-        """flower-superlink's argv."""
+    def command(self, internal_port: int) -> list[str]:
+        """flower-superlink's argv: loopback only, on the internal port."""
         return [
             flower_executable("flower-superlink"),
             "--ssl-ca-certfile", str(self.kit.ca_cert),
@@ -79,8 +86,8 @@ class ServerSettings:
             "--ssl-keyfile", str(self.kit.key),
             "--enable-supernode-auth",
             "--database", str(self.state / "superlink.db"),
-            "--host", self.host,
-            "--port", str(self.link_port),
+            "--host", "127.0.0.1",
+            "--port", str(internal_port),
             "--health-server-address", f"{self.host}:{self.link_health_port}",
             # the image already holds every dependency; never pip/uv-install at run time
             "--disable-runtime-dependency-installation",
@@ -131,6 +138,19 @@ class Reconciled:
     registered: dict[str, int] = field(default_factory=dict)
     unregistered: list[int] = field(default_factory=list)
     present: dict[str, int] = field(default_factory=dict)
+    # kit sites whose key Flower will not register again (unregistered before), or that
+    # failed to register this pass: name -> why
+    blocked: dict[str, str] = field(default_factory=dict)
+
+
+def _rekey_hint(name: str) -> str:
+    return (
+        f"site {name}'s key was unregistered at the SuperLink (through the Control API), and "
+        "Flower never registers an unregistered key again. Re-issue the site's key: "
+        f"`medfed provision revoke-site {name} --kits KITS` then `medfed provision add-site "
+        f"{name} --kits KITS`, and give the hospital its new kit; this server registers it "
+        "within seconds"
+    )
 
 
 class NodeRegistry:
@@ -138,6 +158,7 @@ class NodeRegistry:
 
     def __init__(self, address: str, ca_cert: Path) -> None:
         self.address, self.ca_cert = address, ca_cert
+        self._reported: dict[str, str] = {}
 
     def _client(self) -> Any:  # Flower's ControlHttpClient
         from flwr.supercore.control import ControlHttpClient
@@ -152,6 +173,7 @@ class NodeRegistry:
 
     def reconcile(self, sites: Sequence[AuthorisedSite]) -> Reconciled:
         """Register every site in `sites` that is missing; unregister every node not in it."""
+        import httpx
         from flwr.proto.control_pb2 import (
             ListNodesRequest,
             RegisterNodeRequest,
@@ -165,6 +187,9 @@ class NodeRegistry:
             nodes = client.ListNodes(ListNodesRequest()).nodes_info
             for node in nodes:
                 if node.status == "unregistered":
+                    pem = _normalise_pem(bytes(node.public_key))
+                    if pem in wanted:
+                        result.blocked[wanted[pem]] = _rekey_hint(wanted[pem])
                     continue
                 pem = _normalise_pem(bytes(node.public_key))
                 if pem in wanted:
@@ -177,14 +202,32 @@ class NodeRegistry:
                     "registered by hand)", node.node_id,
                 )
             for pem, name in wanted.items():
-                if name in result.present:
+                if name in result.present or name in result.blocked:
                     continue
-                response = client.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+                try:
+                    response = client.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+                except httpx.HTTPStatusError as exc:
+                    # one site's refusal must not keep the others from being reconciled
+                    result.blocked[name] = (
+                        f"the SuperLink refused to register site {name} "
+                        f"(HTTP {exc.response.status_code}: {exc.response.text[:200]})"
+                    )
+                    continue
                 result.registered[name] = int(response.node_id)
                 log.info("registered site %s as node %s", name, response.node_id)
         finally:
             client.close()
+        self._report(result.blocked)
         return result
+
+    def _report(self, blocked: dict[str, str]) -> None:
+        """Log each blocked site once (not every pass), and when it is resolved."""
+        for name, why in blocked.items():
+            if self._reported.get(name) != why:
+                log.error("%s", why)
+        for name in set(self._reported) - set(blocked):
+            log.info("site %s: resolved (its key re-issued, or it left the kit)", name)
+        self._reported = dict(blocked)
 
 
 def wait_until_ready(
@@ -225,24 +268,44 @@ class ServerProcess:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.process: subprocess.Popen[bytes] | None = None
-        self.registry = NodeRegistry(settings.local_address, settings.kit.ca_cert)
+        self.internal_port = settings.internal_port or free_loopback_port()
+        self.registry = NodeRegistry(self.local_address, settings.kit.ca_cert)
+        self.gateway = Gateway(
+            GatewaySettings(
+                kit=settings.kit, folder=settings.state / "gateway", host=settings.host,
+                port=settings.link_port, upstream_port=self.internal_port,
+            )
+        )
         self._stop = threading.Event()
         self._kit_mtime = 0.0
 
+    @property
+    def local_address(self) -> str:
+        """The SuperLink's own loopback address (the certificate always names 127.0.0.1)."""
+        return f"127.0.0.1:{self.internal_port}"
+
     def start(self) -> None:
-        """Start the SuperLink, wait until it answers, register the kit's sites."""
+        """Start the SuperLink and the gateway, wait until both answer, register the sites."""
         s = self.settings
         s.state.mkdir(parents=True, exist_ok=True)
         (s.state / "runs").mkdir(exist_ok=True)
         check_port_free(s.host, s.link_port, "--port")
         check_port_free(s.host, s.link_health_port, "--health-port")
-        log.info("starting Flower SuperLink on %s:%s (state in %s)", s.host, s.link_port, s.state)
+        check_port_free("127.0.0.1", self.internal_port, "the internal SuperLink port")
+        log.info(
+            "starting Flower SuperLink on %s (internal, loopback only; state in %s)",
+            self.local_address, s.state,
+        )
         self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-            s.command(), env=s.environment(), start_new_session=True,
+            s.command(self.internal_port), env=s.environment(), start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        wait_until_ready(s.local_address, s.kit.ca_cert, self.process, READY_TIMEOUT_S)
-        self.sync_kit(force=True)
+        wait_until_ready(self.local_address, s.kit.ca_cert, self.process, READY_TIMEOUT_S)
+        self.gateway.start()
+        try:
+            self.sync_kit(force=True)
+        except Exception as exc:  # noqa: BLE001 - retried by the loop; never a reason to exit
+            log.warning("could not reconcile registered sites (will retry): %s", exc)
 
     def sync_kit(self, *, force: bool = False) -> Reconciled | None:
         """Re-read the server kit if it changed (or `force`) and reconcile the nodes."""
@@ -273,6 +336,14 @@ class ServerProcess:
             if self.process.poll() is not None:
                 log.error("the SuperLink exited with code %s", self.process.returncode)
                 return 1
+            gateway_code = self.gateway.exit_code()
+            if gateway_code is not None:
+                log.error(
+                    "the gateway (nginx) exited with code %s: the federation's port is closed; "
+                    "its message above says why (restart `medfed server`)", gateway_code,
+                )
+                return 1
+            self.gateway.reload_if_crl_changed()
             full = time.monotonic() - last_full > FULL_RECONCILE_S
             try:
                 self.sync_kit(force=full)
@@ -283,8 +354,9 @@ class ServerProcess:
         return 0
 
     def stop(self) -> None:
-        """Stop the SuperLink (SIGTERM, then SIGKILL after 15 s)."""
+        """Stop the gateway, then the SuperLink (SIGTERM, then SIGKILL after 15 s)."""
         self._stop.set()
+        self.gateway.stop()
         if self.process is not None:
             terminate_tree(self.process)
 

@@ -1,5 +1,7 @@
 """Provisioning: file modes, certificate names, what each kit may and may not hold."""
 
+import datetime as dt
+import shutil
 import stat
 import subprocess
 import sys
@@ -7,11 +9,20 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.certs import cert_hosts, fingerprint, private_key_matches
+from common.certs import (
+    Authority,
+    cert_hosts,
+    cert_pem,
+    fingerprint,
+    load_crl,
+    private_key_matches,
+)
 from common.kit import KitError, OperatorKit, ServerKit, SiteKit, check_private
-from server.provision import add_site, provision, revoke_site
+from server.provision import add_operator, add_site, provision, revoke_operator, revoke_site
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
@@ -35,7 +46,8 @@ def _private_keys(folder: Path) -> dict[Path, bytes]:
 def test_private_keys_are_0600_and_kit_folders_private(kits: Path) -> None:
     keys = _private_keys(kits)
     assert {p.relative_to(kits).as_posix() for p in keys} == {
-        "ca/ca.key", "server/server.key", *(f"sites/{s}/site.key" for s in SITES)
+        "ca/ca.key", "server/server.key", "operator/operator.key",
+        *(f"sites/{s}/site.key" for s in SITES),
     }
     for path in keys:
         assert _mode(path) == 0o600, path
@@ -50,7 +62,7 @@ def test_no_kit_holds_another_partys_private_key(kits: Path) -> None:
         for path, key in every_key.items():
             if path not in own:
                 assert key not in contents, f"{kit_dir} holds {path}"
-    assert not _private_keys(kits / "operator")
+    assert set(_private_keys(kits / "operator")) == {kits / "operator" / "operator.key"}
 
 
 def test_server_certificate_names_every_host_and_chains_to_the_ca(kits: Path) -> None:
@@ -187,3 +199,153 @@ def test_fleet_and_control_addresses_behind_an_ingress(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--control-address"):
         provision(tmp_path / "k2", project="p", server_hosts=["h"], sites=[],
                   control_address="no-port")
+
+
+# --- operator certificates -------------------------------------------------------------------
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _crl_serials(kits: Path) -> set[int]:
+    crl = load_crl(kits / "server" / "operators.crl", kits / "server" / "ca.crt")
+    return {r.serial_number for r in crl}
+
+
+def test_the_operator_kit_holds_a_client_certificate_of_the_ca(kits: Path) -> None:
+    operator = OperatorKit.load(kits / "operator")
+    assert operator.name == "operator"
+    assert (operator.cert, operator.key) == (
+        kits / "operator" / "operator.crt", kits / "operator" / "operator.key"
+    )
+    cert = _cert(operator.cert)
+    cert.verify_directly_issued_by(_cert(kits / "ca" / "ca.crt"))
+    assert cert.subject.rfc4514_string() == "CN=operator,OU=medfed-operator"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    key = serialization.load_pem_private_key(operator.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert b"BEGIN PRIVATE KEY" in operator.key.read_bytes()  # PKCS#8, unencrypted
+    assert key.public_key() == cert.public_key()
+    server = ServerKit.load(kits / "server")
+    assert [(o.name, o.serial) for o in server.operators] == [("operator", cert.serial_number)]
+    assert _crl_serials(kits) == set()  # an empty, CA-signed list at provision time
+    # the server's own certificate is no client certificate
+    server_eku = _cert(kits / "server" / "server.crt").extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage
+    ).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH not in list(server_eku)
+
+
+def test_provision_names_the_first_operator(tmp_path: Path) -> None:
+    provision(tmp_path / "k", project="p", server_hosts=["h.example"], sites=[], operator="ops")
+    assert OperatorKit.load(tmp_path / "k" / "operator").name == "ops"
+    assert "CN=ops," in _cert(tmp_path / "k" / "operator" / "operator.crt").subject.rfc4514_string()
+    with pytest.raises(ValueError, match="not a valid operator name"):
+        provision(tmp_path / "k2", project="p", server_hosts=["h"], sites=[], operator="a/b")
+
+
+def test_add_and_revoke_operator(kits: Path) -> None:
+    before = {p: p.read_bytes() for p in kits.rglob("*") if p.is_file()}
+    folder, control = add_operator(kits, "alice")
+    assert folder == kits / "operators" / "alice" and control == "fl.example.org:9092"
+    alice = OperatorKit.load(folder)
+    assert alice.name == "alice" and alice.superlink == control
+    assert _mode(alice.key) == 0o600 and _mode(folder) == 0o700
+    changed = {p.relative_to(kits).as_posix() for p in before if before[p] != p.read_bytes()}
+    assert changed == {"server/medfed-kit.toml"}
+    with pytest.raises(FileExistsError, match="revoke"):
+        add_operator(kits, "alice")
+    with pytest.raises(ValueError, match="not a valid operator name"):
+        add_operator(kits, "../x")
+
+    serial = _cert(alice.cert).serial_number
+    revoke_operator(kits, "alice")
+    assert _crl_serials(kits) == {serial}
+    assert [o.name for o in ServerKit.load(kits / "server").operators] == ["operator"]
+    assert not alice.key.exists()  # no copy of the revoked key stays in KITS
+    with pytest.raises(ValueError, match="no operator 'alice'"):
+        revoke_operator(kits, "alice")
+    add_operator(kits, "alice")  # re-issued: a new certificate, the old one stays revoked
+    assert _cert(alice.cert).serial_number != serial
+    revoke_operator(kits, "operator")
+    assert len(_crl_serials(kits)) == 2 and serial in _crl_serials(kits)
+    with pytest.raises(KitError, match="missing operator.crt, operator.key"):
+        OperatorKit.load(kits / "operator")
+
+
+def test_operator_commands_without_the_ca_key_say_where_to_run_them(kits: Path) -> None:
+    (kits / "ca" / "ca.key").unlink()
+    with pytest.raises(KitError, match="CA key"):
+        add_operator(kits, "alice")
+
+
+def test_a_server_kit_without_a_crl_is_named_and_add_operator_writes_one(kits: Path) -> None:
+    (kits / "server" / "operators.crl").unlink()
+    with pytest.raises(KitError, match="missing operators.crl.*add-operator"):
+        ServerKit.load(kits / "server")
+    add_operator(kits, "alice")
+    assert ServerKit.load(kits / "server").operators_crl.is_file()
+
+
+def test_operator_kit_checks(kits: Path) -> None:
+    from server.submit import check_credentials
+
+    operator = OperatorKit.load(kits / "operator")
+    check_credentials(operator)
+    operator.key.chmod(0o644)
+    with pytest.raises(KitError, match="chmod 600"):
+        OperatorKit.load(kits / "operator")
+    operator.key.chmod(0o600)
+    other = tmp_kits = kits.parent / "other"
+    provision(tmp_kits, project="o", server_hosts=["h"], sites=[])
+    shutil.copy(other / "operator" / "operator.crt", operator.cert)
+    with pytest.raises(KitError, match="not the key of"):
+        check_credentials(operator)
+    shutil.copy(other / "operator" / "operator.key", operator.key)
+    with pytest.raises(KitError, match="not issued by the kit's CA"):
+        check_credentials(operator)
+
+
+def test_an_expired_operator_certificate_is_named_with_the_fix(kits: Path) -> None:
+    from server.submit import check_credentials
+
+    ca = Authority.load(kits / "ca" / "ca.key", kits / "ca" / "ca.crt")
+    operator = OperatorKit.load(kits / "operator")
+    key = serialization.load_pem_private_key(operator.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    fresh = ca.issue_operator_cert("operator", key.public_key())
+    expired = (
+        x509.CertificateBuilder(extensions=list(fresh.extensions))
+        .subject_name(fresh.subject).issuer_name(fresh.issuer).public_key(key.public_key())
+        .serial_number(fresh.serial_number)
+        .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2021, 1, 1, tzinfo=dt.UTC))
+        .sign(ca.key, hashes.SHA384())
+    )
+    operator.cert.write_bytes(cert_pem(expired))
+    with pytest.raises(KitError, match="expired on 2021-01-01.*add-operator"):
+        check_credentials(operator)
+
+
+def test_operator_cli_commands(tmp_path: Path) -> None:
+    cli = [str(Path(sys.executable).parent / "medfed")]
+    out = tmp_path / "kits"
+    subprocess.run(
+        [*cli, "provision", "--project", "p", "--server-host", "127.0.0.1", "--sites", "a",
+         "--operator", "ops", "--out", str(out)],
+        check=True, capture_output=True,
+    )
+    added = subprocess.run([*cli, "provision", "add-operator", "bo b", "--kits", str(out)],
+                           capture_output=True, text=True)
+    assert added.returncode == 2 and "not a valid operator name" in added.stderr
+    added = subprocess.run([*cli, "provision", "add-operator", "bob", "--kits", str(out)],
+                           capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    revoked = subprocess.run([*cli, "provision", "revoke-operator", "bob", "--kits", str(out)],
+                             capture_output=True, text=True)
+    assert revoked.returncode == 0 and "operators.crl" in revoked.stdout
+    again = subprocess.run([*cli, "provision", "revoke-operator", "bob", "--kits", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "valid: ops" in again.stderr

@@ -3,7 +3,8 @@
 Every overlay under k8s/overlays (found, not listed) and k8s/monitoring is built with the
 kustomize inside kubectl and each resource validated against the Kubernetes 1.37 schemas
 (strict: an unknown or misspelt field fails). Then the properties the deployment relies on:
-the SuperLink port leaves the cluster only through the path-split Ingresses, sites talk to the
+the gateway's port (never the SuperLink's) leaves the cluster only through the path-split
+Ingresses, Control only for operator client certificates, sites talk to the
 aggregator and DNS only, kits come from Secrets made outside git, pods run as the image's
 non-root user with a read-only root filesystem, flags, ports and probes agree, and the Docker
 build context can never carry data, runs, kits or keys. No Docker daemon or cluster is needed.
@@ -219,8 +220,9 @@ def test_aggregator_flags_ports_and_probes_agree() -> None:
         c = container(deployment)
         args = flags(c["args"])
         assert c["args"][0] == "server", name
+        # the container exposes the gateway; the SuperLink listens on 127.0.0.1 inside the pod
         assert ports(deployment) == {
-            "superlink": FLEET_PORT, "health": AGGREGATOR_HEALTH, "metrics": AGGREGATOR_METRICS,
+            "gateway": FLEET_PORT, "health": AGGREGATOR_HEALTH, "metrics": AGGREGATOR_METRICS,
         }, name
         assert (args["--port"], args["--health-port"], args["--metrics-port"]) == (
             str(FLEET_PORT), str(AGGREGATOR_HEALTH), str(AGGREGATOR_METRICS),
@@ -257,6 +259,7 @@ def ingress_paths(ingress: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 def test_ingresses_route_fleet_to_hospitals_and_control_to_allow_listed_operators() -> None:
+    expected_secret = {"superlink-fleet": "medfed-ca", "superlink-control": "medfed-control-client"}
     for name, fleet in builds_with("Ingress", "superlink-fleet"):
         resources = build(name)
         control = find(resources, "Ingress", "superlink-control")
@@ -274,11 +277,12 @@ def test_ingresses_route_fleet_to_hospitals_and_control_to_allow_listed_operator
             assert [t["hosts"] for t in ingress["spec"]["tls"]] == [[host]], name
             assert all(r["http"]["paths"][0]["pathType"] == "Prefix"
                        for r in ingress["spec"]["rules"])
-            # the re-encrypted hop checks the SuperLink's certificate, under the Fleet host
-            # (which the certificate names), with the CA Secret of the Ingress's own namespace
+            # the re-encrypted hop checks the gateway's certificate, under the Fleet host
+            # (which the certificate names), with a Secret of the Ingress's own namespace
             if notes.get("nginx.ingress.kubernetes.io/proxy-ssl-verify") == "on":
+                secret = expected_secret[ingress["metadata"]["name"]]
                 assert notes["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == (
-                    f"{ingress['metadata']['namespace']}/medfed-ca"
+                    f"{ingress['metadata']['namespace']}/{secret}"
                 ), name
                 assert notes["nginx.ingress.kubernetes.io/proxy-ssl-name"] == fleet_host, name
         allowed = control["metadata"]["annotations"][
@@ -294,7 +298,37 @@ def test_ingresses_route_fleet_to_hospitals_and_control_to_allow_listed_operator
             service = find(resources, "Service", service_name)
             assert service is not None, (name, service_name)
             assert service["spec"]["type"] == "ClusterIP", (name, service_name)
-            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["superlink"]
+            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["gateway"]
+
+
+def test_control_needs_an_operator_certificate_and_fleet_none() -> None:
+    for name, control in builds_with("Ingress", "superlink-control"):
+        namespace = control["metadata"]["namespace"]
+        notes = control["metadata"]["annotations"]
+        # the client must present a certificate of the project CA, checked against its CRL
+        assert notes["nginx.ingress.kubernetes.io/auth-tls-verify-client"] == "on", name
+        assert notes["nginx.ingress.kubernetes.io/auth-tls-secret"] == (
+            f"{namespace}/medfed-operator-ca"
+        ), name
+        assert notes["nginx.ingress.kubernetes.io/auth-tls-verify-depth"] == "1", name
+        assert notes.get("nginx.ingress.kubernetes.io/ssl-passthrough") != "true", name
+        # the re-encrypted hop presents the Ingress's own operator certificate to the gateway
+        # (which serves /v1/control/ to nobody else) and checks the gateway's certificate
+        assert notes["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on", name
+        assert notes["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == (
+            f"{namespace}/medfed-control-client"
+        ), name
+        fleet = find(build(name), "Ingress", "superlink-fleet")
+        assert fleet is not None, name
+        assert not any("auth-tls" in k for k in fleet["metadata"]["annotations"]), (
+            f"{name}: hospitals authenticate with their node keys, not certificates"
+        )
+
+
+def test_the_image_carries_nginx_for_the_gateway() -> None:
+    (run,) = [args for args in instruction("RUN") if "apt-get" in args]
+    assert re.search(r"apt-get install -y --no-install-recommends nginx\b", run), run
+    assert "rm -rf /var/lib/apt/lists/*" in run
 
 
 def test_no_ingress_anywhere_routes_runtime_or_the_whole_port() -> None:
