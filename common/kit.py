@@ -36,7 +36,7 @@ import tomli_w
 from common.apps import check_fab_hash
 from common.certs import load_public_key
 from common.config import ConfigError, check_budget
-from common.sites import site_name_problem
+from common.sites import is_safe_site_name, site_name_problem
 
 KIT_FILE = "medfed-kit.toml"
 KIT_VERSION = 1

@@ -44,7 +44,7 @@ from common.kit import (
     SiteKit,
     write_toml,
 )
-from common.sites import site_name_problem
+from common.sites import is_safe_site_name, site_name_problem
 
 PARTS = ("ca", "server", "sites", "operator", "operators")
 
