@@ -126,7 +126,7 @@ def test_dicom_mask_rotated_180_degrees_through_its_orientation_is_named(
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(np.nan, "1 NaN or infinite values"), (np.inf, "1 NaN or infinite values"),
+    [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
      (-1.0, "found -1..1"), (0.5, "non-integer values")],
 )
 def test_mask_values_that_are_not_labels_are_named(
