@@ -584,7 +584,9 @@ def run(
     if not result.files:
         raise fail(f"run {result.run_id} finished but sent no results", EXIT_FAILED)
     results = json.loads((out_dir / "results.json").read_text())
-    print_results(results, out_dir)
+    code = print_results(results, out_dir)  # 3: every site refused, 1: none trained otherwise
+    if code:
+        raise typer.Exit(code)
 
 
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:
