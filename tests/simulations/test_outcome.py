@@ -83,7 +83,8 @@ def test_labels_out_of_range_exit_1_with_each_sites_reason(tiny: Path, tmp_path:
             "\n".join([rows[0], *(r.replace(",1,", f",{bad},") for r in rows[1:])]) + "\n"
         )
     run_dir = tmp_path / "run"
-    result = _simulate(data, run_dir)
+    # the held-out test set is good: only the sites fail (a bad label in it is refused, exit 2)
+    result = _simulate(data, run_dir, "--test-data", str(tiny / "test"))
     assert result.exit_code == EXIT_FAILED, result.output
     assert "Global model after" not in result.output
     assert not (run_dir / "model.pt").exists()
@@ -92,9 +93,10 @@ def test_labels_out_of_range_exit_1_with_each_sites_reason(tiny: Path, tmp_path:
     for site in ("site-a", "site-b"):
         reason = outcome["sites"][site]["reason"]
         # the site's own exception text, not only its kind
-        assert "details stay" not in reason
-        assert "label" in reason.lower(), reason
-        assert f"{site}: error" in result.output
+        assert "details stay" not in reason and "ray::" not in reason
+        assert reason.startswith(f"site {site}: train failed (ValueError: "), reason
+        assert "--num-classes 2" in reason, reason
+        assert f"{site}: error: {reason}" in result.output
         log = run_dir / "site-state" / site / "site.log"
         assert log.is_file(), f"{log} missing"
         assert "failed" in log.read_text()
