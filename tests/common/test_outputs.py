@@ -77,3 +77,21 @@ def test_a_folder_from_before_manifests_counts_only_medfeds_names(tmp_path: Path
     (folder / "notes.txt").write_text("mine")
     prepare(folder, force=True, writes=WRITES, legacy=lambda f: (f / "results.json").is_file())
     assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "notes.txt"]
+
+
+def test_provision_force_keeps_a_folder_that_holds_no_kits(tmp_path: Path) -> None:
+    """`medfed provision --out data --force` must not delete a hospital's data/sites."""
+    from server.provision import provision
+
+    data = tmp_path / "data"
+    (data / "sites" / "hospital-a").mkdir(parents=True)
+    (data / "sites" / "hospital-a" / "labels.csv").write_text("path,label\n")
+    with pytest.raises(FileExistsError, match="not a medfed output folder"):
+        provision(data, project="p", server_hosts=["fl.example.org"], sites=["x"], force=True)
+    assert (data / "sites" / "hospital-a" / "labels.csv").is_file()
+    kits = tmp_path / "kits"
+    provision(kits, project="p", server_hosts=["fl.example.org"], sites=["x"])
+    (kits / "README.txt").write_text("the operator's notes")
+    provision(kits, project="p", server_hosts=["fl.example.org"], sites=["y"], force=True)
+    assert (kits / "README.txt").is_file() and (kits / "sites" / "y").is_dir()
+    assert not (kits / "sites" / "x").exists()
