@@ -322,15 +322,20 @@ class RunRecord:
 
     # --- artefacts ---------------------------------------------------------------------------
 
-    def save_model(self, arrays: dict[str, np.ndarray]) -> Path | None:
-        """The final model with what is needed to rebuild it (as nanoGPT stores model_args).
+    def finish(self, arrays: dict[str, np.ndarray]) -> None:
+        """The run's end: model.pt, the plot and results.json.
 
-        None, and nothing written, when no round trained a site: the arrays are the initial
-        model's, and a model.pt of them would pass for a result.
+        No model.pt when no round trained a site: its arrays are the initial model's, and a
+        model file of them would pass for a result (results.json's `outcome` says why).
         """
+        if self.trained:
+            self.save_model(arrays)
+        self.plot()
+        self.write_results()
+
+    def save_model(self, arrays: dict[str, np.ndarray]) -> Path:
+        """The final model with what is needed to rebuild it (as nanoGPT stores model_args)."""
         path = self.run_dir / MODEL
-        if not self.trained:
-            return None
         note(self.run_dir, path)
         with writing(path):
             self._save_model(path, arrays)

@@ -154,7 +154,5 @@ def run_federation(
             run_dir, cfg, {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
             site_dirs,
         ))
-    record.save_model(final)
-    record.plot()
-    record.write_results()
+    record.finish(final)
     return record

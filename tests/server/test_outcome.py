@@ -51,8 +51,9 @@ def test_a_last_round_that_trained_no_site(tmp_path, failures, status, code) -> 
     assert (outcome["status"], outcome["exit_code"], outcome["trained"]) == (status, code, False)
     assert "*" not in outcome["sites"]
     assert rec.final_metrics() == {"trained": False}
-    assert rec.save_model({"w": np.zeros(2)}) is None
+    rec.finish({"w": np.zeros(2, dtype=np.float32)})
     assert not (tmp_path / "model.pt").exists()
+    assert (tmp_path / "results.json").is_file()
     assert print_results(rec.to_dict(), tmp_path) == code
 
 
@@ -65,7 +66,8 @@ def test_earlier_rounds_trained_the_model_but_the_last_was_refused(tmp_path: Pat
     assert outcome["status"] == "refused" and outcome["exit_code"] == 3
     assert outcome["trained"] is True and outcome["last_trained_round"] == 3
     assert rec.final_metrics()["trained"] is True
-    assert rec.save_model({"w": np.zeros(2, dtype=np.float32)}) == tmp_path / "model.pt"
+    rec.finish({"w": np.zeros(2, dtype=np.float32)})
+    assert (tmp_path / "model.pt").is_file()
 
 
 def test_a_round_with_one_site_trained_is_trained(tmp_path: Path) -> None:
