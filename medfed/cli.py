@@ -71,7 +71,11 @@ def synth(
         int | None, typer.Option(help="Held-out test images (default: max(200, 2 x per site)).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
-    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace the synthetic data medfed wrote in --out (sites/, test/, "
+                          "identifiers.json); other files stay."),
+    ] = False,
     labelled_fraction: Annotated[
         float,
         typer.Option(help="Share of each site's training rows that keep their label; the rest "
@@ -162,8 +166,14 @@ def simulate(
     resume: Annotated[
         Path | None, typer.Option(help="Continue a run from its last checkpoint.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace a run already in --out: deletes only the files medfed wrote "
+                          "there (RUN_DIR/.medfed-run.json); your own files stay."),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Show Flower's and Ray's logs (sites' tracebacks included).")
+    ] = False,
     metrics_port: Annotated[
         int,
         typer.Option(

@@ -84,7 +84,11 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
                     "anomaly_auroc", "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
             if final.get(key) is not None:
                 table.add_row(key, f"{final[key]:.4f}")
-        out.print(table)
+        if table.row_count:
+            out.print(table)
+        else:
+            out.print(f"Global model after {len(results['rounds'])} rounds: not evaluated (no "
+                      "central test set, and no site's evaluation came back)")
     privacy = results.get("privacy", {})
     if privacy and any(p.get("dp") and p.get("epsilon") is not None for p in privacy.values()):
         ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
