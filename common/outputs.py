@@ -50,11 +50,12 @@ def writing(path: Path, *, then: str = "") -> Iterator[None]:
     except OutputError:
         raise
     except OSError as exc:
+        target = exc.filename or path  # the file the system named, else the one being written
         fix = _FIXES.get(exc.errno or 0)
         if fix is None:
-            raise OutputError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise OutputError(exc.errno, f"cannot write {target}: {exc.strerror or exc}") from exc
         raise OutputError(
-            exc.errno, f"cannot write {path}: {fix}" + (f"; then {then}" if then else "")
+            exc.errno, f"cannot write {target}: {fix}" + (f"; then {then}" if then else "")
         ) from exc
 
 

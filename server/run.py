@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.outputs import note
+from common.outputs import note, writing
 from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
 from server.record import RunRecord
@@ -88,7 +88,8 @@ def _noting_new(run_dir: Path, write: Callable[[], Any]) -> Any:
     """Run a task's writer and add what it created in RUN_DIR to the run's manifest."""
     before = {p.name for p in run_dir.iterdir()}
     try:
-        return write()
+        with writing(run_dir):  # a full disk names the run folder and the fix
+            return write()
     finally:
         note(run_dir, *(p for p in run_dir.iterdir() if p.name not in before))
 
