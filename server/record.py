@@ -263,7 +263,8 @@ class RunRecord:
         note(self.run_dir, final)
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".checkpoint-"))
         try:
-            with writing(final, then=f"start it again: the last checkpoint in {final} is intact"):
+            with writing(final, then=f"continue with --resume {self.run_dir} (the last "
+                         "checkpoint is intact)"):
                 np.savez(tmp / "arrays.npz", allow_pickle=False, **arrays)
                 np.savez(tmp / "strategy.npz", allow_pickle=False, **strategy_state)
         except BaseException:
