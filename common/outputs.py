@@ -128,7 +128,11 @@ def prepare(
             f"{flag} {folder} is a file, not a folder; give a folder path (it is created when "
             "missing)"
         )
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    # the manifest alone (a run that stopped before writing anything) is an empty folder
+    present = sorted(
+        p.name for p in (folder.iterdir() if folder.is_dir() else ())
+        if not p.name.startswith(MANIFEST)
+    )
     if not present:
         with writing(folder):
             folder.mkdir(parents=True, exist_ok=True)

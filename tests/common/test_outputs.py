@@ -25,6 +25,11 @@ def test_a_new_folder_gets_an_empty_manifest(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "new" / MANIFEST).read_text())["entries"] == []
 
 
+def test_a_folder_holding_only_its_manifest_counts_as_empty(tmp_path: Path) -> None:
+    prepare(tmp_path / "run", force=False, writes=WRITES)
+    prepare(tmp_path / "run", force=False, writes=WRITES)  # a retry after a failed start
+
+
 def test_force_deletes_only_what_medfed_wrote(tmp_path: Path) -> None:
     folder = _run_folder(tmp_path)
     (folder / "my-notes.txt").write_text("mine")
