@@ -71,8 +71,10 @@ def _clear_previous_run(run_dir: Path, *, force: bool) -> None:
     What medfed wrote is listed in RUN_DIR/.medfed-run.json (common.outputs); a user's own
     files stay. A non-empty folder that is no medfed run is refused, `force` or not.
     """
+    # a run that stopped before writing results.json (Ray did not start) holds nothing to keep
+    started = (run_dir / RESULTS).exists()
     prepare(
-        run_dir, force=force, writes=RUN_OUTPUTS, legacy=_is_older_run,
+        run_dir, force=force or not started, writes=RUN_OUTPUTS, legacy=_is_older_run,
         exists_hint=(
             f"continue it with --resume {run_dir}, choose another --out, or pass --force to "
             "replace the run (only the files medfed wrote are deleted)"
