@@ -391,10 +391,12 @@ def audit_privacy(
     seed: Annotated[int, typer.Option(help="Seed of the member/non-member balancing.")] = 0,
 ) -> None:
     """Membership-inference attack on a run's model: does it give its training images away."""
+    from common.outputs import note
     from simulations.privacy_audit import AUDIT_FILE
     from simulations.privacy_audit import audit_privacy as attack
 
     result = guard(lambda: attack(run_dir, data, seed=seed))
+    note(run_dir, run_dir / AUDIT_FILE)  # --force on the run folder replaces it with the run
     table = Table("site", "attack AUC", "members", "non-members", "loss in / out",
                   title="Loss-threshold membership inference (0.5 = no better than chance)")
     for name, site in result["sites"].items():
