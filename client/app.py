@@ -11,9 +11,11 @@ Where the site's data is:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,13 @@ from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
 from common.data import Preprocess, SiteData
-from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState, batches_per_epoch
+from common.privacy import (
+    REFUSAL_MARK,
+    UNIT_WEIGHT,
+    PrivacyBudgetSpent,
+    PrivacyState,
+    batches_per_epoch,
+)
 from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
 
@@ -188,13 +196,42 @@ def _round_of(msg: Message) -> int:
     return int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
 
 
+SITE_LOG = "site.log"
+
+
+@contextmanager
+def _site_log(site: SiteRef) -> Iterator[None]:
+    """A simulated site's medfed log in its state folder (RUN_DIR/site-state/<site>/site.log).
+
+    A deployed site logs where its `medfed site` process does; a virtual site runs in one of
+    Ray's workers, whose output the user never sees, so each message's log goes to the site's
+    own file while the worker handles it.
+    """
+    logger = logging.getLogger("medfed")
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(site.state_dir / SITE_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+        handler.close()
+
+
 def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
     """Guard and audit every reply that leaves the site; keep failures' details at the site.
 
     Flower sends a ClientApp's exception text to the aggregator, and an exception can name a
     file, a DICOM tag or a value (a blocked reply names what it blocked). The site logs the
-    details; the aggregator learns the failure's kind. A budget refusal is sent as it is: it
-    holds only the site's name and epsilons. Audited here, outside SecAgg+, the trail holds
+    details; the aggregator learns the failure's kind. A simulated site (no `data-path` in
+    its node config) is on the user's own machine: the reason goes with the kind, and its log
+    is RUN_DIR/site-state/<site>/site.log. A budget refusal is sent as it is: it holds only the
+    site's name and epsilons. Audited here, outside SecAgg+, the trail holds
     what really left: the masked vectors and key shares, never the unmasked update.
 
     Order, so that the aggregator witnesses a head that includes the reply it comes with: the
@@ -214,28 +251,51 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
         server_round = _round_of(msg)
         run = cfg.run_key or str(context.run_id)
         name = str(context.node_config.get("site-name", "")) or "this site"
+        simulated = "data-path" not in context.node_config
+        site: SiteRef | None = None
         try:
             site = resolve_site(context, cfg, sites)
             name = site.name
-            reply = call_next(msg, context)
-            GUARD.check(reply.content)
-            key_path = str(context.node_config.get("audit-key", "") or "")
-            head = append_signed(
-                site.state_dir,
-                describe_reply(reply.content, run=run, round=server_round, message_type=kind),
-                key=signing_key(site.state_dir, Path(key_path) if key_path else None),
-            )
-            witnessed = RecordDict({HEAD_RECORD: head.to_record()})
-            GUARD.check(witnessed)
-            reply.content[HEAD_RECORD] = witnessed[HEAD_RECORD]
-            for legacy in _LEGACY_METRIC_RECORDS & set(reply.content.config_records):
-                # Flower's SecAgg+ workflow reads a legacy reply's metrics only
-                reply.content.config_records[legacy].update(head_metrics(head.to_record()))
-            return reply
+            with _site_log(site) if simulated else contextlib.nullcontext():
+                try:
+                    reply = call_next(msg, context)
+                    GUARD.check(reply.content)
+                    key_path = str(context.node_config.get("audit-key", "") or "")
+                    head = append_signed(
+                        site.state_dir,
+                        describe_reply(reply.content, run=run, round=server_round,
+                                       message_type=kind),
+                        key=signing_key(site.state_dir, Path(key_path) if key_path else None),
+                    )
+                    witnessed = RecordDict({HEAD_RECORD: head.to_record()})
+                    GUARD.check(witnessed)
+                    reply.content[HEAD_RECORD] = witnessed[HEAD_RECORD]
+                    for legacy in _LEGACY_METRIC_RECORDS & set(reply.content.config_records):
+                        # Flower's SecAgg+ workflow reads a legacy reply's metrics only
+                        reply.content.config_records[legacy].update(
+                            head_metrics(head.to_record())
+                        )
+                    return reply
+                except PrivacyBudgetSpent as exc:  # the run's own target: policy, as a budget
+                    log.warning("round %d: %s refused: %s", server_round, kind, exc)
+                    raise BudgetRefused(f"{REFUSAL_MARK}: site {name} {exc}") from None
+                except BudgetRefused as exc:
+                    log.warning("round %d: %s refused: %s", server_round, kind, exc)
+                    raise
+                except Exception as exc:
+                    log.error("round %d: %s failed at %s: %s", server_round, kind, name, exc,
+                              exc_info=True)
+                    raise
         except BudgetRefused:
             raise
         except Exception as exc:
-            log.error("%s failed at %s: %s", kind, name, exc, exc_info=True)
+            if site is None:  # not logged above: the site could not be resolved
+                log.error("%s failed at %s: %s", kind, name, exc, exc_info=True)
+            if simulated:  # the user's own machine: the reason, and where the log is
+                where = f"; log: {site.state_dir / SITE_LOG}" if site is not None else ""
+                raise SiteFailure(
+                    f"site {name}: {kind} failed ({type(exc).__name__}: {exc}){where}"
+                ) from None
             raise SiteFailure(
                 f"site {name}: {kind} failed ({type(exc).__name__}); the details stay in the "
                 "site's own log"

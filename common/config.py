@@ -138,6 +138,9 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"{_flag(name)} {rule}, got {getattr(self, name)!r}")
 
+        for f in fields(self):  # inf passes "> 0" and nan fails every rule unnamed
+            if f.type == "float":
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
         need(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
         if not self.model:
             # frozen: resolving the default once here keeps every reader on the same network
@@ -176,6 +179,8 @@ class RunConfig:
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(self.target_epsilon > 0, "target_epsilon", "must be > 0")
         need(0 < self.delta < 1, "delta", "must be in (0, 1); use e.g. 1e-5")
+        if self.dp:
+            self._check_epsilon_trains()
         need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(0 < self.fraction_train <= 1, "fraction_train", "must be in (0, 1]")
         need(0 <= self.fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]")
@@ -236,6 +241,27 @@ class RunConfig:
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
+
+    def _check_epsilon_trains(self) -> None:
+        """Refuse a target epsilon for which Opacus finds no noise: no site could train a step.
+
+        The bound (common.privacy.smallest_epsilon) hardly depends on the sites' sizes, so it
+        is checked here, before any site is asked. It lies below log(1/delta)/62 (RDP's largest
+        order) and 0.02 (PRV), so Opacus is only loaded for targets that small.
+        """
+        if self.target_epsilon >= max(math.log(1 / self.delta) / 62, 0.02):
+            return
+        from common.privacy import smallest_epsilon
+
+        floor = smallest_epsilon(delta=self.delta, accountant=self.accountant)
+        if self.target_epsilon < floor:
+            shown = math.ceil(floor * 1000) / 1000
+            raise ConfigError(
+                f"--target-epsilon {self.target_epsilon:g} is too small to train even one step: "
+                f"Opacus finds no noise multiplier for it. The smallest that works at --delta "
+                f"{self.delta:g} (--accountant {self.accountant}) is {shown:g}; raise "
+                "--target-epsilon (or --delta), or train without DP (--no-dp)"
+            )
 
     # --- conversions ----------------------------------------------------------------------
 

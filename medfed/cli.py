@@ -73,7 +73,11 @@ def synth(
         typer.Option(help="Held-out test images.", show_default="max(200, 2 x per site)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
-    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --out folder.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace the synthetic data medfed wrote in --out (sites/, test/, "
+                          "identifiers.json); other files stay."),
+    ] = False,
     labelled_fraction: Annotated[
         float,
         typer.Option(help="Share of each site's training rows that keep their label; the rest "
@@ -179,8 +183,14 @@ def simulate(
     resume: Annotated[
         Path | None, typer.Option(help="Continue a run from its last checkpoint.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace a run already in --out: deletes only the files medfed wrote "
+                          "there (RUN_DIR/.medfed-run.json); your own files stay."),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Show Flower's and Ray's logs (sites' tracebacks included).")
+    ] = False,
     metrics_port: Annotated[
         int,
         typer.Option(
@@ -256,16 +266,21 @@ def simulate(
             cfg, resume is not None, verbose, force, settings, federation
         )
     )
-    print_results(results, Path(cfg.out))
+    code = print_results(results, Path(cfg.out))
     _write_report_after_run(Path(cfg.out))
+    if code:  # the run ended but its last round trained no site: 3 refused, 1 failed
+        raise typer.Exit(code)
 
 
 def _write_report_after_run(run_dir: Path) -> None:
     """The run's HTML report; a report that cannot be written never fails a finished run."""
+    from common.outputs import note
     from simulations.report import write_report
 
     try:
-        out.print(f"report:  {write_report(run_dir)}")
+        path = write_report(run_dir)
+        note(run_dir, path)
+        out.print(f"report:  {path}")
     except Exception as exc:  # the run itself succeeded: say so and how to retry
         err.print(
             f"[yellow]warning:[/] report not written ({type(exc).__name__}: {exc}); "
@@ -299,7 +314,7 @@ def _simulate_with_metrics(
 ) -> dict[str, Any]:
     """Run the simulation with the dashboard and /metrics up for its whole length."""
     from server.exporter import serve_metrics
-    from server.record import CHECKPOINT
+    from server.record import checkpoint_state
     from simulations.runner import simulate
     from simulations.scenario import Federation
     from simulations.sites import simulated_sites
@@ -317,8 +332,7 @@ def _simulate_with_metrics(
             dp=cfg.dp, target_epsilon=cfg.target_epsilon, sites=sites,
         )
         if resume:
-            state = json.loads((Path(cfg.out) / CHECKPOINT / "state.json").read_text())
-            metrics.replay(state["rounds"], cfg.rounds)
+            metrics.replay(checkpoint_state(Path(cfg.out))["rounds"], cfg.rounds)
         err.print(f"dashboard: {server.url}  (Prometheus: {server.url}metrics)", highlight=False)
         ok = False
         try:
@@ -349,6 +363,7 @@ def central(
     from simulations.central import train_central
 
     def run() -> dict[str, Any]:
+        _need_folder(out_dir)
         cfg = RunConfig(
             sites_dir=str(data), test_data=str(test_data) if test_data else "", out=str(out_dir),
             batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, device=device,
@@ -377,10 +392,19 @@ def sample(
     """Write a GAN run's generated images as synthetic DICOM in the site layout (labels.csv)."""
     from server.sample import write_samples
 
+    guard(lambda: _need_folder(out_dir))
     counts = guard(lambda: write_samples(run_dir, out_dir, n=n, seed=seed))
     shown = ", ".join(f"class {c}: {k}" for c, k in counts.items())
     out.print(f"{n} synthetic images ({shown}) in {out_dir}")
     out.print(f"next: medfed check-data {out_dir}")
+
+
+def _need_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(
+            f"--out {out_dir} is a file, not a folder; give a folder path (it is created when "
+            "missing)"
+        )
 
 
 @app.command("audit-privacy")
@@ -390,10 +414,12 @@ def audit_privacy(
     seed: Annotated[int, typer.Option(help="Seed of the member/non-member balancing.")] = 0,
 ) -> None:
     """Membership-inference attack on a run's model: does it give its training images away."""
+    from common.outputs import note
     from simulations.privacy_audit import AUDIT_FILE
     from simulations.privacy_audit import audit_privacy as attack
 
     result = guard(lambda: attack(run_dir, data, seed=seed))
+    note(run_dir, run_dir / AUDIT_FILE)  # --force on the run folder replaces it with the run
     table = Table("site", "attack AUC", "members", "non-members", "loss in / out",
                   title="Loss-threshold membership inference (0.5 = no better than chance)")
     for name, site in result["sites"].items():
@@ -436,6 +462,7 @@ def _run_with_progress(
         console=err, transient=False,
     ) as progress:
         task = progress.add_task("rounds", total=cfg.rounds, status="starting sites...")
+        reported: set[tuple[str, str, str, str]] = set()
 
         def on_round(update: RoundUpdate) -> None:
             central = update.entry.get("central") or {}
@@ -446,10 +473,18 @@ def _run_with_progress(
                 if isinstance(value, float):
                     status = f"{key} {value:.3f}"
                     break
-            failed = len(update.entry["failures"])
+            failures = [f for f in update.entry["failures"] if f.get("site") != "*"]
             status += f", {len(update.entry['participants'])} sites"
-            status += f", {failed} failed" if failed else ""
+            status += f", {len(failures)} failed" if failures else ""
             progress.update(task, completed=update.round, status=status)
+            for f in failures:  # each site's reason once, above the bar, not every round
+                said = (f["site"], f["stage"], f["kind"], f["reason"])
+                if said not in reported:
+                    reported.add(said)
+                    progress.console.print(
+                        f"round {update.round}: site {f['site']} {f['stage']} {f['kind']}: "
+                        f"{f['reason']}", highlight=False, markup=False,
+                    )
             if also is not None:
                 also(update)
 

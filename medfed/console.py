@@ -68,25 +68,59 @@ def given(**values: Any) -> dict[str, Any]:
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items() if v is not None}
 
 
-def print_results(results: dict[str, Any], run_dir: Path) -> None:
-    """The global model's final metrics, each site's privacy spend, and where the files are."""
+def print_results(results: dict[str, Any], run_dir: Path) -> int:
+    """The global model's final metrics, each site's privacy spend, and where the files are.
+
+    Returns the exit code the run's outcome calls for (results.json `outcome`): 0 when its last
+    round trained, 3 when every site refused by policy, 1 otherwise; then it says why, site by
+    site, and shows no metrics for a model that never trained.
+    """
+    outcome = results.get("outcome") or {"status": "trained", "exit_code": 0, "trained": True}
     final = results.get("final", {})
-    table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} rounds "
-                  f"({final.get('source', 'central')} evaluation)")
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "hd95",
-                "anomaly_auroc", "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
-        if final.get(key) is not None:
-            table.add_row(key, f"{final[key]:.4f}")
-    out.print(table)
+    if outcome.get("trained", True):
+        table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} "
+                      f"rounds ({final.get('source', 'central')} evaluation)")
+        for key in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "hd95",
+                    "anomaly_auroc", "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
+            if final.get(key) is not None:
+                table.add_row(key, f"{final[key]:.4f}")
+        if table.row_count:
+            out.print(table)
+        else:
+            out.print(f"Global model after {len(results['rounds'])} rounds: not evaluated (no "
+                      "central test set, and no site's evaluation came back)")
     privacy = results.get("privacy", {})
-    if privacy and any(p.get("dp") for p in privacy.values()):
+    if privacy and any(p.get("dp") and p.get("epsilon") is not None for p in privacy.values()):
         ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
         for site, p in privacy.items():
+            if p.get("epsilon") is None:
+                continue
             ptable.add_row(
                 site, f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
                 str(p["steps"]),
             )
         out.print(ptable)
     out.print(f"results: {run_dir / 'results.json'}")
-    out.print(f"model:   {run_dir / 'model.pt'}")
+    if (run_dir / "model.pt").is_file() and outcome.get("trained", True):
+        out.print(f"model:   {run_dir / 'model.pt'}")
     out.print(f"plot:    {run_dir / 'metrics.png'}")
+    return _print_outcome(outcome, run_dir)
+
+
+def _print_outcome(outcome: dict[str, Any], run_dir: Path) -> int:
+    status = outcome.get("status", "trained")
+    if status == "trained":
+        return EXIT_OK
+    label = "refused" if status == "refused" else "failed"
+    err.print(f"[bold red]{label}:[/] {outcome.get('reason', '')}", highlight=False)
+    for site, failure in sorted((outcome.get("sites") or {}).items()):
+        err.print(f"  {site}: {failure.get('kind')}: {failure.get('reason')}", highlight=False,
+                  markup=False)
+    last = outcome.get("last_trained_round")
+    if outcome.get("trained") and last is not None:
+        err.print(f"the model in {run_dir / 'model.pt'} is round {last}'s, the last round that "
+                  "trained a site", highlight=False)
+    else:
+        err.print("no round trained a site: no model was written (results.json: outcome)",
+                  highlight=False)
+    return int(outcome.get("exit_code", EXIT_REFUSED if status == "refused" else EXIT_FAILED))

@@ -623,6 +623,8 @@ def run(
 ) -> None:
     """Submit a training run to the aggregator, follow it, and write its results to --out."""
     from common.kit import OperatorKit
+    from common.outputs import note, prepare
+    from server.artifacts import FILES
     from server.submit import OperatorError, check_credentials, find_app_dir, submit
 
     operator = guard(lambda: OperatorKit.load(kit))
@@ -642,8 +644,13 @@ def run(
         secagg_max_weight=secagg_max_weight,
     )
     guard(lambda: RunConfig.from_mapping(values))  # flag errors here, not on the aggregator
-    if (out_dir / "results.json").exists() and not force:
-        raise fail(f"{out_dir} already holds a run; pass --force to replace it", EXIT_BAD_INPUT)
+    # --force deletes only what medfed wrote here (common.outputs); a stale model.pt of an
+    # earlier run must not sit beside the results of one that trained nothing
+    guard(lambda: prepare(
+        out_dir, force=force, writes=FILES,
+        exists_hint="pass --force to replace it (only the files medfed wrote are deleted)",
+        legacy=lambda folder: (folder / "results.json").is_file(),
+    ))
     overrides: dict[str, Any] = {k.replace("_", "-"): v for k, v in values.items()}
     overrides.update({"sites-dir": "", "metrics-port": 0})
 
@@ -673,10 +680,13 @@ def run(
             f"run {result.run_id} ended as {result.status}; `flwr log` on the aggregator or "
             "`medfed run --verbose` shows why", EXIT_FAILED,
         )
+    note(out_dir, *result.files)
     if not result.files:
         raise fail(f"run {result.run_id} finished but sent no results", EXIT_FAILED)
     results = json.loads((out_dir / "results.json").read_text())
-    print_results(results, out_dir)
+    code = print_results(results, out_dir)  # 3: every site refused, 1: none trained otherwise
+    if code:
+        raise typer.Exit(code)
 
 
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:

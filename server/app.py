@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -46,13 +47,14 @@ def make_server_app(
                 wait_for_sites(grid, min_sites=run_cfg.min_sites, timeout=run_cfg.wait_timeout,
                                say=flwr_log.info)
             if run_cfg.secure_agg:
-                run_secure_federation(
+                record = run_secure_federation(
                     grid, context, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
                 )
             else:
-                run_federation(
+                record = run_federation(
                     grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
                 )
+            _log_outcome(record.outcome())
 
         if cfg is not None:
             federate(cfg)
@@ -89,6 +91,20 @@ def make_server_app(
             _log_results(run_cfg)
 
     return app
+
+
+def _log_outcome(outcome: dict[str, Any]) -> None:
+    """What `flwr log` and `medfed run` show of a run that ended without training its last round.
+
+    `medfed run` takes its exit code from results.json's `outcome` (medfed.console).
+    """
+    if outcome["status"] == "trained":
+        return
+    flwr_log.warning("medfed run %s: %s", outcome["status"], outcome["reason"])
+    for site, failure in sorted(outcome["sites"].items()):
+        flwr_log.warning("medfed   %s: %s: %s", site, failure["kind"], failure["reason"])
+    if not outcome["trained"]:
+        flwr_log.warning("medfed: no round trained a site; no model.pt was written")
 
 
 def _log_round(update: RoundUpdate) -> None:

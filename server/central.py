@@ -38,6 +38,13 @@ class CentralEvaluator:
         if not sources:
             return None
         parts = [data.split(split) for data, split in sources]
+        for (data, _), part in zip(sources, parts, strict=True):
+            if len(part.labels) and part.labels.max() >= cfg.num_classes:
+                raise ValueError(
+                    f"{data.site_dir / 'labels.csv'}: label {int(part.labels.max())} in the "
+                    f"central test set, but --num-classes is {cfg.num_classes} (labels 0.."
+                    f"{cfg.num_classes - 1}); fix the label or pass a larger --num-classes"
+                )
         images = np.concatenate([p.images for p in parts])
         labels = np.concatenate([p.labels for p in parts])
         keep = labels >= 0

@@ -26,6 +26,14 @@ from common.privacy import parse_refusal
 _SITE_IN_REASON = re.compile(r"\bsite ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): ")
 
 
+def _site_text(reason: str) -> str:
+    """A site's own failure text ("site NAME: ...") cut out of Flower's and Ray's wrapping."""
+    named = _SITE_IN_REASON.search(reason)
+    if named is None:
+        return reason
+    return re.split(r"'>|\n", reason[named.start():], maxsplit=1)[0].strip()
+
+
 @dataclass
 class RoundLog:
     """Everything observed in one round, in plain JSON-able values."""
@@ -119,6 +127,8 @@ class RecordingStrategy(Strategy):
                     named = _SITE_IN_REASON.search(reason)
                     if named:
                         self._names[node] = named.group(1)
+                if kind == "error":
+                    reason = _site_text(reason)
                 log.failures.append(
                     {"site": self._name(node), "stage": stage, "kind": kind, "reason": reason}
                 )

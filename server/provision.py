@@ -44,6 +44,7 @@ from common.kit import (
     SiteKit,
     write_toml,
 )
+from common.outputs import note, prepare
 from common.sites import is_safe_site_name, site_name_problem
 
 PARTS = ("ca", "server", "sites", "operator", "operators")
@@ -152,9 +153,11 @@ def provision(
             "re-issue everything (every site then needs its new kit), or use "
             "`medfed provision add-site NAME --kits KITS` to add one hospital"
         )
-    for part in existing:
-        shutil.rmtree(part)
+    if existing:  # --force: only the kit folders medfed wrote go (common.outputs)
+        prepare(kits, force=True, writes=PARTS,
+                legacy=lambda folder: (folder / "ca" / "ca.key").is_file())
     kits.mkdir(parents=True, exist_ok=True)
+    note(kits, *PARTS)
 
     ca = Authority.create(project)
     ca_dir = _private_dir(kits / "ca")

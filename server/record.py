@@ -2,8 +2,11 @@
 
 Layout of RUN_DIR:
     results.json        config, per-round metrics, final metrics, each site's privacy spend
-                        (and `central_privacy`: the aggregator's user-level DP, when on)
-    model.pt            final global model (state dict + what is needed to rebuild the network)
+                        (and `central_privacy`: the aggregator's user-level DP, when on), and
+                        `outcome`: whether the model trained and why not (see `RunRecord.outcome`)
+    model.pt            final global model (state dict + what is needed to rebuild the network);
+                        not written when no round of the run trained a site
+    .medfed-run.json    what medfed wrote here (common.outputs): all `--force` may delete
     metrics.png         global metrics per round
     checkpoint/         state.json (round, config, record so far), arrays.npz, strategy.npz
 """
@@ -16,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +28,7 @@ import torch
 
 from common.config import RunConfig
 from common.metrics import RATE_METRICS
-from common.modelfile import UnsafeModelFile, load_npz
+from common.outputs import note, writing
 from server.federation import RoundLog
 
 if TYPE_CHECKING:
@@ -54,13 +58,37 @@ def json_clean(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(json_clean(data), fh, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+def write_json(path: Path, data: Any, *, then: str = "") -> None:
+    """Write JSON atomically (a reader never sees half a file).
+
+    Raises OutputError naming `path` and the fix when the disk is full or not writable.
+    """
+    with writing(path, then=then):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(json_clean(data), fh, indent=2, allow_nan=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a half-written temp file only takes space
+            raise
+
+
+class CheckpointError(ValueError):
+    """A run's checkpoint cannot be read; the message names the file and what to do."""
+
+
+# Failure kinds that are a site's policy, not a fault: its privacy budget (common.privacy) or
+# its approval of the app (common.apps), both classified by server.federation.
+POLICY_KINDS = frozenset({"refused"})
+OUTCOME_EXIT = {"trained": 0, "failed": 1, "refused": 3}
+
+
+def round_trained(entry: dict[str, Any]) -> bool:
+    """Whether a round's aggregate took at least one site's training update."""
+    aggregate_failed = any(f.get("stage") == "aggregate" for f in entry.get("failures") or [])
+    return bool(entry.get("participants")) and not aggregate_failed
 
 
 class RunRecord:
@@ -129,13 +157,71 @@ class RunRecord:
         return entry
 
     def final_metrics(self) -> dict[str, Any]:
-        """The global model's metrics: central evaluation, or federated when there is none."""
+        """The global model's metrics: central evaluation, or federated when there is none.
+
+        An untrained final model (no round trained a site) has no metrics to show, only
+        `trained: false`: its evaluation is the initial model's, already in `initial`.
+        """
         if not self.rounds:
             return {}
+        if not self.trained:
+            return {"trained": False}
         last = self.rounds[-1]
         if last["central"]:
-            return {**last["central"], **self.final_extra, "source": "central"}
-        return {**last["federated"]["evaluate"], **self.final_extra, "source": "federated"}
+            return {**last["central"], **self.final_extra, "source": "central", "trained": True}
+        return {**last["federated"]["evaluate"], **self.final_extra, "source": "federated",
+                "trained": True}
+
+    @property
+    def trained(self) -> bool:
+        """Whether any round of the run (before a resume too) aggregated a site's update."""
+        return any(round_trained(r) for r in self.rounds)
+
+    def outcome(self) -> dict[str, Any]:
+        """Whether the run's last round trained, and if not why: results.json's `outcome`.
+
+        status: `trained` (the last round aggregated at least one site's update, exit 0),
+        `refused` (it trained no site and every site that failed refused by policy: its privacy
+        budget or its approval of the app, exit 3), `failed` (it trained no site for any other
+        reason, exit 1). `trained` says whether the final model holds any training at all: a
+        run whose rounds 1-3 trained and whose round 4 was refused everywhere ends `refused`
+        with `trained: true`, and model.pt is round 3's model.
+        """
+        trained_rounds = [int(r["round"]) for r in self.rounds if round_trained(r)]
+        if not self.rounds:
+            status, reason, sites = "failed", "no round completed", {}
+        else:
+            last = self.rounds[-1]
+            # each site's own training failure; "no update could be aggregated" follows from them
+            failures = [f for f in last.get("failures") or []
+                        if f.get("stage") == "train" and f.get("site") != "*"]
+            sites = {
+                str(f["site"]): {"kind": f.get("kind", "error"), "reason": f.get("reason", "")}
+                for f in failures
+            }
+            if round_trained(last):
+                status, reason = "trained", ""
+            elif failures and all(f.get("kind") in POLICY_KINDS for f in failures):
+                status = "refused"
+                reason = f"every site refused to train in round {last['round']} (policy)"
+            elif failures:
+                status = "failed"
+                reason = f"no site's training update could be used in round {last['round']}"
+            elif last.get("failures"):
+                status = "failed"
+                reason = f"no update could be aggregated in round {last['round']}"
+            else:
+                status = "failed"
+                reason = f"no site was asked to train in round {last['round']} (none connected?)"
+        return {
+            "status": status,
+            "exit_code": OUTCOME_EXIT[status],
+            "trained": bool(trained_rounds),
+            "trained_rounds": len(trained_rounds),
+            "last_trained_round": trained_rounds[-1] if trained_rounds else None,
+            "reason": reason,
+            "sites": sites,
+        }
 
     def privacy_section(self) -> dict[str, dict[str, Any]]:
         """Each site's privacy spend; sites without DP get epsilon null (no guarantee)."""
@@ -151,6 +237,7 @@ class RunRecord:
             "initial": self.initial,
             "rounds": self.rounds,
             "final": self.final_metrics(),
+            "outcome": self.outcome(),
             "privacy": self.privacy_section(),
             "central_privacy": (
                 self.central_ledger.summary() if self.central_ledger is not None else None
@@ -161,8 +248,13 @@ class RunRecord:
     def write_results(self) -> Path:
         """Write results.json; returns its path."""
         path = self.run_dir / RESULTS
-        write_json(path, self.to_dict())
+        write_json(path, self.to_dict(), then=self._then)
+        note(self.run_dir, path)
         return path
+
+    @property
+    def _then(self) -> str:
+        return f"continue the run with --resume {self.run_dir}" if self.rounds else ""
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -171,9 +263,16 @@ class RunRecord:
     ) -> None:
         """Everything needed to resume after this round, swapped in as a whole."""
         final = self.run_dir / CHECKPOINT
+        note(self.run_dir, final)
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".checkpoint-"))
-        np.savez(tmp / "arrays.npz", allow_pickle=False, **arrays)
-        np.savez(tmp / "strategy.npz", allow_pickle=False, **strategy_state)
+        try:
+            with writing(final, then=f"continue with --resume {self.run_dir} (the last "
+                         "checkpoint is intact)"):
+                np.savez(tmp / "arrays.npz", allow_pickle=False, **arrays)
+                np.savez(tmp / "strategy.npz", allow_pickle=False, **strategy_state)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint stays whole
+            raise
         state = {
             "round": self.last_round,
             "config": self.cfg.to_mapping(),
@@ -187,7 +286,11 @@ class RunRecord:
             ),
             "array_order": list(arrays),
         }
-        write_json(tmp / "state.json", state)
+        try:
+            write_json(tmp / "state.json", state)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = self.run_dir / ".checkpoint-old"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -199,38 +302,50 @@ class RunRecord:
     def load_checkpoint(
         cls, run_dir: Path
     ) -> tuple[RunRecord, dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Record, global arrays and strategy state saved by `save_checkpoint`."""
+        """Record, global arrays and strategy state saved by `save_checkpoint`.
+
+        Raises FileNotFoundError (no checkpoint) or CheckpointError (one that cannot be read),
+        each naming the file.
+        """
         folder = run_dir / CHECKPOINT
-        state_file = folder / "state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(
-                f"{run_dir}: no checkpoint to resume from (expected {state_file}); "
-                "start a new run instead of --resume"
-            )
-        state = json.loads(state_file.read_text())
-        record = cls(run_dir, RunConfig.from_mapping(state["config"]))
-        record.started = state["started"]
-        record.initial = state["initial"]
-        record.rounds = state["rounds"]
-        record.privacy = state["privacy"]
-        record.sites_seen = state["sites_seen"]
-        record.central_privacy = state.get("central_privacy", {})
-        saved = load_npz(folder / "arrays.npz")
-        missing = [name for name in state["array_order"] if name not in saved]
-        if missing:
-            raise UnsafeModelFile(
-                f"{folder / 'arrays.npz'}: lacks arrays {missing[:3]} that {state_file} lists; "
-                "the checkpoint is damaged: start a new run instead of --resume"
-            )
-        arrays = {name: saved[name] for name in state["array_order"]}
-        strategy = load_npz(folder / "strategy.npz")
+        state = checkpoint_state(run_dir)
+        try:
+            record = cls(run_dir, RunConfig.from_mapping(state["config"]))
+            record.started = state["started"]
+            record.initial = state["initial"]
+            record.rounds = state["rounds"]
+            record.privacy = state["privacy"]
+            record.sites_seen = state["sites_seen"]
+            record.central_privacy = state.get("central_privacy", {})
+            order = state["array_order"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _broken(folder / "state.json", exc) from None
+        arrays = _load_npz(folder / "arrays.npz", order)
+        strategy = _load_npz(folder / "strategy.npz", None)
         return record, arrays, strategy
 
     # --- artefacts ---------------------------------------------------------------------------
 
+    def finish(self, arrays: dict[str, np.ndarray]) -> None:
+        """The run's end: model.pt, the plot and results.json.
+
+        No model.pt when no round trained a site: its arrays are the initial model's, and a
+        model file of them would pass for a result (results.json's `outcome` says why).
+        """
+        if self.trained:
+            self.save_model(arrays)
+        self.plot()
+        self.write_results()
+
     def save_model(self, arrays: dict[str, np.ndarray]) -> Path:
         """The final model with what is needed to rebuild it (as nanoGPT stores model_args)."""
         path = self.run_dir / MODEL
+        note(self.run_dir, path)
+        with writing(path):
+            self._save_model(path, arrays)
+        return path
+
+    def _save_model(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         torch.save(
             {
                 "model": self.cfg.model,
@@ -245,7 +360,6 @@ class RunRecord:
             },
             path,
         )
-        return path
 
     def plot(self) -> Path:
         """PNG of central metrics and per-site federated AUC per round."""
@@ -283,6 +397,49 @@ class RunRecord:
                      ylim=(0, 1.02))
         if ax_sites.lines:
             ax_sites.legend(loc="lower right", fontsize="small")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        note(self.run_dir, path)
+        try:
+            with writing(path):
+                fig.savefig(path, dpi=110)
+        finally:
+            plt.close(fig)
         return path
+
+
+def _broken(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint file {path} is unreadable ({type(exc).__name__}: {exc}); it was not "
+        "written whole (or was changed since). Resume is not possible from it: start a new run "
+        "with another --out (or restore the checkpoint folder from a backup)"
+    )
+
+
+def checkpoint_state(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/checkpoint/state.json, read; errors name the file and what to do."""
+    state_file = run_dir / CHECKPOINT / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"--resume {run_dir}: no checkpoint to resume from ({state_file} is missing); a run "
+            "leaves one after each completed round: start a new run instead of --resume"
+        )
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise _broken(state_file, exc) from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise _broken(state_file, ValueError("no run config in it"))
+    return state
+
+
+def _load_npz(path: Path, order: list[str] | None) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = npz.files if order is None else order
+            return {name: npz[name] for name in names}
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint file {path} is missing; resume is not possible from "
+            f"{path.parent}: start a new run with another --out"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise _broken(path, exc) from None

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.outputs import note, writing
 from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
 from server.record import RunRecord
@@ -83,6 +84,16 @@ def open_record(
     return record, start, saved_state
 
 
+def _noting_new(run_dir: Path, write: Callable[[], Any]) -> Any:
+    """Run a task's writer and add what it created in RUN_DIR to the run's manifest."""
+    before = {p.name for p in run_dir.iterdir()}
+    try:
+        with writing(run_dir):  # a full disk names the run folder and the fix
+            return write()
+    finally:
+        note(run_dir, *(p for p in run_dir.iterdir() if p.name not in before))
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -122,7 +133,7 @@ def run_federation(
             return _metric_record(central)
         entry = record.add_round(recording.rounds[server_round + recording.round_offset], central,
                                  central_s=time.perf_counter() - started)
-        task.after_round(run_dir, cfg, entry["round"], state_dict)
+        _noting_new(run_dir, lambda: task.after_round(run_dir, cfg, entry["round"], state_dict))
         record.save_checkpoint(_to_numpy(arrays), strategy_state(strategy))
         record.write_results()
         if on_round:
@@ -139,10 +150,10 @@ def run_federation(
         evaluate_fn=after_round,
     )
     final = _to_numpy(result.arrays) if len(result.arrays) else start
-    record.final_extra = task.finish(
-        run_dir, cfg, {k: torch.from_numpy(np.array(v)) for k, v in final.items()}, site_dirs
-    )
-    record.save_model(final)
-    record.plot()
-    record.write_results()
+    if record.trained:  # an untrained model's samples or scores are no result either
+        record.final_extra = _noting_new(run_dir, lambda: task.finish(
+            run_dir, cfg, {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
+            site_dirs,
+        ))
+    record.finish(final)
     return record

@@ -359,8 +359,6 @@ def run_secure_federation(
         cfg.secagg_threshold, f", central DP sigma {ledger.noise_multiplier:.3f}" if ledger else "",
     )
     workflow(grid, legacy)
-    record.save_model(recorder.final)
-    record.plot()
-    record.write_results()
+    record.finish(recorder.final)
     return record
 

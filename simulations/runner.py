@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from server.record import CHECKPOINT, MODEL, PLOT, RESULTS, RunRecord
+from common.outputs import note, prepare
+from server.record import CHECKPOINT, MODEL, PLOT, RESULTS, RunRecord, checkpoint_state
 from server.run import ProgressFn
 from simulations.faults import FAULTS_FILE
 from simulations.report import REPORT
 from simulations.scenario import SCENARIO_FILE, Federation
 from simulations.site_check import check_site_folders
-from simulations.sites import simulated_sites
+from simulations.sites import SITE_STATE, simulated_sites
 
 
 class _DropDeprecation(logging.Filter):
@@ -33,39 +33,57 @@ class _DropDeprecation(logging.Filter):
         return "deprecated" not in record.getMessage().lower()
 
 
+class _DropSiteTracebacks(logging.Filter):
+    # Flower logs every ClientApp exception with Ray's traceback at ERROR. Each failure's
+    # reason is in the progress output, results.json and the site's own site.log
+    # (RUN_DIR/site-state/<site>/site.log); --verbose shows the tracebacks too.
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        where = os.path.basename(record.pathname)
+        if where == "raybackend.py":
+            return False
+        return not (where == "vce_api.py" and "ClientAppException" in record.getMessage())
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     """The config a checkpointed run was started with, with `overrides` (e.g. more rounds)."""
-    state = run_dir / CHECKPOINT / "state.json"
-    if not state.is_file():
-        raise FileNotFoundError(
-            f"--resume {run_dir}: no checkpoint found ({state} is missing); "
-            "a run leaves one after each completed round"
-        )
+    saved = checkpoint_state(run_dir)["config"]
     # the whole checkpoint, read up front: a damaged or crafted one (arrays that need
     # unpickling) is refused here, naming its file, before any site starts
     RunRecord.load_checkpoint(run_dir)
-    saved = json.loads(state.read_text())["config"]
     saved.update({k.replace("_", "-"): v for k, v in overrides.items()})
     saved["out"] = str(run_dir)
     return RunConfig.from_mapping(saved)
 
 
+# Everything a simulation writes directly in RUN_DIR (the tasks' pictures are noted as written).
+RUN_OUTPUTS = (RESULTS, CHECKPOINT, MODEL, PLOT, REPORT, SITE_STATE, SCENARIO_FILE, FAULTS_FILE)
+
+
+def _is_older_run(run_dir: Path) -> bool:
+    # a run written before runs kept a manifest: its checkpoint holds the run's config
+    try:
+        return "config" in checkpoint_state(run_dir)
+    except (OSError, ValueError):
+        return False
+
+
 def _clear_previous_run(run_dir: Path, *, force: bool) -> None:
-    """Refuse to mix two runs in one folder; with `force`, remove only medfed's own files."""
-    ours = [RESULTS, CHECKPOINT, MODEL, PLOT, REPORT, "site-state", SCENARIO_FILE, FAULTS_FILE]
-    present = [run_dir / name for name in ours if (run_dir / name).exists()]
-    if not present:
-        return
-    if not force:
-        raise FileExistsError(
-            f"--out {run_dir} already holds a run; continue it with --resume {run_dir}, "
-            "choose another --out, or pass --force to replace it"
-        )
-    for path in present:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    """Refuse to mix two runs in one folder; with `force`, remove only what medfed wrote there.
+
+    What medfed wrote is listed in RUN_DIR/.medfed-run.json (common.outputs); a user's own
+    files stay. A non-empty folder that is no medfed run is refused, `force` or not.
+    """
+    # a run that stopped before writing results.json (Ray did not start) holds nothing to keep
+    started = (run_dir / RESULTS).exists()
+    prepare(
+        run_dir, force=force or not started, writes=RUN_OUTPUTS, legacy=_is_older_run,
+        exists_hint=(
+            f"continue it with --resume {run_dir}, choose another --out, or pass --force to "
+            "replace the run (only the files medfed wrote are deleted)"
+        ),
+    )
 
 
 def simulate(
@@ -116,6 +134,9 @@ def simulate(
         _clear_previous_run(run_dir, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
     federation.save(run_dir)
+    # the sites' state and a fault log are written from Ray's workers: claimed here, up front
+    note(run_dir, run_dir / SCENARIO_FILE, run_dir / SITE_STATE,
+         *([run_dir / FAULTS_FILE] if federation.faults.any else []))
 
     gpus_per_site = federation.resources.gpus
     if gpus_per_site is None:
@@ -138,12 +159,14 @@ def simulate(
     }
     flwr_logger = logging.getLogger("flwr")
     saved_level = flwr_logger.level
-    dropper = _DropDeprecation()
+    droppers: list[logging.Filter] = [_DropDeprecation()]
     if quiet:
         flwr_logger.setLevel(logging.WARNING)
-    flwr_logger.addFilter(dropper)
-    for handler in flwr_logger.handlers:
-        handler.addFilter(dropper)
+        droppers.append(_DropSiteTracebacks())
+    for dropper in droppers:
+        flwr_logger.addFilter(dropper)
+        for handler in flwr_logger.handlers:
+            handler.addFilter(dropper)
     try:
         with prompt_delivery():
             run_simulation(
@@ -158,9 +181,10 @@ def simulate(
             )
     finally:
         flwr_logger.setLevel(saved_level)
-        flwr_logger.removeFilter(dropper)
-        for handler in flwr_logger.handlers:
-            handler.removeFilter(dropper)
+        for dropper in droppers:
+            flwr_logger.removeFilter(dropper)
+            for handler in flwr_logger.handlers:
+                handler.removeFilter(dropper)
     results = run_dir / RESULTS
     if not results.is_file():
         raise RuntimeError(f"the simulation ended without writing {results}; see the log above")

@@ -64,6 +64,10 @@ class ThreadsMod:
         return call_next(msg, context)
 
 
+# RUN_DIR's folder of the virtual sites' own state (privacy, audit trail, progress, site.log)
+SITE_STATE = "site-state"
+
+
 @dataclass(frozen=True)
 class SimulatedSites:
     """What the simulation engine is handed."""
@@ -84,7 +88,7 @@ class SimulatedSites:
 
 def simulated_sites(cfg: RunConfig, federation: Federation, run_dir: Path) -> SimulatedSites:
     """Build the federation's sites for the run `cfg` writing to `run_dir`."""
-    state_root = run_dir / "site-state"
+    state_root = run_dir / SITE_STATE
     source = Path(cfg.sites_dir).resolve()
     refs: Sequence[SiteRef]
     virtual: VirtualSites | None = None

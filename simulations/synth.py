@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -55,6 +54,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from common.outputs import note, prepare
 from simulations.phantom import (
     Grid,
     Scanner,
@@ -233,19 +233,18 @@ def synthesize(
     )
 
 
+# what synthesize writes in `out`: --force deletes only these, and only when medfed wrote them
+SYNTH_OUTPUTS = ("sites", "test", "identifiers.json")
+
+
 def _prepare(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; choose a folder for the synthetic data")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} is not empty; pass --force to replace its synthetic data, "
-                "or choose an empty folder"
-            )
-        for name in ("sites", "test"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / "identifiers.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare(
+        out, force=overwrite, writes=SYNTH_OUTPUTS,
+        exists_hint="pass --force to replace its synthetic data, or choose an empty folder",
+        # synthetic data written before manifests: identifiers.json beside sites/ and test/
+        legacy=lambda folder: (folder / "identifiers.json").is_file(),
+    )
+    note(out, *SYNTH_OUTPUTS)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:

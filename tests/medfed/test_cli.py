@@ -71,6 +71,7 @@ def test_simulate_refuses_to_overwrite_a_run(hospitals: Path, tmp_path: Path) ->
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "results.json").write_text("{}")
+    (run_dir / ".medfed-run.json").write_text('{"entries": ["results.json"]}')
     result = runner.invoke(
         app,
         ["simulate", "--data", str(hospitals / "sites"), "--out", str(run_dir),
