@@ -110,7 +110,7 @@ def check_data(
     num_classes: Annotated[
         int | None,
         typer.Option(min=2, help="The run's classes: every label (and mask value) must be "
-                     "0..N-1. [default: not checked]"),
+                     "0..N-1. \\[default: not checked]"),
     ] = None,
     task: opt.TaskOpt = None,
 ) -> None:
