@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client import progress
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, AuditLog, OutboundGuard, describe_reply
 from client.ledger import BudgetRefused, PrivacyLedger
+from client.policy import RunRefused, check_deployed_message
 from client.secure import (
     NORM_BIT,
     SECAGG_REPLY_KEYS,
@@ -206,7 +207,7 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
                 describe_reply(reply.content, run=run, round=server_round, message_type=kind)
             )
             return reply
-        except BudgetRefused:
+        except (BudgetRefused, RunRefused):  # policy: the text is meant for the aggregator
             raise
         except Exception as exc:
             log.error("%s failed at %s: %s", kind, name, exc, exc_info=True)
@@ -246,6 +247,7 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        check_deployed_message(context, msg.content.config_records["config"])
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)
@@ -331,6 +333,7 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
+        check_deployed_message(context, msg.content.config_records["config"])
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)

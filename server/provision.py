@@ -32,8 +32,10 @@ from common.kit import (
     OperatorKit,
     ServerKit,
     SiteKit,
+    trust_operator,
     write_toml,
 )
+from common.runsign import load_private_key, new_operator_key, public_pem
 from common.sites import is_safe_site_name
 
 PARTS = ("ca", "server", "sites", "operator")
@@ -153,9 +155,32 @@ def provision(
     operator_dir.mkdir(parents=True, exist_ok=True)
     write_public(operator_dir / "ca.crt", cert_pem(ca.cert))
     write_toml(operator_dir / KIT_FILE, OperatorKit(operator_dir, project, control).to_toml())
+    operator_key = _operator_key(operator_dir)
+    for name in names:  # each hospital trusts the first operator's signed runs
+        trust_operator(kits / "sites" / name, OperatorKit.load(operator_dir).name, operator_key)
     return ProvisionSummary(
         kits, server_dir, operator_dir, {n: kits / "sites" / n for n in names}, fleet, control
     )
+
+
+def _operator_key(kit_dir: Path) -> str:
+    """Write the operator's run-signing key (operator.key, 0600; operator.pub); its public PEM."""
+    private, public = new_operator_key()
+    os.chmod(kit_dir, 0o700)  # it now holds a private key
+    write_private(kit_dir / "operator.key", private)
+    write_public(kit_dir / "operator.pub", public.encode())
+    return public
+
+
+def _operator_public_key(kits: Path) -> tuple[str, str] | None:
+    """The operator kit's name and public key, to trust in a new site kit; None without one."""
+    if not (kits / "operator" / KIT_FILE).is_file():
+        return None
+    operator = OperatorKit.load(kits / "operator")
+    if not operator.key.is_file():
+        return None
+    key = load_private_key(operator.key.read_bytes(), where=str(operator.key))
+    return operator.name, public_pem(key.public_key())
 
 
 def _server_kit(kits: Path) -> ServerKit:
@@ -192,6 +217,9 @@ def add_site(kits: Path, name: str) -> tuple[Path, str]:
         else OperatorKit.load(kits / "operator").superlink
     )
     site = _write_site_kit(kits, server.project, name, superlink)
+    operator = _operator_public_key(kits)
+    if operator is not None:
+        trust_operator(kits / "sites" / name, *operator)
     revoked = {k: v for k, v in server.revoked.items() if k != name}
     updated = replace(server, sites=(*server.sites, site), revoked=revoked)
     write_toml(server.path / KIT_FILE, updated.to_toml())

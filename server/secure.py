@@ -50,6 +50,7 @@ from flwr.serverapp import Grid
 
 from common.apps import parse_app_refusal
 from common.config import RunConfig
+from common.policy import parse_run_refusal
 from common.privacy import parse_refusal
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
 from server.central_dp import CentralLedger, central_noise_multiplier, sampled_sites
@@ -151,7 +152,9 @@ class SecureRecorder(LegacyStrategy):
     ) -> None:
         for failure in failures:
             reason = _failure_reason(failure)
-            refusal = parse_refusal(reason) or parse_app_refusal(reason)
+            refusal = (
+                parse_refusal(reason) or parse_app_refusal(reason) or parse_run_refusal(reason)
+            )
             kind, site = "error", "*"
             failed = _FAILED_SITE.search(reason)
             if failed:
