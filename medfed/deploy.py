@@ -680,6 +680,15 @@ def run(
     except KeyboardInterrupt:
         err.print("stopped following the run; it continues on the aggregator")
         raise typer.Exit(130) from None
+    if result.files:
+        refusals = _refused_everywhere(json.loads((out_dir / "results.json").read_text()))
+        if refusals:
+            for reason in refusals:
+                err.print(f"  {reason}", highlight=False, markup=False)
+            raise fail(
+                f"run {result.run_id}: no site trained, every one that answered refused it "
+                f"(above; results in {out_dir / 'results.json'})", EXIT_REFUSED,
+            )
     if result.status == "finished:stopped":
         raise fail(f"run {result.run_id} was stopped before it finished", EXIT_FAILED)
     if result.status != "finished:completed":
@@ -691,6 +700,16 @@ def run(
         raise fail(f"run {result.run_id} finished but sent no results", EXIT_FAILED)
     results = json.loads((out_dir / "results.json").read_text())
     print_results(results, out_dir)
+
+
+def _refused_everywhere(results: dict[str, Any]) -> list[str]:
+    """Each site's refusal when no site trained in any round and some refused; else []."""
+    rounds = results.get("rounds") or []
+    if any(entry.get("participants") for entry in rounds):
+        return []
+    failures = [f for entry in rounds for f in entry.get("failures") or []]
+    # each refusal names its site; train and evaluate repeat the same one
+    return list(dict.fromkeys(str(f["reason"]) for f in failures if f.get("kind") == "refused"))
 
 
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:
