@@ -84,6 +84,7 @@ def install_check(kit_dir: Path) -> None:
 
     Raises RuntimeError when Flower's runtime no longer has the names this relies on.
     """
+    from flwr.common.config import get_fused_config_from_fab
     from flwr.supernode.runtime import run_clientapp as runtime
 
     for name in ("pull_task_input", "install_from_fab", "get_load_client_app_fn"):
@@ -110,10 +111,14 @@ def install_check(kit_dir: Path) -> None:
         if not pulled:
             raise RunRefused(f"{RUN_REFUSAL_MARK}: the run could not be checked (no task pulled)")
         run, context = pulled["run"], pulled["context"]
+        # what the app will get as its run config, recomputed here from the bytes just checked
+        # (the SuperNode computes the context's the same way; anything else is refused)
+        fused = get_fused_config_from_fab(fab_file, run)
         check_task(
             kit_dir, fab_content=fab_file, overrides=dict(run.override_config),
-            run_config=dict(context.run_config), run_id=int(run.run_id),
+            run_config=fused, run_id=int(run.run_id),
             configs=message_configs(_config_records(pulled["message"])),
+            app_config=dict(context.run_config),
         )
         checked.add(bundle.sha256)
         return install_from_fab(fab_file, *args, **kwargs)

@@ -134,10 +134,17 @@ def message_configs(records: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def check_task(
     kit_dir: Path, *, fab_content: bytes, overrides: Mapping[str, Any],
     run_config: Mapping[str, Any], run_id: int, configs: list[Mapping[str, Any]],
+    app_config: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Everything the site checks before it runs a task of a run; RunRefused when it refuses.
 
+    Args:
+        configs: the run configs the task's message carries (`message_configs`).
+        app_config: the run config the app will be handed (Flower's Context), which must
+            equal `run_config`.
+
     A kit that cannot be read accepts no run.
+
     """
     try:
         kit = SiteKit.load(kit_dir, check_permissions=False)
@@ -150,6 +157,9 @@ def check_task(
     try:
         signed = check_signed(kit, fab_content=fab_content, overrides=overrides,
                               run_config=run_config, run_id=run_id)
+        if app_config is not None and dict(app_config) != dict(run_config):
+            raise _refuse(kit.site, run_id, "the run config prepared for the app differs from "
+                          "the signed one", _signature_fix(""))
         for config in configs:
             check_message(signed, config, site=kit.site, run_id=run_id)
     except RunRefused as exc:

@@ -264,6 +264,13 @@ def site(
             f"until the hospital approves one: `medfed site approve --kit {kit} --app APP_DIR` "
             "(or --fab-hash HASH, as `medfed run` prints it)", highlight=False,
         )
+    out.print("run policy: " + "; ".join(site_kit.policy.describe()), highlight=False)
+    if not site_kit.operators:
+        err.print(
+            f"[bold yellow]warning:[/] {kit} trusts no operator, so every run is refused here: "
+            f"`medfed site trust-operator --kit {kit} --name NAME --public-key FILE`",
+            highlight=False,
+        )
     if budget_epsilon is not None and budget_epsilon <= 0:
         raise fail(f"--budget-epsilon must be > 0, got {budget_epsilon:g}", EXIT_BAD_INPUT)
     budget = budget_epsilon if budget_epsilon is not None else site_kit.budget_epsilon

@@ -297,8 +297,9 @@ def test_flowers_runtime_installs_only_signed_runs_within_policy(
     def pull(client: object) -> tuple:  # what Flower's SuperNode hands its ClientApp process
         run = Run.create_empty(7)
         run.override_config = task["overrides"]
+        fused = get_fused_config_from_fab(fab, run)
         context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(),
-                          run_config=get_fused_config_from_fab(fab, run))
+                          run_config={**fused, **task.get("context", {})})
         config = RunConfig.from_mapping(context.run_config, strict=False).to_mapping()
         message = Message(RecordDict({"config": ConfigRecord({**config, **task["sent"]})}),
                           dst_node_id=1, message_type="train")
@@ -310,13 +311,16 @@ def test_flowers_runtime_installs_only_signed_runs_within_policy(
         ({"rounds": 1}, {}, "not signed"),
         (_signed(kits, fab, dp=False), {}, "without differential privacy"),
         (_signed(kits, fab, rounds=1), {"dp": False, "run-key": "7"}, "asked for dp"),
+        (_signed(kits, fab, rounds=1), {"run-key": "7"}, "prepared for the app differs"),
     ]:
-        task.update(overrides=overrides, sent=sent)
+        # the last: the app would be handed another config than the signed one
+        task.update(overrides=overrides, sent=sent, context={"dp": False} if
+                    "prepared" in error else {})
         runtime.pull_task_input(None)
         with pytest.raises(RunRefused, match=error):
             runtime.install_from_fab(fab, skip_prompt=True)
         assert not (tmp_path / "flwr-home").exists()  # nothing of the app reached the disk
-    task.update(overrides=_signed(kits, fab, rounds=1), sent={"run-key": "7"})
+    task.update(overrides=_signed(kits, fab, rounds=1), sent={"run-key": "7"}, context={})
     runtime.pull_task_input(None)
     assert Path(runtime.install_from_fab(fab, skip_prompt=True)).is_dir()
 

@@ -134,7 +134,7 @@ def _server_results(fed: Federation, run_id: int, timeout: float = 400) -> dict:
 
 
 BASE = {"rounds": 1, "min-sites": 2, "image-size": 32, "batch-size": 16, "sites-dir": "",
-        "metrics-port": 0}
+        "test-data": "", "metrics-port": 0}
 
 
 def test_unsigned_and_tampered_runs_are_refused(federation: Federation) -> None:
