@@ -22,7 +22,7 @@ from typing import Any
 import tomli_w
 
 from common.apps import build_app_bundle
-from common.kit import OperatorKit
+from common.kit import KitError, OperatorKit, check_private
 from common.procs import flower_environment, flower_executable
 from common.runsign import RunSignatureError, load_private_key, sign_run
 from server import artifacts
@@ -149,9 +149,10 @@ def sign_overrides(
             "runs; use the operator kit `medfed provision` wrote"
         )
     try:
+        check_private(kit.key)
         key = load_private_key(kit.key.read_bytes(), where=str(kit.key))
         return sign_run(overrides, fab_sha256=fab_sha256, operator=kit.name, private_key=key)
-    except RunSignatureError as exc:
+    except (KitError, RunSignatureError) as exc:
         raise OperatorError(str(exc)) from None
 
 

@@ -430,3 +430,27 @@ def test_trust_and_distrust_operator_commands(kits: Path, tmp_path: Path) -> Non
     assert set(SiteKit.load(Path(kit)).trusted_operators()) == {"second"}
     again = runner.invoke(cli, ["site", "distrust-operator", "--kit", kit, "--name", "operator"])
     assert again.exit_code == 2 and "not a trusted operator" in again.output
+
+
+# --- the operator's side ------------------------------------------------------------------------
+
+
+def test_medfed_run_signs_with_the_operator_kit_key_and_refuses_an_unsafe_one(
+    kits: Path, fab: bytes
+) -> None:
+    import hashlib
+    import os
+
+    from server.submit import OperatorError, sign_overrides
+
+    operator = OperatorKit.load(kits / "operator")
+    digest = hashlib.sha256(fab).hexdigest()
+    signed = sign_overrides(operator, {"rounds": 1}, fab_sha256=digest)
+    assert signed[OPERATOR_KEY] == "operator"
+    assert _check(kits, fab, signed).rounds == 1
+    os.chmod(operator.key, 0o644)
+    with pytest.raises(OperatorError, match="readable or writable by other users"):
+        sign_overrides(operator, {"rounds": 1}, fab_sha256=digest)
+    operator.key.unlink()
+    with pytest.raises(OperatorError, match="no run-signing key, and sites refuse unsigned"):
+        sign_overrides(operator, {"rounds": 1}, fab_sha256=digest)
