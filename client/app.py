@@ -38,6 +38,7 @@ from client import progress
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
 from client.audit_state import TRAIL, append_signed, signing_key
 from client.ledger import BudgetRefused, PrivacyLedger
+from client.policy import RunRefused, check_deployed_message
 from client.secure import (
     NORM_BIT,
     SECAGG_REPLY_KEYS,
@@ -286,7 +287,7 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
                     log.error("round %d: %s failed at %s: %s", server_round, kind, name, exc,
                               exc_info=True)
                     raise
-        except BudgetRefused:
+        except (BudgetRefused, RunRefused):  # policy: the text is meant for the aggregator
             raise
         except Exception as exc:
             if site is None:  # not logged above: the site could not be resolved
@@ -333,6 +334,7 @@ def make_client_app(
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         logs.configure()  # this process may be a fresh ClientApp process or a Ray worker
+        check_deployed_message(context, msg.content.config_records["config"])
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)
@@ -428,6 +430,7 @@ def make_client_app(
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
         logs.configure()
+        check_deployed_message(context, msg.content.config_records["config"])
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)

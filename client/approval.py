@@ -8,14 +8,19 @@ runs Flower's own `flwr-clientapp` entry point with one change: before Flower in
 app bundle (FAB) it pulled, the SHA-256 of the bundle's bytes must be in the kit's approved
 apps, or the task fails with `AppNotApproved`. Flower then replies to the aggregator with the
 error's text, which says how to approve the app; the aggregator records it as a refusal.
+In the same place the run itself is checked (client.policy): it must be signed by an operator
+the kit trusts, its settings must meet the kit's policy, and the message must carry the signed
+settings; otherwise the task fails with `RunRefused`, recorded as a refusal the same way.
 
 Why not Flower's `--trusted-entities`: in Flower 1.41 it accepts only bundles that Flower's
 platform marked `valid_license`; the open-source SuperLink sends none, so every app is refused.
 
-The change to Flower is two names replaced in `flwr.supernode.runtime.run_clientapp`'s
+The change to Flower is three names replaced in `flwr.supernode.runtime.run_clientapp`'s
 namespace (flwr is pinned; tests/deploy/test_approval.py fails if Flower's code around them
-changes): `install_from_fab`, wrapped to check first, and `get_load_client_app_fn`, wrapped so
-that a ClientApp whose bundle was not checked in this process is never loaded (fail closed).
+changes): `pull_task_input`, wrapped to keep the task's run, context and message for the check;
+`install_from_fab`, wrapped to check first (the message is pulled by then, so a refusal becomes
+Flower's error reply); and `get_load_client_app_fn`, wrapped so that a ClientApp whose bundle
+was not checked in this process is never loaded (fail closed).
 The kit is read at every task, so approving or revoking an app applies from the next message on,
 without restarting the site. Other task kinds (Flower's AgentApp, ...) are never run on a site.
 """
@@ -29,8 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client.policy import RunRefused, check_task, message_configs
 from common.apps import APP_REFUSAL_MARK, AppBundle
 from common.kit import KitError, SiteKit
+from common.policy import RUN_REFUSAL_MARK
 
 CLIENTAPP_COMMAND = "flwr-clientapp"
 LAUNCHER_DIR = "approval-bin"  # under the site's state folder
@@ -68,27 +75,52 @@ def check_bundle(kit_dir: Path, content: bytes) -> AppBundle:
     return bundle
 
 
+def _config_records(message: Any) -> Any:
+    return message.content.config_records if message.has_content() else {}
+
+
 def install_check(kit_dir: Path) -> None:
     """Make Flower's ClientApp runtime check every bundle against the kit before installing it.
 
     Raises RuntimeError when Flower's runtime no longer has the names this relies on.
     """
+    from flwr.common.config import get_fused_config_from_fab
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    for name in ("install_from_fab", "get_load_client_app_fn"):
+    for name in ("pull_task_input", "install_from_fab", "get_load_client_app_fn"):
         if not callable(getattr(runtime, name, None)):
             raise RuntimeError(
                 f"flwr.supernode.runtime.run_clientapp has no {name}: this Flower version is not "
                 "the one medfed's app approval was built for; no app runs until it is updated"
             )
+    pull_task_input: Callable[..., Any] = runtime.pull_task_input
     install_from_fab: Callable[..., Any] = runtime.install_from_fab
     get_load_client_app_fn: Callable[..., Any] = runtime.get_load_client_app_fn
     checked: set[str] = set()
+    pulled: dict[str, Any] = {}
+
+    def recording_pull(*args: Any, **kwargs: Any) -> Any:
+        message, context, run, fab = pull_task_input(*args, **kwargs)
+        pulled.update(message=message, context=context, run=run)
+        return message, context, run, fab
 
     def checked_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(fab_file, bytes):  # Flower passes fab.content; anything else: refuse
             raise AppNotApproved(f"{APP_REFUSAL_MARK}: the app bundle could not be checked")
-        checked.add(check_bundle(kit_dir, fab_file).sha256)
+        bundle = check_bundle(kit_dir, fab_file)
+        if not pulled:
+            raise RunRefused(f"{RUN_REFUSAL_MARK}: the run could not be checked (no task pulled)")
+        run, context = pulled["run"], pulled["context"]
+        # what the app will get as its run config, recomputed here from the bytes just checked
+        # (the SuperNode computes the context's the same way; anything else is refused)
+        fused = get_fused_config_from_fab(fab_file, run)
+        check_task(
+            kit_dir, fab_content=fab_file, overrides=dict(run.override_config),
+            run_config=fused, run_id=int(run.run_id),
+            configs=message_configs(_config_records(pulled["message"])),
+            app_config=dict(context.run_config),
+        )
+        checked.add(bundle.sha256)
         return install_from_fab(fab_file, *args, **kwargs)
 
     def checked_loader(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
@@ -104,6 +136,7 @@ def install_check(kit_dir: Path) -> None:
 
         return load_checked
 
+    runtime.pull_task_input = recording_pull
     runtime.install_from_fab = checked_install
     runtime.get_load_client_app_fn = checked_loader
 

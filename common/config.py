@@ -132,6 +132,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
+    # the operator's signature over the FAB hash and this run's settings, and its signer
+    # (common.runsign): checked by every deployed site before it trains; no effect on training
+    run_signature: str = field(default="", compare=False, repr=False)
+    run_operator: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:

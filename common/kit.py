@@ -4,7 +4,7 @@
       ca/ca.key, ca/ca.crt            the project CA (keep ca.key offline; it signs server certs)
       server/   medfed-kit.toml ca.crt server.crt server.key operators.crl
       sites/<name>/ medfed-kit.toml ca.crt site.key site.pub
-      operator/ medfed-kit.toml ca.crt operator.crt operator.key     (the first operator)
+      operator/ medfed-kit.toml ca.crt operator.crt operator.key operator.pub (the first operator)
       operators/<name>/ (the same)                                   (`add-operator NAME`)
 
 Every kit folder is flat, so it maps one-to-one onto a Kubernetes Secret
@@ -18,6 +18,11 @@ applies within seconds of a change. A private key is never written into another 
 A site kit's `[[apps.approved]]` entries are the app versions (FAB SHA-256 hashes) the hospital
 approved; the hospital edits them (`medfed site approve`, `revoke-app`), and a site runs no
 other app. An empty list approves nothing.
+
+A site kit's `[policy]` is the runs the hospital agrees to train (common.policy; DP required by
+default) and its `[[operators]]` the operators whose signed runs it accepts (name and public
+key, common.runsign): the site refuses any run that is unsigned, signed by another key, or
+outside its policy. The operator kit's `operator.key` signs runs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ import tomli_w
 from common.apps import check_fab_hash
 from common.certs import load_public_key
 from common.config import ConfigError, check_budget
+from common.policy import PolicyError, RunPolicy
+from common.runsign import RunSignatureError
+from common.runsign import load_public_key as load_operator_key
 from common.sites import is_safe_site_name, site_name_problem
 
 KIT_FILE = "medfed-kit.toml"
@@ -282,6 +290,52 @@ def _approved_apps(values: dict[str, Any], kit_dir: Path) -> tuple[ApprovedApp, 
 
 
 @dataclass(frozen=True)
+class TrustedOperator:
+    """An operator whose signed runs a site accepts: a name and an EC P-256 public key (PEM)."""
+
+    name: str
+    public_key: str
+
+    def __post_init__(self) -> None:
+        if not is_safe_site_name(self.name):
+            raise KitError(
+                f"operator name {self.name!r} must be 1-64 letters, digits, '.', '_', '-'"
+            )
+        try:
+            load_operator_key(self.public_key, where=f"operator {self.name}'s public key")
+        except RunSignatureError as exc:
+            raise KitError(str(exc)) from None
+
+    def to_toml(self) -> dict[str, str]:
+        """The `[[operators]]` entry."""
+        return {"name": self.name, "public-key": self.public_key}
+
+
+def _trusted_operators(values: dict[str, Any], kit_dir: Path) -> tuple[TrustedOperator, ...]:
+    where = f"{kit_dir / KIT_FILE}: [[operators]]"
+    entries = values.get("operators", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise KitError(f"{where} must be tables with name and public-key")
+    try:
+        operators = tuple(
+            TrustedOperator(str(e.get("name", "")), str(e.get("public-key", ""))) for e in entries
+        )
+    except KitError as exc:
+        raise KitError(f"{where}: {exc}") from None
+    names = [o.name for o in operators]
+    if len(set(names)) != len(names):
+        raise KitError(f"{where}: an operator is listed twice; keep one entry per name")
+    return operators
+
+
+def _policy(values: dict[str, Any], kit_dir: Path) -> RunPolicy:
+    try:
+        return RunPolicy.from_toml(values.get("policy"), str(kit_dir / KIT_FILE))
+    except PolicyError as exc:
+        raise KitError(str(exc)) from None
+
+
+@dataclass(frozen=True)
 class SiteKit:
     """A hospital's kit: its authentication key, the CA, the aggregator's address."""
 
@@ -291,6 +345,12 @@ class SiteKit:
     superlink: str  # host:port of the Fleet API
     budget_epsilon: float | None = None  # the hospital's own, over all runs; set in the kit
     approved_apps: tuple[ApprovedApp, ...] = ()  # the hospital's own; empty approves nothing
+    policy: RunPolicy = RunPolicy()  # the hospital's own: which runs it trains
+    operators: tuple[TrustedOperator, ...] = ()  # whose signed runs it accepts
+
+    def trusted_operators(self) -> dict[str, str]:
+        """Operator name -> public key PEM, as common.runsign.verify_run takes them."""
+        return {o.name: o.public_key for o in self.operators}
 
     def approves(self, fab_sha256: str) -> bool:
         """Whether the hospital approved the app bundle with this hash."""
@@ -335,6 +395,7 @@ class SiteKit:
         return cls(
             kit_dir, str(values.get("project", "")), site, _address(values, kit_dir),
             float(budget) if budget is not None else None, _approved_apps(values, kit_dir),
+            _policy(values, kit_dir), _trusted_operators(values, kit_dir),
         )
 
     def to_toml(self) -> dict[str, Any]:
@@ -346,6 +407,8 @@ class SiteKit:
         if self.budget_epsilon is not None:
             values["budget-epsilon"] = self.budget_epsilon
         values["apps"] = {"approved": [a.to_toml() for a in self.approved_apps]}
+        values["policy"] = self.policy.to_toml()
+        values["operators"] = [o.to_toml() for o in self.operators]
         return values
 
 
@@ -390,6 +453,54 @@ def revoke_app(kit_dir: Path, fab_sha256: str) -> ApprovedApp:
 
 
 DEFAULT_OPERATOR = "operator"
+
+
+def _rewrite_table(kit_dir: Path, key: str, value: Any) -> None:
+    """Replace one top-level entry of a site kit, keeping every other value, atomically."""
+    values = _read_toml(kit_dir)
+    values[key] = value
+    path = kit_dir / KIT_FILE
+    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(tomli_w.dumps(values))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def set_policy(kit_dir: Path, policy: RunPolicy) -> None:
+    """Replace a site kit's run policy; the site applies it from the next message on."""
+    SiteKit.load(kit_dir, check_permissions=False)  # a site kit, readable
+    _rewrite_table(kit_dir, "policy", policy.to_toml())
+
+
+def trust_operator(site_kit_dir: Path, name: str, public_key_pem: str) -> bool:
+    """Accept runs signed by this operator at a site; False when it was trusted with this key.
+
+    An operator already trusted under `name` with another key gets the new key (re-issued).
+    """
+    entry = TrustedOperator(name, public_key_pem.strip() + "\n")
+    kit = SiteKit.load(site_kit_dir, check_permissions=False)
+    if entry in kit.operators:
+        return False
+    others = [o for o in kit.operators if o.name != name]
+    _rewrite_table(site_kit_dir, "operators", [o.to_toml() for o in (*others, entry)])
+    return True
+
+
+def distrust_operator(site_kit_dir: Path, name: str) -> TrustedOperator:
+    """Stop accepting runs signed by this operator at a site; the entry that was removed."""
+    kit = SiteKit.load(site_kit_dir, check_permissions=False)
+    entry = next((o for o in kit.operators if o.name == name), None)
+    if entry is None:
+        known = ", ".join(o.name for o in kit.operators) or "none"
+        raise ValueError(
+            f"--name {name!r}: not a trusted operator in {site_kit_dir / KIT_FILE} "
+            f"(trusted: {known})"
+        )
+    _rewrite_table(
+        site_kit_dir, "operators", [o.to_toml() for o in kit.operators if o.name != name]
+    )
+    return entry
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,13 @@ def site(
             f"until the hospital approves one: `medfed site approve --kit {kit} --app APP_DIR` "
             "(or --fab-hash HASH, as `medfed run` prints it)", highlight=False,
         )
+    out.print("run policy: " + "; ".join(site_kit.policy.describe()), highlight=False)
+    if not site_kit.operators:
+        err.print(
+            f"[bold yellow]warning:[/] {kit} trusts no operator, so every run is refused here: "
+            f"`medfed site trust-operator --kit {kit} --name NAME --public-key FILE`",
+            highlight=False,
+        )
     budget = budget_epsilon if budget_epsilon is not None else site_kit.budget_epsilon
     if budget is not None:
         from client.ledger import PrivacyLedger
@@ -475,6 +482,112 @@ def app_hash(
     """Print the FAB hash of the bundle `flwr run APP_DIR` would submit (what sites approve)."""
     bundle = _bundle_of(app_dir)
     out.print(f"{bundle.sha256}  {bundle.label}", highlight=False)
+
+
+@site_app.command("policy")
+def policy(
+    kit: AppKitOpt,
+    require_dp: Annotated[
+        bool | None,
+        typer.Option("--require-dp/--allow-no-dp", help="Refuse runs without differential "
+                     "privacy (the default), or accept them."),
+    ] = None,
+    max_epsilon: Annotated[
+        str | None,
+        typer.Option(help="The largest target epsilon of one run (a number > 0), or `none`."),
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Allowed tasks, comma-separated, or `all`.")
+    ] = None,
+    strategies: Annotated[
+        str | None, typer.Option(help="Allowed strategies, comma-separated, or `all`.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show this site's run policy and trusted operators; the flags change the policy."""
+    from dataclasses import replace
+
+    from common.config import STRATEGIES, TASKS
+    from common.kit import SiteKit, set_policy
+    from common.policy import check_max_epsilon, check_names
+
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    changes: dict[str, Any] = {}
+    if require_dp is not None:
+        changes["require_dp"] = require_dp
+    if max_epsilon is not None:
+        if max_epsilon.strip().lower() == "none":
+            changes["max_epsilon"] = None
+        else:
+            try:
+                number = float(max_epsilon)
+            except ValueError:
+                raise fail(f"--max-epsilon must be a number > 0 or `none`, got {max_epsilon!r}",
+                           EXIT_BAD_INPUT) from None
+            changes["max_epsilon"] = guard(lambda: check_max_epsilon(number))
+    def allowed(value: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
+        if value.strip().lower() == "all":
+            return ()
+        return guard(lambda: check_names(value.split(","), known, flag))
+
+    if tasks is not None:
+        changes["tasks"] = allowed(tasks, TASKS, "--tasks")
+    if strategies is not None:
+        changes["strategies"] = allowed(strategies, STRATEGIES, "--strategies")
+    if changes:
+        updated = replace(site_kit.policy, **changes)
+        guard(lambda: _kit_written(lambda: set_policy(kit, updated), kit))
+        site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+        out.print(f"site {site_kit.site}: run policy updated; a running `medfed site` applies "
+                  "it from the next message", highlight=False)
+    if as_json:
+        print(json.dumps({"policy": site_kit.policy.to_toml(),
+                          "operators": [o.name for o in site_kit.operators]}, indent=2))
+        return
+    out.print(f"site {site_kit.site} trains only runs signed by a trusted operator and within "
+              "this policy:", highlight=False)
+    for line in site_kit.policy.describe():
+        out.print(f"  {line}", highlight=False)
+    names = ", ".join(o.name for o in site_kit.operators)
+    out.print(f"  trusted operators: {names or 'none (every run is refused)'}", highlight=False)
+
+
+@site_app.command("trust-operator")
+def trust_operator_command(
+    kit: AppKitOpt,
+    name: Annotated[str, typer.Option(help="The operator's name (its kit's `name`).")],
+    public_key: Annotated[
+        Path, typer.Option(help="The operator's public key (PEM, KITS/operator/operator.pub).")
+    ],
+) -> None:
+    """Accept runs signed by this operator's key at this site."""
+    from common.kit import SiteKit, trust_operator
+
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    try:
+        pem = public_key.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"--public-key {public_key}: cannot read it ({exc})", EXIT_BAD_INPUT) from None
+    try:
+        added = _kit_written(lambda: trust_operator(kit, name, pem), kit)
+    except ValueError as exc:
+        raise fail(f"--name {name!r} / --public-key {public_key}: {exc}", EXIT_BAD_INPUT) from None
+    verb = "now accepts" if added else "already accepts"
+    out.print(f"site {site_kit.site} {verb} runs signed by operator {name}", highlight=False)
+
+
+@site_app.command("distrust-operator")
+def distrust_operator_command(
+    kit: AppKitOpt,
+    name: Annotated[str, typer.Option(help="The operator to stop trusting.")],
+) -> None:
+    """Refuse runs signed by this operator from the next message on."""
+    from common.kit import SiteKit, distrust_operator
+
+    site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
+    guard(lambda: _kit_written(lambda: distrust_operator(kit, name), kit))
+    out.print(f"site {site_kit.site} no longer accepts runs signed by operator {name}",
+              highlight=False)
 
 
 @site_app.command("budget")
@@ -673,6 +786,15 @@ def run(
         raise typer.Exit(130) from None
     if result.reason:
         raise fail(f"run {result.run_id}: {result.reason}", EXIT_FAILED)
+    if result.files:
+        refusals = _refused_everywhere(json.loads((out_dir / "results.json").read_text()))
+        if refusals:
+            for reason in refusals:
+                err.print(f"  {reason}", highlight=False, markup=False)
+            raise fail(
+                f"run {result.run_id}: no site trained, every one that answered refused it "
+                f"(above; results in {out_dir / 'results.json'})", EXIT_REFUSED,
+            )
     if result.status == "finished:stopped":
         raise fail(f"run {result.run_id} was stopped before it finished", EXIT_FAILED)
     if result.status != "finished:completed":
@@ -687,6 +809,16 @@ def run(
     code = print_results(results, out_dir)  # 3: every site refused, 1: none trained otherwise
     if code:
         raise typer.Exit(code)
+
+
+def _refused_everywhere(results: dict[str, Any]) -> list[str]:
+    """Each site's refusal when no site trained in any round and some refused; else []."""
+    rounds = results.get("rounds") or []
+    if any(entry.get("participants") for entry in rounds):
+        return []
+    failures = [f for entry in rounds for f in entry.get("failures") or []]
+    # each refusal names its site; train and evaluate repeat the same one
+    return list(dict.fromkeys(str(f["reason"]) for f in failures if f.get("kind") == "refused"))
 
 
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:

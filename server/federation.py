@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.apps import parse_app_refusal
 from common.audit_head import HEAD_RECORD, ChainHead, HeadError
+from common.policy import parse_run_refusal
 from common.privacy import parse_refusal
 
 _SITE_IN_REASON = re.compile(r"\bsite ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): ")
@@ -116,7 +117,10 @@ class RecordingStrategy(Strategy):
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 kind = "error"
-                refusal = parse_refusal(reason) or parse_app_refusal(reason)
+                refusal = (
+                    parse_refusal(reason) or parse_app_refusal(reason)
+                    or parse_run_refusal(reason)
+                )
                 if refusal is not None:  # a site keeping its privacy budget: policy, not a fault
                     kind, (reason, name) = "refused", refusal
                     if name:

@@ -42,9 +42,12 @@ from common.kit import (
     OperatorKit,
     ServerKit,
     SiteKit,
+    distrust_operator,
+    trust_operator,
     write_toml,
 )
 from common.outputs import note, prepare
+from common.runsign import load_private_key, public_pem
 from common.sites import is_safe_site_name, site_name_problem
 
 PARTS = ("ca", "server", "sites", "operator", "operators")
@@ -184,6 +187,9 @@ def provision(
     first = _write_operator_kit(ca, operator_dir, project, operator, control)
     server = replace(server, operators=(first,))
     write_toml(server_dir / KIT_FILE, server.to_toml())
+    for public in _operator_public_keys(kits):
+        for name in names:  # each hospital trusts the first operator's signed runs
+            trust_operator(kits / "sites" / name, *public)
     return ProvisionSummary(
         kits, server_dir, operator_dir, {n: kits / "sites" / n for n in names}, fleet, control
     )
@@ -199,6 +205,8 @@ def _write_operator_kit(
     write_public(kit_dir / "ca.crt", cert_pem(ca.cert))
     write_private(kit_dir / "operator.key", tls_key_pem(key))
     write_public(kit_dir / "operator.crt", cert_pem(cert))
+    # what a hospital passes to `medfed site trust-operator` to accept this operator's runs
+    write_public(kit_dir / "operator.pub", public_pem(key.public_key()).encode())
     write_toml(kit_dir / KIT_FILE, OperatorKit(kit_dir, project, control, name).to_toml())
     not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
     return IssuedOperator(name, cert.serial_number, not_after)
@@ -263,6 +271,12 @@ def add_operator(kits: Path, name: str) -> tuple[Path, str]:
         _write_crl(server, ca.revocation_list([]))
     updated = replace(server, operators=(*server.operators, issued))
     write_toml(server.path / KIT_FILE, updated.to_toml())
+    # the site kits kept here trust the new operator; deployed hospitals run
+    # `medfed site trust-operator` with its operator.pub
+    key = load_private_key((kit_dir / "operator.key").read_bytes(), where=str(kit_dir))
+    public = public_pem(key.public_key())
+    for site_kit in _site_kits(kits):
+        trust_operator(site_kit, name, public)
     return kit_dir, control
 
 
@@ -280,6 +294,11 @@ def revoke_operator(kits: Path, name: str) -> None:
     _write_crl(server, ca.revocation_list(revoked))
     remaining = tuple(o for o in server.operators if o.name != name)
     write_toml(server.path / KIT_FILE, replace(server, operators=remaining).to_toml())
+    # the site kits kept here stop trusting its runs; deployed hospitals run
+    # `medfed site distrust-operator`
+    for site_kit in _site_kits(kits):
+        if any(o.name == name for o in SiteKit.load(site_kit, check_permissions=False).operators):
+            distrust_operator(site_kit, name)
     # the revoked key is useless now; leave no copy of it in KITS
     for kit_dir in (kits / "operators" / name, kits / "operator"):
         kit_file = kit_dir / KIT_FILE
@@ -299,6 +318,24 @@ def _server_kit_for_operators(kits: Path) -> ServerKit:
         )
     # a kit from before operator certificates has no CRL yet: add-operator writes one
     return ServerKit.load(server_dir, require_crl=False)
+
+
+def _operator_public_keys(kits: Path) -> list[tuple[str, str]]:
+    """Each operator kit's name and public key (KITS/operator, KITS/operators/*) to trust."""
+    found = []
+    others = sorted((kits / "operators").glob(f"*/{KIT_FILE}"))
+    for kit_file in [kits / "operator" / KIT_FILE, *others]:
+        if not kit_file.is_file():
+            continue
+        operator = OperatorKit.load(kit_file.parent, check_permissions=False)
+        if operator.key.is_file():  # a revoked operator's key is deleted
+            key = load_private_key(operator.key.read_bytes(), where=str(operator.key))
+            found.append((operator.name, public_pem(key.public_key())))
+    return found
+
+
+def _site_kits(kits: Path) -> list[Path]:
+    return sorted(p.parent for p in (kits / "sites").glob(f"*/{KIT_FILE}"))
 
 
 def _server_kit(kits: Path) -> ServerKit:
@@ -335,6 +372,8 @@ def add_site(kits: Path, name: str) -> tuple[Path, str]:
         else OperatorKit.load(kits / "operator").superlink
     )
     site = _write_site_kit(kits, server.project, name, superlink)
+    for operator in _operator_public_keys(kits):
+        trust_operator(kits / "sites" / name, *operator)
     revoked = {k: v for k, v in server.revoked.items() if k != name}
     updated = replace(server, sites=(*server.sites, site), revoked=revoked)
     write_toml(server.path / KIT_FILE, updated.to_toml())

@@ -51,6 +51,7 @@ from flwr.serverapp import Grid
 from common.apps import parse_app_refusal
 from common.audit_head import METRIC_PREFIX, head_in_metrics
 from common.config import RunConfig
+from common.policy import parse_run_refusal
 from common.privacy import parse_refusal
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
 from server.central_dp import CentralLedger, central_noise_multiplier, sampled_sites
@@ -152,7 +153,9 @@ class SecureRecorder(LegacyStrategy):
     ) -> None:
         for failure in failures:
             reason = _failure_reason(failure)
-            refusal = parse_refusal(reason) or parse_app_refusal(reason)
+            refusal = (
+                parse_refusal(reason) or parse_app_refusal(reason) or parse_run_refusal(reason)
+            )
             kind, site = "error", "*"
             failed = _FAILED_SITE.search(reason)
             if failed:

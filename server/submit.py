@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives import serialization
 
 from common.apps import build_app_bundle
 from common.certs import OPERATOR_OU
-from common.kit import KitError, OperatorKit
+from common.kit import KitError, OperatorKit, check_private
 from common.procs import flower_environment
+from common.runsign import RunSignatureError, load_private_key, sign_run
 from server import artifacts
 from server.flwr_operator import CERT_ENV, KEY_ENV
 from server.waiting import GAVE_UP_MARK, WAITING_MARK
@@ -223,6 +224,23 @@ def stop_run(kit: OperatorKit, run_id: int) -> None:
         _flwr(["stop", str(run_id), CONNECTION], env, kit)
 
 
+def sign_overrides(
+    kit: OperatorKit, overrides: Mapping[str, Any], *, fab_sha256: str
+) -> dict[str, Any]:
+    """The overrides signed with the operator kit's key (common.runsign), as sites require."""
+    if not kit.key.is_file():
+        raise OperatorError(
+            f"{kit.key}: the operator kit has no run-signing key, and sites refuse unsigned "
+            "runs; use the operator kit `medfed provision` wrote"
+        )
+    try:
+        check_private(kit.key)
+        key = load_private_key(kit.key.read_bytes(), where=str(kit.key))
+        return sign_run(overrides, fab_sha256=fab_sha256, operator=kit.name, private_key=key)
+    except (KitError, RunSignatureError) as exc:
+        raise OperatorError(str(exc)) from None
+
+
 @dataclass
 class Submission:
     """What `medfed run` learnt from following a run to its end."""
@@ -257,11 +275,12 @@ def submit(
         f"app {bundle.label}, FAB sha256 {bundle.sha256}: sites run it only once their "
         f"hospital approved it (`medfed site approve --kit KIT --fab-hash {bundle.sha256}`)"
     )
+    signed = sign_overrides(kit, overrides, fab_sha256=bundle.sha256)
     collector = artifacts.Collector()
     run_id: int | None = None
     with flower_home(kit) as env, tempfile.TemporaryDirectory() as tmp:
         overrides_file = Path(tmp) / "run-config.toml"
-        overrides_file.write_text(tomli_w.dumps(dict(overrides)))
+        overrides_file.write_text(tomli_w.dumps(signed))
         argv = flwr_argv(
             "run", str(app_dir), CONNECTION, "--run-config", str(overrides_file), "--stream",
         )

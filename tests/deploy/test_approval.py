@@ -23,6 +23,7 @@ from client.approval import (
     install_check,
     write_launchers,
 )
+from client.policy import RunRefused
 from client.supernode import SiteSettings
 from common.apps import APP_REFUSAL_MARK, AppBundle, build_app_bundle, parse_app_refusal
 from common.kit import KIT_FILE, KitError, SiteKit, approve_app, revoke_app
@@ -197,7 +198,8 @@ def test_the_refusal_reaches_the_aggregator_as_a_refusal(site_kit: Path, tmp_pat
 
 @pytest.fixture
 def hooked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # install_check rebinds two names in Flower's module: have them restored after the test
+    # install_check rebinds three names in Flower's module: have them restored after the test
+    monkeypatch.setattr(runtime, "pull_task_input", runtime.pull_task_input)
     monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)
     monkeypatch.setattr(runtime, "get_load_client_app_fn", runtime.get_load_client_app_fn)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
@@ -218,8 +220,11 @@ def test_flowers_clientapp_runtime_installs_only_approved_bundles(
         load("hospital-tests/tinyapp", "1.0.0", bundle.sha256)
 
     approve_app(site_kit, bundle.sha256)
-    installed = runtime.install_from_fab(content, skip_prompt=True)
-    assert (Path(installed) / "tinyapp" / "client.py").is_file()
+    # approved, the bundle passes; the run is checked next, and with no task pulled it cannot
+    # be (tests/client/test_policy.py installs a signed run's bundle)
+    with pytest.raises(RunRefused, match="the run could not be checked"):
+        runtime.install_from_fab(content, skip_prompt=True)
+    assert not (tmp_path / "flwr-home").exists()
 
 
 def test_flowers_clientapp_runtime_is_the_code_the_check_was_built_for() -> None:
@@ -245,6 +250,7 @@ def test_flowers_clientapp_runtime_is_the_code_the_check_was_built_for() -> None
     assert -1 not in at, [s for s, i in zip(steps, at, strict=True) if i < 0]
     assert at == sorted(at)
     assert source.count("install_from_fab(") == 1
+    assert source.count("pull_task_input(") == 1  # the task client.approval checks is this one
     # the SuperExec starts tasks by command name, found on PATH
     assert "TASK_TYPE_TO_COMMAND[spec.task_type]" in inspect.getsource(SubprocessExecutor.launch)
 
