@@ -490,7 +490,7 @@ def policy(
     require_dp: Annotated[
         bool | None,
         typer.Option("--require-dp/--allow-no-dp", help="Refuse runs without differential "
-                     "privacy (the default), or accept them."),
+                     "privacy, or accept them. \\[default: unchanged; a new kit requires DP]"),
     ] = None,
     max_epsilon: Annotated[
         str | None,
@@ -633,7 +633,7 @@ def audit(
     ] = None,
     site_name: Annotated[
         str | None,
-        typer.Option("--site", help="The site's name in --witness [default: the --kit's "
+        typer.Option("--site", help="The site's name in --witness \\[default: the --kit's "
                      "site, else the --state folder's name]."),
     ] = None,
     kit: Annotated[
