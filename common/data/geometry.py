@@ -149,10 +149,23 @@ def _nifti_grid(path: Path) -> Grid:
     col_step = -canonical[:3, 0] * _LPS_TO_RAS
     row_step = -canonical[:3, 1] * _LPS_TO_RAS
     spacing = (float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step)))
-    if not framed:
+    if not framed or _itk_slice_frame(image.shape, affine):
         return Grid(spacing)
     last = (canonical @ np.array([x - 1, y - 1, z - 1, 1.0]) * ras_to_lps)[:3] if z > 1 else None
     return Grid(spacing, origin, row_step, col_step, last)
+
+
+def _itk_slice_frame(shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """Whether a one-slice NIfTI file carries ITK's default 2D frame, which says nothing.
+
+    ITK (and SimpleITK) write a 2D image, such as a mask drawn on one DICOM slice, with the
+    identity direction (LPS; RAS diag(-1, -1, 1)) and an in-plane origin, whatever the slice's
+    orientation in the patient: a sagittal slice's mask gets the same frame as an axial one's.
+    Such a frame is no evidence of misalignment, so only the spacing is compared.
+    """
+    one_slice = len(shape) == 2 or (len(shape) >= 3 and int(shape[2]) == 1)
+    directions = affine[:3, :3] / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-12)
+    return one_slice and bool(np.allclose(directions, np.diag(_LPS_TO_RAS), atol=1e-6))
 
 
 def _dicom_grid(ds: Dataset) -> Grid:

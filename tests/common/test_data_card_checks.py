@@ -323,3 +323,31 @@ def test_dicom_series_mask_is_checked_slice_range_and_all(tmp_path, labels_csv, 
     assert "first pixel: mask at (0.0, 0.0, 2.0) mm, image at (0.0, 0.0, 0.0) mm" in (
         problem(card, "m1") or ""
     )
+
+
+def test_an_itk_slice_mask_on_a_sagittal_dicom_slice_is_accepted(
+    tmp_path, dicom_file, nifti_file, labels_csv, mr
+):
+    """ITK writes a one-slice mask with the identity frame whatever the slice's orientation.
+
+    Real masks drawn on sagittal MR slices come this way (shared/data's hippocampus sites): such
+    a frame is no evidence of misalignment, while a one-slice mask whose affine says it is
+    rotated still is.
+    """
+    site = tmp_path / "s"
+    sagittal = {"ImageOrientationPatient": [0, 1, 0, 0, 0, -1],
+                "ImagePositionPatient": [10, -20, 30], "PixelSpacing": [1, 1]}
+    labels = np.zeros((32, 32), dtype=np.uint8)
+    labels[3:9, 20:30] = 1
+    lines = []
+    for i in range(2):
+        dicom_file(site / f"img{i}.dcm", mr(i), **sagittal)
+        lines.append([f"img{i}.dcm", i % 2, f"m{i}.nii.gz", "train"])
+    # as ITK writes a 2D slice: shape (columns, rows), RAS affine diag(-1, -1, 1)
+    nifti_file(site / "m0.nii.gz", labels.T.copy(), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    nifti_file(site / "m1.nii.gz", labels.T.copy(), np.diag([1.0, 1.0, 1.0, 1.0]))
+    labels_csv(site, lines, header="path,label,mask,split")
+    card = card_of(site, tmp_path)
+    assert problem(card, "m0.nii.gz") is None
+    assert "orientation" in (problem(card, "m1.nii.gz") or "")
+    assert card.mask_rows["train"] == 1
