@@ -254,7 +254,14 @@ def test_add_and_revoke_operator(kits: Path) -> None:
     assert alice.name == "alice" and alice.superlink == control
     assert _mode(alice.key) == 0o600 and _mode(folder) == 0o700
     changed = {p.relative_to(kits).as_posix() for p in before if before[p] != p.read_bytes()}
-    assert changed == {"server/medfed-kit.toml"}
+    site_kits = sorted((kits / "sites").iterdir())
+    # the server kit records the certificate; the site kits kept here trust its signed runs
+    assert changed == {"server/medfed-kit.toml"} | {
+        f"sites/{site.name}/medfed-kit.toml" for site in site_kits
+    }
+    for site in site_kits:
+        trusted = {o.name: o.public_key for o in SiteKit.load(site).operators}
+        assert trusted["alice"] == (folder / "operator.pub").read_text()
     with pytest.raises(FileExistsError, match="revoke"):
         add_operator(kits, "alice")
     with pytest.raises(ValueError, match="not a valid operator name"):
@@ -265,6 +272,8 @@ def test_add_and_revoke_operator(kits: Path) -> None:
     assert _crl_serials(kits) == {serial}
     assert [o.name for o in ServerKit.load(kits / "server").operators] == ["operator"]
     assert not alice.key.exists()  # no copy of the revoked key stays in KITS
+    for site in site_kits:  # nor does a site kit kept here trust it
+        assert "alice" not in {o.name for o in SiteKit.load(site).operators}
     with pytest.raises(ValueError, match="no operator 'alice'"):
         revoke_operator(kits, "alice")
     add_operator(kits, "alice")  # re-issued: a new certificate, the old one stays revoked
