@@ -68,7 +68,9 @@ def test_every_site_refused_by_its_budget_exits_3_without_a_model(tiny: Path,
     assert "notes.txt" not in json.loads((run_dir / MANIFEST).read_text())["entries"]
 
 
-def test_labels_out_of_range_exit_1_with_each_sites_reason(tiny: Path, tmp_path: Path) -> None:
+def test_labels_out_of_range_are_refused_before_the_run_naming_each_site(
+    tiny: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     for site in ("site-a", "site-b"):
         src = tiny / "sites" / site
@@ -83,23 +85,38 @@ def test_labels_out_of_range_exit_1_with_each_sites_reason(tiny: Path, tmp_path:
             "\n".join([rows[0], *(r.replace(",1,", f",{bad},") for r in rows[1:])]) + "\n"
         )
     run_dir = tmp_path / "run"
-    # the held-out test set is good: only the sites fail (a bad label in it is refused, exit 2)
     result = _simulate(data, run_dir, "--test-data", str(tiny / "test"))
+    # a site that cannot train is refused up front (as `medfed site` refuses it), not in Ray
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    output = " ".join(result.output.split())
+    assert "site-a" in output and "site-b" in output and "--num-classes 2" in output
+    assert not (run_dir / "model.pt").exists()
+
+
+def test_a_run_in_which_no_site_can_train_exits_1_with_each_sites_reason(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """Every update is NaN (a misbehaving-site scenario): no site's update is aggregated."""
+    scenario = tmp_path / "all-nan.toml"
+    scenario.write_text(
+        'name = "all-nan"\nsites = 2\n\n[data]\n'
+        f'path = "{tiny / "sites" / "site-a"}"\npartition = "iid"\n\n'
+        '[misbehave]\nfraction = 1.0\nkinds = ["nan"]\n'
+    )
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app, ["simulate", "--scenario", str(scenario), "--out", str(run_dir), "--no-dp", *TINY],
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.exit_code == EXIT_FAILED, result.output
     assert "Global model after" not in result.output
     assert not (run_dir / "model.pt").exists()
     outcome = json.loads((run_dir / "results.json").read_text())["outcome"]
     assert outcome["status"] == "failed" and outcome["trained"] is False
-    for site in ("site-a", "site-b"):
-        reason = outcome["sites"][site]["reason"]
-        # the site's own exception text, not only its kind
-        assert "details stay" not in reason and "ray::" not in reason
-        assert reason.startswith(f"site {site}: train failed (ValueError: "), reason
-        assert "--num-classes 2" in reason, reason
-        assert f"{site}: error: {reason}" in result.output
-        log = run_dir / "site-state" / site / "site.log"
-        assert log.is_file(), f"{log} missing"
-        assert "failed" in log.read_text()
+    assert len(outcome["sites"]) == 2
+    for site, entry in outcome["sites"].items():
+        assert entry["kind"] == "screened_nan", entry
+        assert site in result.output
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tiny: Path, tmp_path: Path) -> None:
