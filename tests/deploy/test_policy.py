@@ -18,8 +18,7 @@ from client.ledger import PrivacyLedger
 from common.apps import build_app_bundle
 from common.kit import OperatorKit
 from common.policy import RUN_REFUSAL_MARK
-from common.procs import flower_executable
-from server.submit import CONNECTION, flower_home, run_status, sign_overrides
+from server.submit import CONNECTION, flower_home, flwr_argv, run_status, sign_overrides
 from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
@@ -113,8 +112,10 @@ def _flwr_run(fed: Federation, overrides: dict) -> int:
         config = fed.root / f"run-config-{time.monotonic_ns()}.toml"
         config.write_text(tomli_w.dumps(overrides))
         done = subprocess.run(
-            [flower_executable("flwr"), "run", str(fed.app), CONNECTION, "--run-config",
-             str(config), "--format", "json"],
+            # the operator's certificate gets past the gateway; the missing or wrong
+            # signature is what each site must refuse
+            flwr_argv("run", str(fed.app), CONNECTION, "--run-config", str(config),
+                      "--format", "json"),
             env=env, capture_output=True, text=True, timeout=300,
         )
     assert done.returncode == 0, done.stdout + done.stderr
