@@ -16,8 +16,8 @@ class PortTaken(ValueError):
     """A port the command needs is in use; the message names the flag and a free port."""
 
 
-def bind_error(host: str, port: int) -> str | None:
-    """None when `host:port` can be listened on now, else the operating system's reason."""
+def bind_failure(host: str, port: int) -> OSError | None:
+    """None when `host:port` can be listened on now, else the operating system's error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         # as servers bind (SO_REUSEADDR): a port in TIME_WAIT after a previous run is free
@@ -25,8 +25,14 @@ def bind_error(host: str, port: int) -> str | None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return exc.strerror or str(exc)
+            return exc
     return None
+
+
+def bind_error(host: str, port: int) -> str | None:
+    """None when `host:port` can be listened on now, else the operating system's reason."""
+    exc = bind_failure(host, port)
+    return None if exc is None else exc.strerror or str(exc)
 
 
 def free_port_after(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
-import socket
 import ssl
 import subprocess
 import threading
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 
 from common.certs import load_public_key, public_key_pem
 from common.kit import KIT_FILE, AuthorisedSite, KitError, ServerKit
+from common.ports import bind_failure
 from common.procs import (
     die_with_parent,
     flower_environment,
@@ -103,18 +103,15 @@ class ServerSettings:
 
 def check_port_free(host: str, port: int, flag: str) -> None:
     """Raise ValueError naming the flag when the port cannot be listened on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ValueError(
-                    f"{flag} {port}: {host}:{port} is already in use (is another medfed server "
-                    f"running?); stop it or pass a free port with {flag}"
-                ) from None
-            raise ValueError(f"{flag} {port}: cannot listen on {host}:{port} ({exc})") from None
+    exc = bind_failure(host, port)
+    if exc is None:
+        return
+    if exc.errno == errno.EADDRINUSE:
+        raise ValueError(
+            f"{flag} {port}: {host}:{port} is already in use (is another medfed server "
+            f"running?); stop it or pass a free port with {flag}"
+        )
+    raise ValueError(f"{flag} {port}: cannot listen on {host}:{port} ({exc})")
 
 
 def _pem(line: str, where: str) -> bytes:

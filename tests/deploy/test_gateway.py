@@ -41,6 +41,7 @@ from flwr.supercore.control import ControlHttpClient
 
 from common.kit import KIT_FILE
 from server.gateway import find_nginx
+from tests.deploy.test_federation import Proc
 from tests.medfed.helpers import free_port, missing
 
 pytestmark = pytest.mark.slow
@@ -56,49 +57,21 @@ def _need_nginx() -> None:
         missing(str(exc))
 
 
-class Server:
+class Server(Proc):
     """`medfed server` with its output in a log file."""
 
     def __init__(self, kits: Path, state: Path, log: Path) -> None:
-        self.log = log
-        self._file = log.open("w")
-        self.popen = subprocess.Popen(
-            [
-                str(BIN / "medfed"), "server", "--kit", str(kits / "server"),
-                "--state", str(state), "--host", "127.0.0.1",
-            ],
-            stdout=self._file, stderr=subprocess.STDOUT,
+        super().__init__(
+            ["server", "--kit", str(kits / "server"), "--state", str(state),
+             "--host", "127.0.0.1"],
+            log,
         )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text():
-                return
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.3)
-        pytest.fail(f"{needle!r} not in {self.log.name} after {timeout}s:\n{self.text()[-3000:]}")
 
     @property
     def internal_port(self) -> int:
         found = re.search(r"SuperLink on 127\.0\.0\.1:(\d+) \(internal", self.text())
         assert found, self.text()[-2000:]
         return int(found.group(1))
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        self._file.close()
-        return int(self.popen.returncode)
 
 
 def provision(kits: Path, port: int) -> None:
