@@ -412,6 +412,15 @@ class SiteKit:
         return values
 
 
+def _replace_kit_file(kit_dir: Path, values: dict[str, Any]) -> None:
+    """Write a kit's medfed-kit.toml atomically: a running site reads it at every task."""
+    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(tomli_w.dumps(values))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, kit_dir / KIT_FILE)
+
+
 def _rewrite_apps(kit_dir: Path, apps: tuple[ApprovedApp, ...]) -> None:
     """Replace the kit's approved apps, keeping every other line's values, atomically.
 
@@ -419,12 +428,7 @@ def _rewrite_apps(kit_dir: Path, apps: tuple[ApprovedApp, ...]) -> None:
     """
     values = _read_toml(kit_dir)
     values.setdefault("apps", {})["approved"] = [a.to_toml() for a in apps]
-    path = kit_dir / KIT_FILE
-    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(tomli_w.dumps(values))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _replace_kit_file(kit_dir, values)
 
 
 def approve_app(kit_dir: Path, fab_sha256: str, *, app: str = "", note: str = "") -> bool:
@@ -459,12 +463,7 @@ def _rewrite_table(kit_dir: Path, key: str, value: Any) -> None:
     """Replace one top-level entry of a site kit, keeping every other value, atomically."""
     values = _read_toml(kit_dir)
     values[key] = value
-    path = kit_dir / KIT_FILE
-    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(tomli_w.dumps(values))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _replace_kit_file(kit_dir, values)
 
 
 def set_policy(kit_dir: Path, policy: RunPolicy) -> None:
