@@ -102,12 +102,14 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     privacy = [
         PrivacyState.plan(
             num_examples=len(labels), batch_size=cfg.batch_size, rounds=cfg.rounds,
-            local_epochs=cfg.local_epochs, target_epsilon=cfg.target_epsilon, delta=cfg.delta,
+            steps_per_round=cfg.steps_per_round(len(labels)), target_epsilon=cfg.target_epsilon,
+            delta=cfg.delta,
             accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm,
         )
         for _, labels in sites
     ]
-    settings = LocalTraining(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+    settings = LocalTraining(epochs=cfg.local_epochs, steps=0 if cfg.local_epochs else
+                             cfg.local_steps, batch_size=cfg.batch_size,
                              optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum)
     device = torch.device("cpu")
     steps, train_s = 0, 0.0

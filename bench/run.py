@@ -227,7 +227,8 @@ def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
     for rep in range(mode.repeats + 1):  # the first pair warms up caches and is dropped
         r = train_local(model(), images, labels, settings=settings, device=device)
         privacy = PrivacyState.plan(
-            num_examples=n, batch_size=batch, rounds=5, local_epochs=1, target_epsilon=8.0,
+            num_examples=n, batch_size=batch, rounds=5, steps_per_round=math.ceil(n / batch),
+            target_epsilon=8.0,
             delta=1e-5, accountant="rdp", max_grad_norm=1.0,
         )
         d = train_local_dp(model(), images, labels, settings=settings, device=device,

@@ -58,7 +58,6 @@ from common.privacy import (
     UNIT_WEIGHT,
     PrivacyBudgetSpent,
     PrivacyState,
-    batches_per_epoch,
 )
 from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
@@ -107,15 +106,18 @@ def _privacy_path(site: SiteRef, run_key: str) -> Path:
     return site.state_dir / "privacy" / f"{run_key}.json"
 
 
-def _load_or_plan_privacy(site: SiteRef, cfg: RunConfig, run_key: str, n: int) -> PrivacyState:
+def _load_or_plan_privacy(
+    site: SiteRef, cfg: RunConfig, run_key: str, n: int, releases: dict[str, float]
+) -> PrivacyState:
     path = _privacy_path(site, run_key)
     if path.is_file():
         return PrivacyState.load(path)
     return PrivacyState.plan(
+        releases=releases,
         num_examples=n,
         batch_size=cfg.batch_size,
         rounds=cfg.rounds,
-        local_epochs=cfg.local_epochs,
+        steps_per_round=cfg.steps_per_round(n),
         target_epsilon=cfg.target_epsilon,
         delta=cfg.delta,
         accountant=cfg.accountant,
@@ -348,7 +350,8 @@ def make_client_app(
         config = msg.content.config_records["config"]
         mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
         settings = LocalTraining(
-            epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+            epochs=cfg.local_epochs, steps=0 if cfg.local_epochs else cfg.local_steps,
+            batch_size=cfg.batch_size, optimizer=cfg.optimizer,
             lr=cfg.lr, momentum=cfg.momentum, proximal_mu=mu,
         )
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
@@ -366,15 +369,16 @@ def make_client_app(
                                seed=cfg.seed)
         run_key = cfg.run_key or str(context.run_id)
         if cfg.dp:
-            privacy = _load_or_plan_privacy(site, cfg, run_key, n)
-            per_epoch = batches_per_epoch(n, cfg.batch_size)
+            privacy = _load_or_plan_privacy(site, cfg, run_key, n, task.releases(cfg))
+            per_round = cfg.steps_per_round(n)
             rounds_left = max(1, cfg.rounds - server_round + 1)
-            privacy.ensure_room(rounds_left * cfg.local_epochs * per_epoch)
+            privacy.ensure_room(rounds_left * per_round)
             # checked and recorded under one lock before training, kept if training fails
-            ledger.reserve_round(
-                run=run_key, site=site.name, history=privacy.history, budget=budget,
+            ledger.reserve_round(  # the releases still to come are reserved with it
+                run=run_key, site=site.name, budget=budget,
+                history=privacy.history + privacy.pending_releases(),
                 this_round=(privacy.noise_multiplier, privacy.sample_rate,
-                            cfg.local_epochs * per_epoch),
+                            per_round),
             )
             report = task.train(
                 model, samples, cfg,

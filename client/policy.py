@@ -36,8 +36,8 @@ from common.runsign import RunSignatureError, verify_run
 # which the site keeps the run's privacy state.
 POLICY_FIELDS = (
     "dp", "target_epsilon", "delta", "max_grad_norm", "accountant", "task", "model", "strategy",
-    "rounds", "local_epochs", "batch_size", "central_dp", "central_noise", "clip_norm",
-    "secure_agg", "run_key",
+    "rounds", "local_epochs", "local_steps", "batch_size", "central_dp", "central_noise",
+    "clip_norm", "secure_agg", "run_key",
 )
 # Where a message carries its run config: the Message API, and Flower's legacy FitIns and
 # EvaluateIns (SecAgg+ runs).

@@ -47,6 +47,9 @@ class LocalTraining:
     """Hyper-parameters of one round of local training."""
 
     epochs: int = 1
+    # > 0: exactly this many optimiser steps, cycling through the data as often as that takes
+    # (`epochs` is then ignored); 0: `epochs` passes over the data
+    steps: int = 0
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float = 3e-4
@@ -129,7 +132,8 @@ def tensor_dataset(*arrays: np.ndarray, dtypes: Sequence[torch.dtype]) -> Tensor
     )
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+def labelled_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    """Images (float32) and their integer labels as one TensorDataset."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return tensor_dataset(images, labels, dtypes=(torch.float32, torch.long))
@@ -144,6 +148,21 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def _batches(loader: DataLoader, settings: LocalTraining) -> Iterator[Sequence[torch.Tensor]]:
+    """The round's batches: `settings.steps` of them, or `settings.epochs` passes."""
+    if settings.steps <= 0:
+        for _ in range(settings.epochs):
+            yield from loader
+        return
+    given = 0
+    while True:
+        for batch in loader:
+            yield batch
+            given += 1
+            if given == settings.steps:
+                return
+
+
 def _run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -154,42 +173,41 @@ def _run_epochs(
     loss_fn: LossFn,
     hooks: StepHooks,
 ) -> tuple[float, int]:
-    """Train for `settings.epochs`; returns (mean loss per sample, optimiser steps)."""
+    """Train for the round's steps or epochs; returns (mean loss per sample, optimiser steps)."""
     params = dict(model.named_parameters())
     total_loss, seen, steps = 0.0, 0, 0
     model.train()
-    for _ in range(settings.epochs):
-        for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            n = len(batch[0])
-            if n == 0:
-                # Poisson sampling can draw an empty batch. Without DP there is nothing to learn
-                # from; with DP the step must still happen (noise only) and be accounted, or
-                # whether a batch was empty would leak and the ledger would under-count steps.
-                if isinstance(optimizer, DPOptimizer):
-                    _empty_grad_samples(optimizer)
-                else:
-                    continue
-            else:
-                batch = [t.to(device, non_blocking=True) for t in batch]
-                loss = loss_fn(model, batch)
-                loss.backward()
-                total_loss += float(loss.detach()) * n
-                seen += n
+    for batch in _batches(loader, settings):
+        optimizer.zero_grad(set_to_none=True)
+        n = len(batch[0])
+        if n == 0:
+            # Poisson sampling can draw an empty batch. Without DP there is nothing to learn
+            # from; with DP the step must still happen (noise only) and be accounted, or
+            # whether a batch was empty would leak and the ledger would under-count steps.
             if isinstance(optimizer, DPOptimizer):
-                # What DPOptimizer.step does, with data-independent gradients added after the
-                # noise.
-                if not optimizer.pre_step():
-                    continue
-                hooks.add_gradient(model)
-                _add_proximal_gradient(params, global_params, settings.proximal_mu)
-                optimizer.original_optimizer.step()
+                _empty_grad_samples(optimizer)
             else:
-                hooks.add_gradient(model)
-                _add_proximal_gradient(params, global_params, settings.proximal_mu)
-                optimizer.step()
-            hooks.after_step(model)
-            steps += 1
+                continue
+        else:
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            loss = loss_fn(model, batch)
+            loss.backward()
+            total_loss += float(loss.detach()) * n
+            seen += n
+        if isinstance(optimizer, DPOptimizer):
+            # What DPOptimizer.step does, with data-independent gradients added after the
+            # noise.
+            if not optimizer.pre_step():
+                continue
+            hooks.add_gradient(model)
+            _add_proximal_gradient(params, global_params, settings.proximal_mu)
+            optimizer.original_optimizer.step()
+        else:
+            hooks.add_gradient(model)
+            _add_proximal_gradient(params, global_params, settings.proximal_mu)
+            optimizer.step()
+        hooks.after_step(model)
+        steps += 1
     return (total_loss / seen if seen else float("nan")), steps
 
 
@@ -313,7 +331,7 @@ def train_local(
 
     """
     return fit(
-        model, _dataset(images, labels), _cross_entropy, settings=settings, device=device,
+        model, labelled_dataset(images, labels), _cross_entropy, settings=settings, device=device,
         seed=seed, proximal=proximal,
     )
 
@@ -330,7 +348,7 @@ def train_local_dp(
 ) -> TrainReport:
     """DP-SGD local training of a classifier; see `fit_dp`."""
     return fit_dp(
-        model, _dataset(images, labels), _cross_entropy, settings=settings, device=device,
+        model, labelled_dataset(images, labels), _cross_entropy, settings=settings, device=device,
         privacy=privacy, proximal=proximal,
     )
 

@@ -37,6 +37,13 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches in one epoch; Opacus samples each example with probability 1 / this number."""
+    if num_examples < 1:
+        raise ValueError("a site needs at least one training image")
+    return math.ceil(num_examples / batch_size)
+
+
 class ConfigError(ValueError):
     """A configuration value a user set is invalid; the message names the flag and the rule."""
 
@@ -75,7 +82,11 @@ class RunConfig:
     num_classes: int = 2
     strategy: str = "fedavg"
     rounds: int = 5
-    local_epochs: int = 1
+    # a round's local work: --local-steps optimiser steps at every site, whatever its size (a
+    # 30-image site and a 3,000-image site both train); --local-epochs N > 0 trains N passes
+    # over the site's data instead
+    local_steps: int = 20
+    local_epochs: int = 0
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float = 3e-4
@@ -129,6 +140,16 @@ class RunConfig:
     # encoder where lesions are, for --init-encoder; 0 (default): reconstruction only, the
     # better anomaly detector under DP-SGD
     spot_weight: float = 0.0
+    # classify only: logit adjustment (balanced softmax) with each site's own class counts,
+    # scaled by this tau; 0 turns it off. It keeps a site that holds one class from teaching the
+    # global model that everyone has that class; on balanced sites it changes nothing.
+    logit_adjust: float = 1.0
+    # classify only: the operating point's sensitivity on the sites' validation data; 0 picks
+    # the threshold of Youden's J (sensitivity + specificity - 1 at its largest)
+    target_sensitivity: float = 0.0
+    # classify only: a state dict (a .pt file the user brings) loaded into the network before
+    # round 1; layers whose shapes differ (a head with other classes) keep their initial weights
+    pretrained: str = ""
     seed: int = 0
     device: str = "auto"
     run_key: str = field(default="", compare=False)
@@ -176,7 +197,22 @@ class RunConfig:
         need(self.channels in (1, 3), "channels", "must be 1 or 3")
         need(self.num_classes >= 2, "num_classes", "must be >= 2")
         need(self.rounds >= 1, "rounds", "must be >= 1")
-        need(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        need(self.local_steps >= 1, "local_steps", "must be >= 1")
+        need(self.local_epochs >= 0, "local_epochs", "must be >= 0 (0: use --local-steps)")
+        need(self.logit_adjust >= 0, "logit_adjust", "must be >= 0 (0: off)")
+        need(
+            0 <= self.target_sensitivity < 1, "target_sensitivity",
+            "must be in [0, 1), e.g. 0.9 (0: Youden's J)",
+        )
+        need(
+            self.target_sensitivity == 0 or (self.task == "classify" and self.num_classes == 2),
+            "target_sensitivity", "sets a binary classifier's operating point: use it with "
+            "--task classify and --num-classes 2",
+        )
+        need(
+            not self.pretrained or self.task == "classify", "pretrained",
+            "loads a classifier's weights: use it with --task classify",
+        )
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(self.lr > 0, "lr", "must be > 0")
@@ -266,6 +302,12 @@ class RunConfig:
                 f"{self.delta:g} (--accountant {self.accountant}) is {shown:g}; raise "
                 "--target-epsilon (or --delta), or train without DP (--no-dp)"
             )
+
+    def steps_per_round(self, num_examples: int) -> int:
+        """Optimiser steps a site with `num_examples` training samples takes in one round."""
+        if self.local_epochs:
+            return self.local_epochs * batches_per_epoch(num_examples, self.batch_size)
+        return self.local_steps
 
     # --- conversions ----------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Differential-privacy accounting for one site across all rounds of a run.
 
 A site calibrates its noise multiplier once, for every step it may train in the whole run
-(rounds x local epochs x steps per epoch), and keeps Opacus's accountant history across rounds.
-The epsilon it reports is therefore the cumulative epsilon of all its DP-SGD steps so far, never a
-per-round figure. The state is plain JSON on the site's own disk, so a restarted site (or a resumed
-run) continues the same ledger instead of starting from zero.
+(rounds x steps per round: --local-steps, or local epochs x batches per epoch), and keeps
+Opacus's accountant history across rounds. The epsilon it reports is therefore the cumulative
+epsilon of all its DP-SGD steps so far, never a per-round figure. The state is plain JSON on the
+site's own disk, so a restarted site (or a resumed run) continues the same ledger instead of
+starting from zero.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import re
+import secrets
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,8 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
+from common.config import batches_per_epoch
 
 # (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
 Step = tuple[float, float, int]
@@ -56,13 +60,6 @@ def parse_refusal(reason: str) -> tuple[str, str | None] | None:
 
 class PrivacyBudgetSpent(RuntimeError):
     """Training further would take a site past the run's target epsilon."""
-
-
-def batches_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Batches in one epoch; Opacus samples each example with probability 1 / this number."""
-    if num_examples < 1:
-        raise ValueError("a site needs at least one training image for DP-SGD")
-    return math.ceil(num_examples / batch_size)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -163,11 +160,41 @@ class PrivacyState:
     accountant: str
     max_grad_norm: float
     history: list[Step] = field(default_factory=list)
+    # Statistics of the site's data released with Gaussian noise outside DP-SGD (a classifier's
+    # class counts, its validation scores' histogram), each once per run, by name: the noise
+    # multiplier planned for each, and the noisy values of those already released (kept, so a
+    # later round reuses them instead of spending again). Each release of a statistic whose L2
+    # sensitivity is 1 (one sample moves one count by one) is one Gaussian step at rate 1 in
+    # `history`, so the accountant and the ledger see it like any other step.
+    releases: dict[str, float] = field(default_factory=dict)
+    released: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
-        """DP-SGD steps taken so far."""
+        """Steps taken so far (DP-SGD steps and releases)."""
         return sum(int(n) for _, _, n in self.history)
+
+    def pending_releases(self) -> list[Step]:
+        """The planned releases not made yet, as the steps they will add to the history."""
+        return [(s, 1.0, 1) for name, s in sorted(self.releases.items())
+                if name not in self.released]
+
+    def release(self, name: str, values: np.ndarray) -> np.ndarray:
+        """`values` (a sensitivity-1 statistic) with the Gaussian noise planned for `name`.
+
+        Made once per run: the first call adds the noise (from the operating system's entropy,
+        never the run's seed) and records the step; later calls return the same noisy values.
+        """
+        if name in self.released:
+            return np.asarray(self.released[name], dtype=np.float64)
+        if name not in self.releases:
+            raise ValueError(f"release {name!r} was not planned for this run's privacy budget")
+        sigma = self.releases[name]
+        noise = np.random.default_rng(secrets.randbits(63)).normal(0.0, sigma, np.shape(values))
+        noisy = np.asarray(values, dtype=np.float64) + noise
+        self.history = [*self.history, (float(sigma), 1.0, 1)]
+        self.released[name] = [float(v) for v in noisy.ravel()]
+        return noisy
 
     def epsilon(self) -> float:
         """Cumulative epsilon over every step taken so far."""
@@ -189,7 +216,8 @@ class PrivacyState:
         """
         def spent_with(sigma: float) -> float:
             return epsilon_of(
-                [*self.history, (sigma, self.sample_rate, remaining_steps)],
+                [*self.history, *self.pending_releases(),
+                 (sigma, self.sample_rate, remaining_steps)],
                 delta=self.delta, accountant=self.accountant,
             )
 
@@ -250,18 +278,34 @@ class PrivacyState:
         num_examples: int,
         batch_size: int,
         rounds: int,
-        local_epochs: int,
+        steps_per_round: int,
         target_epsilon: float,
         delta: float,
         accountant: str,
         max_grad_norm: float,
+        releases: dict[str, float] | None = None,
     ) -> PrivacyState:
-        """Calibrate the noise once for every step this site may train in the run."""
+        """Calibrate the noise once for every step this site may train in the run.
+
+        Args:
+            releases: noisy statistics the site will release once each (name -> noise
+                multiplier); the DP-SGD noise is calibrated so that they fit the target too.
+
+        """
         # Opacus's DPDataLoader sets the sample rate to 1 / len(loader) and takes that many
         # steps per epoch; planning with the same numbers makes the plan and the ledger agree.
-        batches = batches_per_epoch(num_examples, batch_size)
-        sample_rate = 1.0 / batches
-        planned = rounds * local_epochs * batches
+        sample_rate = 1.0 / batches_per_epoch(num_examples, batch_size)
+        planned = rounds * steps_per_round
+        state = cls(
+            noise_multiplier=0.0,
+            sample_rate=sample_rate,
+            planned_steps=planned,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            accountant=accountant,
+            max_grad_norm=max_grad_norm,
+            releases=dict(releases or {}),
+        )
         sigma = calibrate_noise(
             target_epsilon=target_epsilon,
             delta=delta,
@@ -271,12 +315,7 @@ class PrivacyState:
         )
         if not math.isfinite(sigma):
             raise ValueError(f"could not calibrate noise for epsilon {target_epsilon}")
-        return cls(
-            noise_multiplier=sigma,
-            sample_rate=sample_rate,
-            planned_steps=planned,
-            target_epsilon=target_epsilon,
-            delta=delta,
-            accountant=accountant,
-            max_grad_norm=max_grad_norm,
-        )
+        state.noise_multiplier = sigma
+        if state.releases:  # the releases take their share: raise the noise until all fit
+            state.ensure_room(planned)
+        return state

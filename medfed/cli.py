@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -141,7 +142,11 @@ def simulate(
     data: Annotated[
         Path | None, typer.Option(help="Folder holding one folder per site (each with labels.csv).")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder to write.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Run folder to write.",
+                     show_default="a new runs/YYYYMMDD-HHMMSS folder"),
+    ] = None,
     test_data: opt.TestData = None,
     task: opt.TaskOpt = None,
     init_encoder: opt.InitEncoder = None,
@@ -155,6 +160,10 @@ def simulate(
     delta: opt.Delta = None,
     max_grad_norm: opt.MaxGradNorm = None,
     local_epochs: opt.LocalEpochs = None,
+    local_steps: opt.LocalSteps = None,
+    logit_adjust: opt.LogitAdjust = None,
+    target_sensitivity: opt.TargetSensitivity = None,
+    pretrained: opt.Pretrained = None,
     fraction_train: opt.FractionTrain = None,
     seed: opt.Seed = None,
     batch_size: opt.BatchSize = None,
@@ -223,7 +232,10 @@ def simulate(
         encoder_lr_scale=encoder_lr_scale, spot_weight=spot_weight,
         num_classes=num_classes, rounds=rounds, strategy=strategy,
         dp=dp, target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm,
-        local_epochs=local_epochs, fraction_train=fraction_train, seed=seed,
+        local_epochs=local_epochs, local_steps=local_steps, logit_adjust=logit_adjust,
+        target_sensitivity=target_sensitivity,
+        pretrained=str(pretrained.resolve()) if pretrained else None,
+        fraction_train=fraction_train, seed=seed,
         batch_size=batch_size, lr=lr, image_size=image_size, min_sites=min_sites,
         proximal_mu=proximal_mu, device=device, budget_epsilon=budget_epsilon,
         ledger_dir=str(ledger_dir) if ledger_dir else None, screen_z=screen_z,
@@ -248,8 +260,10 @@ def simulate(
             if "out" not in loaded.run and out_dir is None:
                 raise ConfigError(f"{scenario}: set run.out in the scenario, or pass --out")
             return run_cfg, loaded.federation
-        if data is None or out_dir is None:
-            raise ConfigError("--data and --out are required (or --resume RUN_DIR)")
+        if data is None:
+            raise ConfigError("--data is required (or --resume RUN_DIR)")
+        if out_dir is None:  # a new folder per run: a second run never meets the first's files
+            overrides["out"] = str(_new_run_dir())
         return RunConfig.from_mapping(overrides), None
 
     cfg, federation = guard(build)
@@ -270,6 +284,16 @@ def simulate(
     _write_report_after_run(Path(cfg.out))
     if code:  # the run ended but its last round trained no site: 3 refused, 1 failed
         raise typer.Exit(code)
+
+
+def _new_run_dir(root: Path = Path("runs")) -> Path:
+    """A run folder that does not exist yet: runs/YYYYMMDD-HHMMSS, suffixed if taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
 
 
 def _write_report_after_run(run_dir: Path) -> None:

@@ -115,7 +115,31 @@ MaxGradNorm = Annotated[
 ]
 LocalEpochs = Annotated[
     int | None,
-    _option(help="Local epochs per round.", shown=_default("local_epochs")),
+    _option(help="Local epochs per round instead of --local-steps (0: use --local-steps).",
+                 shown=_default("local_epochs")),
+]
+LocalSteps = Annotated[
+    int | None,
+    _option(help="A round's local work in optimiser steps, the same at every site whatever "
+                 "its size.", shown=_default("local_steps")),
+]
+LogitAdjust = Annotated[
+    float | None,
+    _option(help="With --task classify: logit adjustment (balanced softmax) from each site's "
+                 "own class counts, times this tau; keeps one-class sites from biasing the "
+                 "model (0: off).", shown=_default("logit_adjust")),
+]
+TargetSensitivity = Annotated[
+    float | None,
+    _option(help="With --task classify (2 classes): pick the operating threshold that reaches "
+                 "this sensitivity on the sites' validation data (0: Youden's J).",
+                 shown=_default("target_sensitivity")),
+]
+Pretrained = Annotated[
+    Path | None,
+    _option(help="With --task classify: a state dict (.pt) you bring, loaded into the "
+                 "network before round 1 (layers of other shapes keep their initial weights).",
+                 shown=_default("pretrained")),
 ]
 FractionTrain = Annotated[
     float | None,

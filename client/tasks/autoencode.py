@@ -134,6 +134,10 @@ class AutoencodeTask:
         arrays = site_data(site, preprocess(cfg), cfg.seed).split(split)
         return arrays.images, arrays.labels
 
+    def releases(self, cfg: RunConfig) -> dict[str, float]:
+        """None: DP-SGD's steps are all this task spends."""
+        return {}
+
     def build(self, cfg: RunConfig) -> nn.Module:
         """The autoencoder."""
         return build(cfg)

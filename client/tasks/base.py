@@ -96,6 +96,13 @@ class Task(Protocol):
         """The task's network for this run."""
         ...
 
+    def releases(self, cfg: RunConfig) -> dict[str, float]:
+        """Noisy statistics a DP run releases once each: name -> noise multiplier.
+
+        They are planned into the site's budget (common.privacy.PrivacyState.release).
+        """
+        ...
+
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit: Fit) -> TrainReport:
         """One round of local training (DP-SGD when `fit.privacy` is set)."""
         ...

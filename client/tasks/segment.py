@@ -125,6 +125,10 @@ class SegmentTask:
         """Images and masks of the rows of `split` that have a readable, aligned mask."""
         return masked_samples(site, cfg, split)
 
+    def releases(self, cfg: RunConfig) -> dict[str, float]:
+        """None: DP-SGD's steps are all this task spends."""
+        return {}
+
     def build(self, cfg: RunConfig) -> nn.Module:
         """The U-Net."""
         return build(cfg)

@@ -197,6 +197,10 @@ class SynthesizeTask:
             )
         return arrays.images, gan_classes(arrays.labels, cfg.num_classes)
 
+    def releases(self, cfg: RunConfig) -> dict[str, float]:
+        """None: DP-SGD's steps are all this task spends."""
+        return {}
+
     def build(self, cfg: RunConfig) -> nn.Module:
         """Generator and discriminator in one module."""
         return build(cfg)
