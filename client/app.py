@@ -47,12 +47,14 @@ from client.secure import (
     legacy_mod,
 )
 from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import network, site_data
+from client.tasks.base import Task, network, site_data
+from client.tasks.classify import Scored
 from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
 from common.data import Preprocess, SiteData
+from common.operating import HIST_KEYS, RELEASE
 from common.privacy import (
     REFUSAL_MARK,
     UNIT_WEIGHT,
@@ -145,6 +147,58 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
     return budget, (Path(folder) if folder else None)
 
 
+def _shared_histograms(
+    context: Context, cfg: RunConfig, site: SiteRef, task: Task, load: SplitLoader,
+    histograms: np.ndarray, server_round: int,
+) -> np.ndarray | None:
+    """What of the site's validation-score histograms may leave it this round (None: nothing).
+
+    Without DP: the counts, every round. With DP: one release per run, in its final round, with
+    the Gaussian noise the site's privacy plan set aside for it (client.tasks.classify),
+    reserved in the site's ledger before it is made and committed after, like a training round.
+    A release the ledger refuses is not made: the site keeps its budget and the aggregator keeps
+    its default threshold.
+    """
+    if not cfg.dp:
+        return histograms
+    if server_round != cfg.rounds:
+        return None
+    run_key = cfg.run_key or str(context.run_id)
+    path = _privacy_path(site, run_key)
+    if path.is_file():
+        privacy = PrivacyState.load(path)
+    else:  # the site was never sampled to train in this run: plan as training would have
+        n_train = len(task.load(site, cfg, "train", load)[0])
+        if n_train == 0:
+            return None
+        privacy = _load_or_plan_privacy(site, cfg, run_key, n_train, task.releases(cfg))
+    if RELEASE not in privacy.releases:  # a plan made before this release existed
+        return None
+    if RELEASE in privacy.released:
+        # a resumed run released them in an earlier final round, for an earlier model: those
+        # counts do not describe this one, and a second release would spend budget again
+        log.warning("round %d: validation scores were released earlier in this run; not "
+                    "sent again", server_round)
+        return None
+    budget, ledger_dir = _budget(context, cfg)
+    ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
+                           seed=cfg.seed)
+    others = [(sigma, 1.0, 1) for name, sigma in sorted(privacy.releases.items())
+              if name not in privacy.released and name != RELEASE]
+    try:
+        ledger.reserve_round(
+            run=run_key, site=site.name, budget=budget, history=privacy.history + others,
+            this_round=(privacy.releases[RELEASE], 1.0, 1),
+        )
+    except BudgetRefused as exc:
+        log.warning("round %d: validation scores not released: %s", server_round, exc)
+        return None
+    noisy = privacy.release(RELEASE, histograms)
+    privacy.save(path)
+    ledger.commit(run=run_key, site=site.name, history=privacy.history)
+    return np.asarray(noisy).reshape(histograms.shape)
+
+
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
 _TASK_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TASKS.values()))
 _METRICS = DEFAULT_METRICS | {UNIT_WEIGHT, NORM_BIT} | _TASK_METRICS
@@ -154,7 +208,7 @@ _LEGACY_METRICS = (
     _METRICS | {SITE_NAME} | {PRIVACY_PREFIX + key for key in DEFAULT_CONFIGS["privacy"]}
 )
 GUARD = OutboundGuard(
-    _METRICS | {"num_examples"},
+    _METRICS | {"num_examples"} | set(HIST_KEYS),
     {
         **DEFAULT_CONFIGS,
         "fitres.metrics": _LEGACY_METRICS, "evaluateres.metrics": _LEGACY_METRICS,
@@ -163,6 +217,7 @@ GUARD = OutboundGuard(
     },
     allow_nan=True,
     opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS, HEAD_RECORD: RECORD_KEYS},
+    list_metrics=frozenset(HIST_KEYS),  # counts per score bin (common.operating), not per image
 )
 AUDIT_FILE = TRAIL
 _LEGACY_METRIC_RECORDS = frozenset({"fitres.metrics", "evaluateres.metrics"})
@@ -445,10 +500,19 @@ def make_client_app(
                              f"{cfg.task}")
         model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
         config = msg.content.config_records["config"]
-        started = time.perf_counter()
-        result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
-        seconds = time.perf_counter() - started
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        started = time.perf_counter()
+        histograms = None
+        if isinstance(task, Scored):
+            # the operating point the aggregator chose on the last round's histograms
+            given = config.get("threshold")
+            threshold = float(given) if isinstance(given, int | float) else None
+            result, histograms = task.evaluate_scored(
+                model, samples, cfg, resolve_device(cfg.device), threshold=threshold
+            )
+        else:
+            result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
+        seconds = time.perf_counter() - started
         progress.record(
             site.state_dir,
             progress.Progress(
@@ -462,6 +526,13 @@ def make_client_app(
             ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
+        if histograms is not None:
+            shared = _shared_histograms(
+                context, cfg, site, task, load, histograms, server_round
+            )
+            if shared is not None:
+                values.update({key: [float(v) for v in row]
+                               for key, row in zip(HIST_KEYS, shared, strict=True)})
         if cfg.central_dp != "off":
             values[UNIT_WEIGHT] = 1
         content = RecordDict(

@@ -278,6 +278,9 @@ class OutboundGuard:
     opaque_configs: Mapping[str, frozenset[str]] = field(
         default_factory=lambda: MappingProxyType({}), kw_only=True
     )
+    # allowed metrics that may be lists of numbers (a score histogram's counts per bin); every
+    # other metric must be one number, so a list of per-image values cannot leave as a metric
+    list_metrics: frozenset[str] = field(default=frozenset(), kw_only=True)
 
     def __post_init__(self) -> None:
         frozen = {name: frozenset(keys) for name, keys in self.allowed_configs.items()}
@@ -297,6 +300,7 @@ class OutboundGuard:
             self.allowed_metrics | frozenset(metrics),
             {name: frozenset(keys) for name, keys in merged.items()},
             allow_nan=self.allow_nan, opaque_configs=self.opaque_configs,
+            list_metrics=self.list_metrics,
         )
 
     def check(self, content: RecordDict) -> None:
@@ -336,6 +340,11 @@ class OutboundGuard:
         if key not in self.allowed_metrics:
             raise OutboundViolation(
                 f"{where} is not an allowed metric; add it with OutboundGuard.extended"
+            )
+        if isinstance(value, list) and key not in self.list_metrics:
+            raise OutboundViolation(
+                f"{where} is a list; only {sorted(self.list_metrics) or 'no metric'} may be "
+                "(counts per bin), every other metric is one number"
             )
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, bool) or not isinstance(v, int | float):

@@ -359,15 +359,15 @@ def _prefixed(anchor: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
     *,
     device: torch.device,
     batch_size: int = 256,
-) -> dict[str, float]:
-    """Loss and classification metrics of `model` on labelled images."""
+) -> tuple[np.ndarray, float]:
+    """Class probabilities (N, classes) of `model` on labelled images, and the mean loss."""
     model.to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total, chunks = 0.0, []
@@ -376,9 +376,28 @@ def evaluate(
         y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long).to(device)
         logits = model(x)
         total += float(criterion(logits, y))
-        chunks.append(torch.softmax(logits, dim=1).cpu().numpy())
+        chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     n = len(labels)
     probs = np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.float32)
-    metrics = classification_metrics(probs, np.asarray(labels))
-    metrics["loss"] = total / n if n else float("nan")
+    return probs, (total / n if n else float("nan"))
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    device: torch.device,
+    threshold: float | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Loss and classification metrics of `model` on labelled images.
+
+    Args:
+        threshold: a binary classifier's operating point on P(positive) (None: 0.5).
+
+    """
+    probs, loss = predict(model, images, labels, device=device, batch_size=batch_size)
+    metrics = classification_metrics(probs, np.asarray(labels), threshold=threshold)
+    metrics["loss"] = loss
     return metrics

@@ -7,19 +7,25 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from common.operating import DEFAULT_THRESHOLD, brier, ece
+
 # The central metrics, over all tasks, that lie in [0, 1]: what per-round plots draw on one axis
 # (a GAN's Frechet distance and every loss are unbounded and stay in the tables).
-RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "anomaly_auroc")
+RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "dice",
+                "iou", "anomaly_auroc")
 
 
 def classification_metrics(
-    probabilities: np.ndarray, labels: np.ndarray
+    probabilities: np.ndarray, labels: np.ndarray, *, threshold: float | None = None
 ) -> dict[str, float]:
-    """AUC, accuracy, sensitivity and specificity of predicted class probabilities.
+    """AUC, accuracy, sensitivity, specificity, balanced accuracy, ECE and Brier score.
 
-    Binary tasks treat class 1 as positive. With more classes, AUC is one-vs-rest macro and
-    sensitivity/specificity are macro averages over classes. A metric that is undefined on this
-    data (AUC with one class present, sensitivity without positives) is NaN, never a made-up 0.
+    Binary tasks treat class 1 as positive and call an image positive when P(positive) >=
+    `threshold` (the run's operating point, common.operating; None: 0.5, i.e. argmax). With
+    more classes, predictions are the argmax, AUC is one-vs-rest macro, sensitivity/specificity
+    are macro averages over classes and balanced accuracy is the mean recall over classes. A
+    metric that is undefined on this data (AUC with one class present, sensitivity without
+    positives) is NaN, never a made-up 0.
     """
     if probabilities.ndim != 2 or len(probabilities) != len(labels):
         raise ValueError(
@@ -29,8 +35,13 @@ def classification_metrics(
     n_classes = probabilities.shape[1]
     if len(labels) == 0:
         nan = float("nan")
-        return {"auc": nan, "accuracy": nan, "sensitivity": nan, "specificity": nan}
-    predictions = probabilities.argmax(axis=1)
+        return {"auc": nan, "accuracy": nan, "sensitivity": nan, "specificity": nan,
+                "balanced_accuracy": nan, "ece": nan, "brier": nan}
+    if n_classes == 2:
+        cut = DEFAULT_THRESHOLD if threshold is None else threshold
+        predictions = (probabilities[:, 1] >= cut).astype(np.int64)
+    else:
+        predictions = probabilities.argmax(axis=1)
     accuracy = float((predictions == labels).mean())
     present = np.unique(labels)
     if len(present) < 2:
@@ -47,11 +58,19 @@ def classification_metrics(
         positive, predicted = labels == c, predictions == c
         sens.append(_ratio(np.sum(positive & predicted), np.sum(positive)))
         spec.append(_ratio(np.sum(~positive & ~predicted), np.sum(~positive)))
+    if n_classes == 2:
+        balanced = _nanmean([sens[0], spec[0]])
+    else:
+        balanced = _nanmean([_ratio(np.sum((labels == c) & (predictions == c)),
+                                    np.sum(labels == c)) for c in classes])
     return {
         "auc": auc,
         "accuracy": accuracy,
         "sensitivity": _nanmean(sens),
         "specificity": _nanmean(spec),
+        "balanced_accuracy": balanced,
+        "ece": ece(probabilities, labels),
+        "brier": brier(probabilities, labels),
     }
 
 

@@ -1,6 +1,8 @@
 """Central evaluation of the global model on held-out images the aggregator may read.
 
-The test set is `server.heldout.held_out`: `--test-data`, else the sites' test splits.
+The test set is `server.heldout.held_out`: `--test-data`, else the sites' test splits. A binary
+classifier is scored at the run's operating point (server.operating: chosen on the sites'
+validation histograms, never on this test set), and calibrated on it (ECE, Brier score).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from client.train import evaluate, resolve_device
 from common.config import RunConfig
+from common.operating import DEFAULT_THRESHOLD
 from models import build_model
 from server.heldout import held_out
 
@@ -53,8 +56,16 @@ class CentralEvaluator:
             return None
         return cls(images[keep], labels[keep], cfg)
 
-    def __call__(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Metrics of the model with these weights on the test set."""
+    def __call__(
+        self, state_dict: dict[str, torch.Tensor], *, threshold: float | None = None
+    ) -> dict[str, float]:
+        """Metrics of the model with these weights on the test set.
+
+        Args:
+            threshold: a binary classifier's operating point on P(positive) (None: 0.5);
+                recorded as `threshold` beside the metrics. Other tasks have none.
+
+        """
         model = build_model(
             self.cfg.model,
             in_channels=self.cfg.channels,
@@ -62,6 +73,9 @@ class CentralEvaluator:
             image_size=self.cfg.image_size,
         )
         model.load_state_dict(state_dict)
-        metrics = evaluate(model, self.images, self.labels, device=self.device)
+        metrics = evaluate(model, self.images, self.labels, device=self.device,
+                           threshold=threshold)
+        if self.cfg.num_classes == 2:
+            metrics["threshold"] = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         metrics["num-examples"] = float(len(self.labels))
         return metrics

@@ -21,8 +21,10 @@ from flwr.serverapp.strategy import Strategy
 
 from common.apps import parse_app_refusal
 from common.audit_head import HEAD_RECORD, ChainHead, HeadError
+from common.operating import HIST_KEYS, histograms_from_metrics
 from common.policy import parse_run_refusal
 from common.privacy import parse_refusal
+from server.operating import OperatingPoints
 
 _SITE_IN_REASON = re.compile(r"\bsite ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): ")
 
@@ -53,6 +55,10 @@ class RoundLog:
     update_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     # each site's latest signed audit-trail head this round (common.audit_head), as JSON
     audit_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # each site's validation-score histograms (common.operating; not written to results.json)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+    # the threshold chosen from them (server.operating), with per-site rates and fairness
+    operating_point: dict[str, Any] | None = None
 
     def witness(self, site: str, record: Mapping[str, Any] | None) -> None:
         """Keep the audit head a reply carries, if it is the site's latest this round."""
@@ -92,9 +98,14 @@ def _scalars(record: MetricRecord | None) -> dict[str, float]:
 class RecordingStrategy(Strategy):
     """Delegate to `inner`, record each round in `self.rounds` and offset round numbers."""
 
-    def __init__(self, inner: Strategy, *, round_offset: int = 0) -> None:
+    def __init__(
+        self, inner: Strategy, *, round_offset: int = 0,
+        operating: OperatingPoints | None = None,
+    ) -> None:
         self.inner = inner
         self.round_offset = round_offset
+        # a binary classifier's threshold, chosen after each federated evaluation
+        self.operating = operating or OperatingPoints(enabled=False)
         self.rounds: dict[int, RoundLog] = {}
         self._names: dict[int, str] = {}
 
@@ -142,7 +153,16 @@ class RecordingStrategy(Strategy):
             self._names[node] = name
             log.witness(name, msg.content.config_records.get(HEAD_RECORD))
             log.add_bytes(name, "up", array_bytes(msg.content))
-            metrics = _scalars(next(iter(msg.content.metric_records.values()), None))
+            record = next(iter(msg.content.metric_records.values()), None)
+            if record is not None and stage == "evaluate":
+                hist = histograms_from_metrics(record)
+                if hist is not None:
+                    log.histograms[name] = hist
+                # consumed here: a site that sent none (its DP release refused) must not make
+                # the inner strategy skip aggregating everyone's metrics (keys must match)
+                for key in HIST_KEYS:
+                    record.pop(key, None)
+            metrics = _scalars(record)
             (log.train if stage == "train" else log.evaluate)[name] = metrics
             privacy = msg.content.config_records.get("privacy")
             if privacy is not None:
@@ -212,7 +232,8 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Let the inner strategy choose the evaluating sites."""
+        """Let the inner strategy choose the evaluating sites; send them the threshold."""
+        config = self.operating.config(config)
         messages = list(
             self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
         )
@@ -228,6 +249,7 @@ class RecordingStrategy(Strategy):
         self._read_replies(log, "evaluate", getattr(self, "_sent_evaluate", []), replies)
         metrics = self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
         log.evaluate_aggregated = _scalars(metrics)
+        log.operating_point = self.operating.choose(log.round, log.histograms)
         return metrics
 
     def summary(self) -> None:

@@ -4,8 +4,10 @@ Layout of RUN_DIR:
     results.json        config, per-round metrics, final metrics, each site's privacy spend
                         (and `central_privacy`: the aggregator's user-level DP, when on), and
                         `outcome`: whether the model trained and why not (see `RunRecord.outcome`)
-    model.pt            final global model (state dict + what is needed to rebuild the network);
-                        not written when no round of the run trained a site
+    model.pt            final global model (state dict + what is needed to rebuild the network,
+                        and for a binary classifier `threshold`: call an image positive when
+                        P(class 1) >= threshold, the run's operating point); not written when
+                        no round of the run trained a site
     .medfed-run.json    what medfed wrote here (common.outputs): all `--force` may delete
     metrics.png         global metrics per round
     checkpoint/         state.json (round, config, record so far), arrays.npz, strategy.npz
@@ -28,6 +30,7 @@ import torch
 
 from common.config import RunConfig
 from common.metrics import RATE_METRICS
+from common.operating import warnings_for
 from common.outputs import note, writing
 from server.federation import RoundLog
 
@@ -83,6 +86,9 @@ class CheckpointError(ValueError):
 # its approval of the app (common.apps), both classified by server.federation.
 POLICY_KINDS = frozenset({"refused"})
 OUTCOME_EXIT = {"trained": 0, "failed": 1, "refused": 3}
+# what a federated-only run's `final` takes from the operating point (server.operating)
+_POINT_KEYS = ("threshold", "auc", "sensitivity", "specificity", "balanced_accuracy",
+               "accuracy", "ece", "brier")
 
 
 def round_trained(entry: dict[str, Any]) -> bool:
@@ -107,6 +113,8 @@ class RunRecord:
         self.central_privacy: dict[str, Any] = {}
         # the task's metrics of the final model beyond each round's (a GAN's TSTR AUC)
         self.final_extra: dict[str, float] = {}
+        # a binary classifier's operating point on P(class 1), saved in model.pt
+        self.threshold: float | None = None
 
     @property
     def last_round(self) -> int:
@@ -151,6 +159,10 @@ class RunRecord:
             # --verify --witness results.json` checks the site's trail against it)
             "audit_heads": log.audit_heads,
         }
+        if log.operating_point is not None:
+            # the threshold chosen on the sites' validation histograms this round, what it
+            # reaches there, and each site's own rates at it (server.operating)
+            entry["operating_point"] = log.operating_point
         if self.central_ledger is not None:
             entry["central_privacy"] = self.central_ledger.summary()
         self.rounds.append(entry)
@@ -160,17 +172,49 @@ class RunRecord:
         """The global model's metrics: central evaluation, or federated when there is none.
 
         An untrained final model (no round trained a site) has no metrics to show, only
-        `trained: false`: its evaluation is the initial model's, already in `initial`.
+        `trained: false`: its evaluation is the initial model's, already in `initial`. A binary
+        classifier's figures are at its operating point (`threshold`); without a central test
+        set they are the federated ROC's on the sites' validation data (ECE and Brier score
+        estimated from the histograms). `per_site` and `fairness` give each site's own AUC and
+        rates at the final threshold, on its validation split, and the worst site and mean.
         """
         if not self.rounds:
             return {}
         if not self.trained:
             return {"trained": False}
         last = self.rounds[-1]
+        point = self._last_operating_point()
         if last["central"]:
-            return {**last["central"], **self.final_extra, "source": "central", "trained": True}
-        return {**last["federated"]["evaluate"], **self.final_extra, "source": "federated",
-                "trained": True}
+            final = {**last["central"], **self.final_extra, "source": "central", "trained": True}
+        else:
+            final = {**last["federated"]["evaluate"], **self.final_extra, "source": "federated",
+                     "trained": True}
+            if point is not None:
+                final.update({k: point[k] for k in _POINT_KEYS if k in point})
+                final["data"] = "sites' validation splits (federated ROC, no central test set)"
+        if point is not None:
+            final["per_site"] = point.get("sites", {})
+            final["fairness"] = point.get("fairness", {})
+            final["operating_point"] = {k: v for k, v in point.items()
+                                        if k not in ("sites", "fairness")}
+        return final
+
+    def _last_operating_point(self) -> dict[str, Any] | None:
+        """The latest round's operating point (the final threshold's: it changes only there)."""
+        for entry in reversed(self.rounds):
+            if entry.get("operating_point"):
+                point: dict[str, Any] = entry["operating_point"]
+                return point
+        return None
+
+    def warnings(self) -> list[str]:
+        """Why the final classifier should not be used as it is (results.json `warnings`)."""
+        final = self.final_metrics()
+        if self.cfg.task != "classify" or not final.get("trained"):
+            return []
+        where = ("central test set" if final.get("source") == "central"
+                 else "sites' validation data")
+        return warnings_for(final, where=where)
 
     @property
     def trained(self) -> bool:
@@ -237,6 +281,7 @@ class RunRecord:
             "initial": self.initial,
             "rounds": self.rounds,
             "final": self.final_metrics(),
+            "warnings": self.warnings(),
             "outcome": self.outcome(),
             "privacy": self.privacy_section(),
             "central_privacy": (
@@ -357,6 +402,7 @@ class RunRecord:
                 "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
                 "round": self.last_round,
                 "config": self.cfg.to_mapping(),
+                **({} if self.threshold is None else {"threshold": float(self.threshold)}),
             },
             path,
         )

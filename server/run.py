@@ -16,8 +16,10 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.outputs import note, writing
+from server.central import CentralEvaluator
 from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
+from server.operating import OperatingPoints, previous_threshold
 from server.record import RunRecord
 from server.screening import ScreeningStrategy
 from server.strategies import build_strategy
@@ -121,12 +123,19 @@ def run_federation(
     task = central_task(cfg.task)
     evaluator = task.evaluator(cfg, site_dirs)
     screened = ScreeningStrategy(central or strategy, z_threshold=cfg.screen_z or None)
-    recording = RecordingStrategy(screened, round_offset=record.last_round)
+    operating = OperatingPoints.for_run(cfg, previous_threshold(record.rounds))
+    recording = RecordingStrategy(screened, round_offset=record.last_round, operating=operating)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state_dict = arrays.to_torch_state_dict()
         started = time.perf_counter()
-        central = evaluator(state_dict) if evaluator else None
+        # this round's federated evaluation has just chosen the threshold (Strategy.start runs
+        # it before this): the central test set is scored at it, never chooses it
+        central: dict[str, float] | None
+        if isinstance(evaluator, CentralEvaluator):
+            central = evaluator(state_dict, threshold=operating.current)
+        else:
+            central = evaluator(state_dict) if evaluator else None
         if server_round == 0:
             if not resume:
                 record.initial = central
@@ -150,6 +159,7 @@ def run_federation(
         evaluate_fn=after_round,
     )
     final = _to_numpy(result.arrays) if len(result.arrays) else start
+    record.threshold = operating.current
     if record.trained:  # an untrained model's samples or scores are no result either
         record.final_extra = _noting_new(run_dir, lambda: task.finish(
             run_dir, cfg, {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
