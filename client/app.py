@@ -183,12 +183,14 @@ def _shared_histograms(
     budget, ledger_dir = _budget(context, cfg)
     ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
                            seed=cfg.seed)
-    others = [(sigma, 1.0, 1) for name, sigma in sorted(privacy.releases.items())
-              if name not in privacy.released and name != RELEASE]
     try:
+        # the release is one of the pending ones, so it is in the history reserved, and this
+        # "round" adds no DP-SGD step (0 steps: nothing). A site that trained in this run has
+        # reserved it already with every training round; reserving again counts it once.
         ledger.reserve_round(
-            run=run_key, site=site.name, budget=budget, history=privacy.history + others,
-            this_round=(privacy.releases[RELEASE], 1.0, 1),
+            run=run_key, site=site.name, budget=budget,
+            history=privacy.history + privacy.pending_releases(),
+            this_round=(privacy.releases[RELEASE], 1.0, 0),
         )
     except BudgetRefused as exc:
         log.warning("round %d: validation scores not released: %s", server_round, exc)

@@ -100,20 +100,24 @@ def _non_increasing(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full(int(n), m) for m, n in blocks])
 
 
-def _rates_at_or_above(counts: np.ndarray) -> tuple[np.ndarray, float]:
-    """P(score in a bin >= j) for j = 0..BINS (1 at j=0, 0 at BINS), and the class total.
+def _rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The share of a class at or above bin j and below it, for j = 0..BINS, and its total.
 
-    Exact for true counts; for noisy ones the cumulative counts are made non-increasing and the
-    rates clipped to [0, 1]. NaN rates when the class (by its counts) is absent.
+    Exact for true counts (each rate is a count over the total, as a per-image mean gives);
+    for noisy ones the cumulative counts are made non-increasing and the rates clipped to
+    [0, 1]. NaN rates when the class (by its counts) is absent.
     """
     cumulative = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])
     if np.any(np.diff(cumulative) > 0):  # only noise can make a count negative
         cumulative = _non_increasing(cumulative)
+        cumulative = cumulative - cumulative[-1]  # nothing lies above the last edge
     total = float(cumulative[0])
     if total < 0.5:  # no image of this class (or noise around none)
-        return np.full(BINS + 1, math.nan), 0.0
-    rates = np.clip((cumulative - cumulative[-1]) / (total - cumulative[-1]), 0.0, 1.0)
-    return rates, total
+        nan = np.full(BINS + 1, math.nan)
+        return nan, nan, 0.0
+    above = np.clip(cumulative / total, 0.0, 1.0)
+    below = np.clip((total - cumulative) / total, 0.0, 1.0)
+    return above, below, total
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,10 @@ def roc_from_histograms(histograms: np.ndarray) -> Roc:
     h = np.asarray(histograms, dtype=np.float64)
     if h.shape != (2, BINS):
         raise ValueError(f"score histograms must have shape (2, {BINS}), got {h.shape}")
-    sens, positives = _rates_at_or_above(h[1])
-    above_neg, negatives = _rates_at_or_above(h[0])
+    sens, _, positives = _rates(h[1])
+    _, spec, negatives = _rates(h[0])
     thresholds = np.concatenate([[0.0], THRESHOLDS, [1.0]])
-    return Roc(thresholds, sens, 1.0 - above_neg, positives, negatives)
+    return Roc(thresholds, sens, spec, positives, negatives)
 
 
 def roc_from_scores(scores: np.ndarray, labels: np.ndarray) -> Roc:
