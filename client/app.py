@@ -150,9 +150,11 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
 def _shared_histograms(
     context: Context, cfg: RunConfig, site: SiteRef, task: Task, load: SplitLoader,
     histograms: np.ndarray, server_round: int,
-) -> np.ndarray | None:
-    """What of the site's validation-score histograms may leave it this round (None: nothing).
+) -> tuple[np.ndarray | None, PrivacyState | None]:
+    """The site's validation-score histograms that may leave it this round, and its privacy.
 
+    Returns (None: nothing leaves) the histograms, and the site's privacy state when a release
+    spent budget (its report goes with them).
     Without DP: the counts, every round. With DP: one release per run, in its final round, with
     the Gaussian noise the site's privacy plan set aside for it (client.tasks.classify),
     reserved in the site's ledger before it is made and committed after, like a training round.
@@ -160,9 +162,9 @@ def _shared_histograms(
     its default threshold.
     """
     if not cfg.dp:
-        return histograms
+        return histograms, None
     if server_round != cfg.rounds:
-        return None
+        return None, None
     run_key = cfg.run_key or str(context.run_id)
     path = _privacy_path(site, run_key)
     if path.is_file():
@@ -170,16 +172,16 @@ def _shared_histograms(
     else:  # the site was never sampled to train in this run: plan as training would have
         n_train = len(task.load(site, cfg, "train", load)[0])
         if n_train == 0:
-            return None
+            return None, None
         privacy = _load_or_plan_privacy(site, cfg, run_key, n_train, task.releases(cfg))
     if RELEASE not in privacy.releases:  # a plan made before this release existed
-        return None
+        return None, None
     if RELEASE in privacy.released:
         # a resumed run released them in an earlier final round, for an earlier model: those
         # counts do not describe this one, and a second release would spend budget again
         log.warning("round %d: validation scores were released earlier in this run; not "
                     "sent again", server_round)
-        return None
+        return None, None
     budget, ledger_dir = _budget(context, cfg)
     ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
                            seed=cfg.seed)
@@ -194,11 +196,11 @@ def _shared_histograms(
         )
     except BudgetRefused as exc:
         log.warning("round %d: validation scores not released: %s", server_round, exc)
-        return None
+        return None, None
     noisy = privacy.release(RELEASE, histograms)
     privacy.save(path)
     ledger.commit(run=run_key, site=site.name, history=privacy.history)
-    return np.asarray(noisy).reshape(histograms.shape)
+    return np.asarray(noisy).reshape(histograms.shape), privacy
 
 
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
@@ -529,7 +531,7 @@ def make_client_app(
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
         if histograms is not None:
-            shared = _shared_histograms(
+            shared, spent = _shared_histograms(
                 context, cfg, site, task, load, histograms, server_round
             )
             if shared is not None:
@@ -540,6 +542,9 @@ def make_client_app(
         content = RecordDict(
             {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )
+        if histograms is not None and spent is not None:
+            # the release's spend, reported as a training round's is (results.json privacy)
+            content["privacy"] = ConfigRecord(dict(spent.summary()))
         return Message(content, reply_to=msg)
 
     return app

@@ -175,7 +175,11 @@ def choose_threshold(roc: Roc, target_sensitivity: float = 0.0) -> int:
     Raises ValueError when the ROC is undefined (a class absent from every site).
     """
     if np.isnan(roc.sensitivity).any() or np.isnan(roc.specificity).any():
-        raise ValueError("no operating point: the validation data lack one of the two classes")
+        raise ValueError(
+            "no operating point: the summed validation counts of one class are not positive "
+            "(no site holds it in its validation split, or DP noise exceeds the counts of "
+            "small sites); the threshold stays at its previous value (0.5 at first)"
+        )
     inner = np.arange(1, BINS)
     if target_sensitivity > 0:
         reaching = [j for j in range(BINS + 1) if roc.sensitivity[j] >= target_sensitivity]
