@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.config import ConfigError
@@ -80,15 +81,17 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
     if outcome.get("trained", True):
         table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} "
                       f"rounds ({final.get('source', 'central')} evaluation)")
-        for key in ("auc", "accuracy", "sensitivity", "specificity", "dice", "iou", "hd95",
-                    "anomaly_auroc", "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
-            if final.get(key) is not None:
+        for key in ("auc", "threshold", "sensitivity", "specificity", "balanced_accuracy",
+                    "accuracy", "ece", "brier", "dice", "iou", "hd95", "anomaly_auroc", "fid",
+                    "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
+            if isinstance(final.get(key), int | float):
                 table.add_row(key, f"{final[key]:.4f}")
         if table.row_count:
             out.print(table)
         else:
             out.print(f"Global model after {len(results['rounds'])} rounds: not evaluated (no "
                       "central test set, and no site's evaluation came back)")
+        _print_sites(final)
     privacy = results.get("privacy", {})
     if privacy and any(p.get("dp") and p.get("epsilon") is not None for p in privacy.values()):
         ptable = Table("site", "epsilon", "delta", "noise", "steps", title="Privacy spent per site")
@@ -104,7 +107,30 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
     if (run_dir / "model.pt").is_file() and outcome.get("trained", True):
         out.print(f"model:   {run_dir / 'model.pt'}")
     out.print(f"plot:    {run_dir / 'metrics.png'}")
+    for warning in results.get("warnings") or []:  # a degenerate model: said, not an error
+        err.print(f"[bold yellow]warning:[/] [yellow]{escape(warning)}[/]", highlight=False)
     return _print_outcome(outcome, run_dir)
+
+
+_SITE_KEYS = ("auc", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def _print_sites(final: dict[str, Any]) -> None:
+    """Each site's own validation metrics at the final threshold, the worst and the mean."""
+    per_site, summary = final.get("per_site") or {}, final.get("fairness") or {}
+    if not per_site:
+        return
+    table = Table("site", *_SITE_KEYS, title="Per site, own validation split, final threshold")
+
+    def cells(values: dict[str, Any]) -> list[str]:
+        return [f"{values[k]:.3f}" if isinstance(values.get(k), int | float) else "-"
+                for k in _SITE_KEYS]
+
+    for name, values in sorted(per_site.items()):
+        table.add_row(name, *cells(values))
+    for label in ("worst", "mean"):
+        table.add_row(f"[bold]{label}[/]", *cells(summary.get(label) or {}))
+    out.print(table)
 
 
 def _print_outcome(outcome: dict[str, Any], run_dir: Path) -> int:

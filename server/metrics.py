@@ -253,6 +253,7 @@ class RunMetrics:
             {
                 "round": rnd, "source": source, "metrics": global_values,
                 "duration_s": duration, "participants": len(participants),
+                "warnings": list(entry.get("warnings") or []),  # a one-class model, say
             }
         )
 

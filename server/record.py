@@ -163,6 +163,10 @@ class RunRecord:
             # the threshold chosen on the sites' validation histograms this round, what it
             # reaches there, and each site's own rates at it (server.operating)
             entry["operating_point"] = log.operating_point
+        if self.cfg.task == "classify":  # what the dashboard warns about while the run goes on
+            measured, where = ((central, "central test set") if central
+                               else (log.operating_point, "sites' validation data"))
+            entry["warnings"] = warnings_for(measured, where=where) if measured else []
         if self.central_ledger is not None:
             entry["central_privacy"] = self.central_ledger.summary()
         self.rounds.append(entry)

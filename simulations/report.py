@@ -366,6 +366,16 @@ def _config_section(results: dict[str, Any], sites: Sequence[str], status: str) 
             ("final global model", f"AUC {fmt(final.get('auc'))}, accuracy "
              f"{fmt(final.get('accuracy'))} ({final.get('source', '?')} evaluation)")
         )
+        if _finite(final.get("threshold")) is not None:
+            point = final.get("operating_point") or {}
+            rule = point.get("rule", "default 0.5: no site sent validation histograms")
+            facts.append(
+                ("operating point", f"P(positive) >= {fmt(final.get('threshold'))} ({rule}): "
+                 f"sensitivity {fmt(final.get('sensitivity'))}, specificity "
+                 f"{fmt(final.get('specificity'))}, balanced accuracy "
+                 f"{fmt(final.get('balanced_accuracy'))}; ECE {fmt(final.get('ece'))}, "
+                 f"Brier {fmt(final.get('brier'))}")
+            )
     elif rounds:
         facts.append(("final global model", "not evaluated (no central or federated "
                       "evaluation in this run)"))
@@ -654,12 +664,35 @@ def _privacy_section(results: dict[str, Any], sites: Sequence[str]) -> str:
     return _section("privacy", "Privacy: epsilon per site", body)
 
 
+FINAL_SITE_METRICS = ("auc", "sensitivity", "specificity", "balanced_accuracy", "accuracy")
+
+
+def _final_sites_table(results: dict[str, Any]) -> str:
+    """Each site's final metrics at the final threshold, then the worst site and the mean."""
+    final = results.get("final") or {}
+    per_site, summary = final.get("per_site") or {}, final.get("fairness") or {}
+    if not per_site:
+        return ""
+    rows = [[name, *(m.get(k) for k in FINAL_SITE_METRICS)] for name, m in sorted(per_site.items())]
+    for label in ("worst", "mean"):
+        values = summary.get(label) or {}
+        rows.append([_Markup(f"<b>{label}</b>"), *(values.get(k) for k in FINAL_SITE_METRICS)])
+    noisy = " (DP: from noisy counts)" if results["config"].get("dp") else ""
+    return (
+        f"<p>The final model on each site's own validation split, at the final threshold "
+        f"{fmt(final.get('threshold'))}{noisy}:</p>"
+        + table(["site", *FINAL_SITE_METRICS], rows)
+    )
+
+
 def _fairness_section(results: dict[str, Any]) -> str:
     rows = fairness_by_round(results)
+    final_table = _final_sites_table(results)
     if not rows:
         return _section(
             "fairness", "Fairness across hospitals",
-            "<p class=note>No site reported a validation AUC (no federated evaluation, or "
+            final_table
+            + "<p class=note>No site reported a validation AUC (no federated evaluation, or "
             "validation splits with a single class), so worst-site performance is unknown.</p>",
         )
     plt = _plt()
@@ -694,7 +727,7 @@ def _fairness_section(results: dict[str, Any]) -> str:
           r["best"], r["gap"]] for r in rows],
     )
     return _section("fairness", "Fairness across hospitals",
-                    f"{img}{summary}<details><summary>per round</summary>"
+                    f"{final_table}{img}{summary}<details><summary>per round</summary>"
                     f"<div class=scroll>{tab}</div></details>")
 
 
@@ -837,6 +870,9 @@ def render_report(results: dict[str, Any], *, title: str = "") -> str:
             "<p class=note>No round has finished yet: only the configuration is known.</p>"
         )
     banner = "" if finished else f"<p class=banner>Run {_esc(status)}.</p>"
+    # a model that calls everyone one class (results.json `warnings`) is said first
+    banner += "".join(f"<p class=warn>Warning: {_esc(w)}</p>"
+                      for w in results.get("warnings") or [])
     nav = "".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in [("config", "configuration"), ("global", "global"), ("sites", "sites"),

@@ -6,8 +6,10 @@ const REFRESH_MS = 2000;
 // Metrics that live in [0, 1] share a fixed axis, so curves are comparable between runs.
 const UNIT_METRICS = new Set([
   "auc", "accuracy", "sensitivity", "specificity", "precision", "recall", "f1", "dice", "iou",
+  "balanced_accuracy", "threshold", "ece", "brier",
 ]);
-const ORDER = ["auc", "accuracy", "sensitivity", "specificity", "dice", "loss"];
+const ORDER = ["auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "threshold",
+  "dice", "loss"];
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
@@ -133,6 +135,16 @@ function chart(name, points, totalRounds) {
   return box;
 }
 
+// The aggregator's warnings about the latest global model (results.json `warnings`): a model
+// that calls every image one class, or falls below the balanced-accuracy floor.
+function renderWarnings(state) {
+  const last = state.history[state.history.length - 1];
+  const warnings = (last && last.warnings) || [];
+  const box = $("warnings");
+  box.replaceChildren(...warnings.map((w) => el("p", {}, `Warning: ${w}`)));
+  box.hidden = warnings.length === 0;
+}
+
 function renderCharts(state) {
   const history = state.history;
   const box = $("charts");
@@ -206,6 +218,7 @@ async function refresh() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const state = await response.json();
     renderRun(state);
+    renderWarnings(state);
     renderCharts(state);
     renderSites(state);
     lastOk = new Date();
