@@ -530,6 +530,9 @@ def make_client_app(
             ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
+        spent: PrivacyState | None = None
+        if cfg.secure_agg:  # its legacy replies carry scalars only (client.secure): spend nothing
+            histograms = None
         if histograms is not None:
             shared, spent = _shared_histograms(
                 context, cfg, site, task, load, histograms, server_round
@@ -542,7 +545,7 @@ def make_client_app(
         content = RecordDict(
             {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )
-        if histograms is not None and spent is not None:
+        if spent is not None:
             # the release's spend, reported as a training round's is (results.json privacy)
             content["privacy"] = ConfigRecord(dict(spent.summary()))
         return Message(content, reply_to=msg)

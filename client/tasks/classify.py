@@ -100,7 +100,7 @@ class ClassifyTask:
     def releases(self, cfg: RunConfig) -> dict[str, float]:
         """The class counts (when logit adjustment uses them); a binary classifier's scores."""
         planned = {CLASS_COUNTS: CLASS_COUNTS_NOISE} if cfg.logit_adjust > 0 else {}
-        if cfg.num_classes == 2:
+        if cfg.num_classes == 2 and not cfg.secure_agg:  # SecAgg+ replies carry no histogram
             planned[VAL_SCORES] = VAL_SCORES_NOISE
         return planned
 

@@ -286,8 +286,12 @@ REJECTED = {
         "key 'auc': nan is not a finite number",
     ),
     "inf-metric": (
-        lambda r: _replace(r, "metrics", MetricRecord({"loss": [0.1, math.inf]})),
+        lambda r: _replace(r, "metrics", MetricRecord({"loss": math.inf})),
         "key 'loss': inf",
+    ),
+    "list-metric": (  # only a score histogram's counts may be a list (client.app's guard)
+        lambda r: _replace(r, "metrics", MetricRecord({"loss": [0.1, 0.2]})),
+        "key 'loss' is a list",
     ),
     "path": (
         lambda r: _replace(r, "site", ConfigRecord({"name": "/data/site/img001.dcm"})),
