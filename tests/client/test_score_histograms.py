@@ -66,6 +66,14 @@ def _run_site(tmp_path: Path, *, dp: bool) -> tuple[list[MetricRecord], SiteRef,
 
 def test_without_dp_every_round_sends_the_exact_counts(tmp_path: Path) -> None:
     replies, site, cfg = _run_site(tmp_path, dp=False)
+    # the site's own rates are at the threshold the aggregator sent (0 calls everyone positive)
+    app = make_client_app([site])
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    state = build_model(cfg.model, in_channels=1, num_classes=2, image_size=32).state_dict()
+    everyone = app(_message("evaluate", cfg, 1, state, threshold=0.0), context)
+    metrics = everyone.content.metric_records["metrics"]
+    assert metrics["sensitivity"] == 1.0 and metrics["specificity"] == 0.0
     n_val = sum(1 for line in (site.data_dir / "labels.csv").read_text().splitlines()
                 if line.endswith(",val"))
     for metrics in replies:
