@@ -47,7 +47,7 @@ from client.secure import (
     legacy_mod,
 )
 from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import Task, network, site_data
+from client.tasks.base import network, site_data
 from client.tasks.classify import Scored
 from client.train import LocalTraining, resolve_device
 from common import logs
@@ -148,18 +148,16 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
 
 
 def _shared_histograms(
-    context: Context, cfg: RunConfig, site: SiteRef, task: Task, load: SplitLoader,
-    histograms: np.ndarray, server_round: int,
+    context: Context, cfg: RunConfig, site: SiteRef, histograms: np.ndarray, server_round: int,
 ) -> tuple[np.ndarray | None, PrivacyState | None]:
     """The site's validation-score histograms that may leave it this round, and its privacy.
 
-    Returns (None: nothing leaves) the histograms, and the site's privacy state when a release
-    spent budget (its report goes with them).
-    Without DP: the counts, every round. With DP: one release per run, in its final round, with
-    the Gaussian noise the site's privacy plan set aside for it (client.tasks.classify),
-    reserved in the site's ledger before it is made and committed after, like a training round.
-    A release the ledger refuses is not made: the site keeps its budget and the aggregator keeps
-    its default threshold.
+    Returns the histograms (None: nothing leaves), and the site's privacy state when a release
+    spent budget (its report goes with them). Without DP: the counts, every round. With DP: one
+    release per run, in its final round, by a site that trained in the run, with the Gaussian
+    noise its privacy plan set aside for it (client.tasks.classify), reserved in the site's
+    ledger before it is made and committed after, like a training round. A release the ledger
+    refuses is not made: the site keeps its budget and the aggregator its threshold.
     """
     if not cfg.dp:
         return histograms, None
@@ -167,13 +165,9 @@ def _shared_histograms(
         return None, None
     run_key = cfg.run_key or str(context.run_id)
     path = _privacy_path(site, run_key)
-    if path.is_file():
-        privacy = PrivacyState.load(path)
-    else:  # the site was never sampled to train in this run: plan as training would have
-        n_train = len(task.load(site, cfg, "train", load)[0])
-        if n_train == 0:
-            return None, None
-        privacy = _load_or_plan_privacy(site, cfg, run_key, n_train, task.releases(cfg))
+    if not path.is_file():  # the site never trained in this run (refused, or never sampled):
+        return None, None   # its budget is not spent on a model it took no part in
+    privacy = PrivacyState.load(path)
     if RELEASE not in privacy.releases:  # a plan made before this release existed
         return None, None
     if RELEASE in privacy.released:
@@ -534,9 +528,7 @@ def make_client_app(
         if cfg.secure_agg:  # its legacy replies carry scalars only (client.secure): spend nothing
             histograms = None
         if histograms is not None:
-            shared, spent = _shared_histograms(
-                context, cfg, site, task, load, histograms, server_round
-            )
+            shared, spent = _shared_histograms(context, cfg, site, histograms, server_round)
             if shared is not None:
                 values.update({key: [float(v) for v in row]
                                for key, row in zip(HIST_KEYS, shared, strict=True)})
