@@ -127,3 +127,23 @@ def test_hard_scenario_runs_end_to_end(
                                                             "hospital-03"]
     final = results["final"]
     assert final["source"] == "central" and np.isfinite(final["auc"])
+
+
+def test_hard_scenario_parses_is_documented_and_matches_the_bench() -> None:
+    from bench import hard
+    from bench.run import _synth_flags
+    from simulations.scenario import Scenario
+
+    scenario = Scenario.load(HARD)
+    cfg = scenario.config()
+    assert cfg.sites_dir == "data/hard/sites" and cfg.rounds == 20
+    assert "hard.toml" in (HARD.parent / "README.md").read_text()
+    # the synth command in the file's comment is the one `make bench` measures
+    comment = " ".join(line.lstrip("#").strip().rstrip("\\").strip()
+                       for line in HARD.read_text().splitlines() if line.startswith("#"))
+    for flag in _synth_flags(hard.HARD_SYNTH).split(" --"):
+        if not flag.startswith("-"):
+            flag = "--" + flag
+        if flag.startswith("--sites "):  # implied by --site-sizes in the comment
+            continue
+        assert flag in comment, flag
