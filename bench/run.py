@@ -727,10 +727,11 @@ def main() -> int:
 
     parts: dict[str, dict[str, Any]] = {}
     earlier: list[str] = []  # BENCH_ONLY: workloads whose figures come from bench/results.json
+    skipped: list[str] = []  # BENCH_ONLY: workloads neither run now nor found there
 
     def write(pending: list[str]) -> None:
         write_outputs(mode, parts, errors, pending=pending, started=started,
-                      load_before=load_before, earlier=earlier)
+                      load_before=load_before, earlier=earlier, skipped=skipped)
 
     def partial_overhead(summary: dict[str, Any]) -> None:
         parts["sim_overhead"] = summary
@@ -758,7 +759,7 @@ def main() -> int:
         for key in order:
             if key not in only:
                 parts[key] = previous.get(key) or {}
-                earlier.append(key)
+                (earlier if parts[key] else skipped).append(key)
         order = [k for k in order if k in only]
     for i, key in enumerate(order):
         parts[key] = _attempt(key, jobs[key], errors)
@@ -773,6 +774,7 @@ def main() -> int:
 def write_outputs(
     mode: Mode, parts: dict[str, dict[str, Any]], errors: dict[str, str], *,
     pending: list[str], started: float, load_before: float, earlier: list[str] | None = None,
+    skipped: list[str] | None = None,
 ) -> None:
     """Write bench/results.json and BENCHMARKS.md from the workloads measured so far."""
     nan = math.nan
@@ -819,6 +821,8 @@ def write_outputs(
         *_mode_notes(mode),
         *([f"`BENCH_ONLY` run: the figures of {', '.join(earlier)} are those of the earlier run "
            "kept in bench/results.json."] if earlier else []),
+        *([f"`BENCH_ONLY` run: {', '.join(skipped)} not measured (not asked for, and no "
+           "earlier figures in bench/results.json)."] if skipped else []),
         _load_note(results["load_average"], results["machine"].get("cores") or 1),
         *[f"`{k}` could not be measured: {v.splitlines()[0][:300]}" for k, v in errors.items()],
     ]
@@ -858,7 +862,9 @@ def _mode_notes(mode: Mode) -> list[str]:
         f"{mode.overhead_rounds} rounds (full: {FULL.overhead_rounds}), and nearly all of the "
         "simulation's extra time is fixed start-up and shut-down (Ray, its workers' imports), "
         "which a longer run spreads thinner; the quality figure uses one data seed (full: "
-        "three).",
+        "three). The hard scenario and the BreastMNIST runs are as long in both modes "
+        f"({mode.hard_rounds} and {mode.breastmnist_rounds} rounds: the length the issue-16 "
+        "check runs), a few minutes each.",
     ]
 
 
