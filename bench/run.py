@@ -12,6 +12,14 @@ Figures (each a ratio or an amount measured in this one run of the suite):
     bytes_ratio             model bytes a site sends per round / the model's float32 size
     scale_peak_rss_gib      peak resident memory of the whole process tree at N sites
     scale_ms_per_site_round harness time per site per round at N sites (local compute excluded)
+    hard_fl_central_auc_ratio  on simulations/scenarios/hard.toml (one-class and tiny sites, a
+                            test prevalence unlike training's), no DP, medfed's defaults: the
+                            federation's AUC / central training's AUC with as many optimiser steps
+    hard_balanced_accuracy  that federated model's balanced accuracy at its operating point
+    breastmnist_*           real data (BreastMNIST, when ../shared/data is there): AUC,
+                            sensitivity, specificity, balanced accuracy and the largest epsilon of
+                            `medfed simulate --rounds R` with defaults, with and without DP, on a
+                            one-class layout and make_sites.py's default layout
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import hard
 from bench.stats import Figure, median, ratio, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,14 +70,18 @@ class Mode:
     quality_seeds: tuple[int, ...]
     scale_sites: int
     scale_rounds: int
+    hard_rounds: int
+    breastmnist_rounds: int
 
 
 QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=1280, overhead_rounds=10,
              dp_steps=30, quality_sites=4, quality_images=160, quality_rounds=20,
-             central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=6)
+             central_epochs=15, quality_seeds=(0,), scale_sites=1000, scale_rounds=6,
+             hard_rounds=20, breastmnist_rounds=20)
 FULL = Mode("full", repeats=5, overhead_sites=2, overhead_images=1280, overhead_rounds=20,
             dp_steps=60, quality_sites=4, quality_images=160, quality_rounds=20,
-            central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=10)
+            central_epochs=15, quality_seeds=(0, 1, 2), scale_sites=1000, scale_rounds=10,
+            hard_rounds=20, breastmnist_rounds=20)
 
 
 def log(message: str) -> None:
@@ -103,16 +116,21 @@ def timed(argv: list[str]) -> float:
 # --- data --------------------------------------------------------------------------------------
 
 
-def synth(folder: Path, *, sites: int, images: int, seed: int, test_images: int = 200) -> Path:
-    """Synthetic hospitals (medfed synth), reused when already written with the same recipe."""
+def synth(
+    folder: Path, *, sites: int, images: int, seed: int, test_images: int = 200, **layout: Any
+) -> Path:
+    """Synthetic hospitals (medfed synth), reused when already written with the same recipe.
+
+    `layout`: synthesize's hard-layout arguments (site_sizes, one_class_sites, ...).
+    """
     recipe = folder / "recipe.json"
-    want = {"sites": sites, "images": images, "seed": seed, "test_images": test_images}
+    want = {"sites": sites, "images": images, "seed": seed, "test_images": test_images, **layout}
     if recipe.is_file() and json.loads(recipe.read_text()) == want:
         return folder
     from simulations.synth import synthesize
 
     synthesize(folder, sites=sites, images_per_site=images, seed=seed, test_images=test_images,
-               overwrite=True)
+               overwrite=True, **layout)
     recipe.write_text(json.dumps(want))
     return folder
 
@@ -367,6 +385,157 @@ def scale(mode: Mode) -> dict[str, Any]:
     }
 
 
+# --- 6. the hard scenario: one-class and tiny sites, another test prevalence ---------------------
+
+
+def hard_scenario(mode: Mode) -> dict[str, Any]:
+    """The hard scenario's federation against central training with as many optimiser steps.
+
+    simulations/scenarios/hard.toml runs through `medfed simulate` (no DP, defaults otherwise);
+    `medfed central` trains the same network on the same sites' pooled training images.
+    """
+    scenario = ROOT / "simulations" / "scenarios" / "hard.toml"
+    knobs = {k: v for k, v in hard.HARD_SYNTH.items()
+             if k not in ("sites", "seed", "test_images")}
+    data = synth(OUT / "hard-data", sites=hard.HARD_SYNTH["sites"], images=200,
+                 seed=hard.HARD_SYNTH["seed"], test_images=hard.HARD_SYNTH["test_images"],
+                 **knobs)
+    run, central = OUT / "hard-fl", OUT / "hard-central"
+    fl_s = timed([MEDFED, "simulate", "--scenario", str(scenario), "--data", str(data / "sites"),
+                  "--test-data", str(data / "test"), "--out", str(run), "--rounds",
+                  str(mode.hard_rounds), "--no-dp", "--metrics-port", "0", "--force"])
+    results = json.loads((run / "results.json").read_text())
+    steps = hard.fl_steps(results)
+    rows = hard.labelled_train_rows(data / "sites")
+    epochs = hard.central_epochs(steps, rows, int(results["config"]["batch-size"]))
+    central_s = timed([MEDFED, "central", "--data", str(data / "sites"), "--test-data",
+                       str(data / "test"), "--out", str(central), "--epochs", str(epochs)])
+    baseline = json.loads((central / "central.json").read_text())
+    point = hard.operating_point(results["final"])
+    central_auc = float(baseline["final"]["auc"])
+    log(f"hard scenario: federated AUC {point['auc']:.3f} (balanced accuracy "
+        f"{point['balanced_accuracy']:.3f}), central {central_auc:.3f}")
+    return {
+        "ratio": ratio(point["auc"], central_auc),
+        "balanced_accuracy": point["balanced_accuracy"],
+        "fl": point,
+        "central_auc": central_auc,
+        "central_auc_by_epoch": [e["auc"] for e in baseline["epochs"]],
+        "central_epochs": epochs,
+        "central_steps": epochs * math.ceil(rows / int(results["config"]["batch-size"])),
+        "fl_steps": steps,
+        "train_images": rows,
+        "rounds": mode.hard_rounds,
+        "outcome": results.get("outcome", {}).get("status"),
+        "synth": hard.HARD_SYNTH,
+        "fl_s": fl_s,
+        "central_s": central_s,
+    }
+
+
+# --- 7. real development data: BreastMNIST --------------------------------------------------------
+
+
+def breastmnist(mode: Mode) -> dict[str, Any]:
+    """`medfed simulate --rounds R` with defaults, with and without DP, on BreastMNIST hospitals.
+
+    Skipped (with a note, never a failure) when the shared development data is not there.
+    """
+    shared = hard.dev_data(ROOT)
+    if shared is None:
+        note = (f"skipped: no shared development data at {hard.DEV_DATA} (or "
+                f"${hard.DEV_DATA_ENV}); it holds make_sites.py and BreastMNIST")
+        log(f"breastmnist {note}")
+        return {"skipped": note}
+    runs: dict[str, dict[str, Any]] = {}
+    for layout, args in hard.BREASTMNIST_LAYOUTS.items():
+        data = ROOT / "data" / f"bench-breastmnist-{layout}"
+        timed([PYTHON, str(shared / "make_sites.py"), "breastmnist", "--out", str(data),
+               *args, "--overwrite"])
+        info = json.loads((data / "dataset_info.json").read_text())
+        for dp in (False, True):
+            name = f"{layout}_{'dp' if dp else 'nodp'}"
+            run = OUT / f"breastmnist-{layout}-{'dp' if dp else 'nodp'}"
+            argv = [MEDFED, "simulate", "--data", str(data / "sites"), "--test-data",
+                    str(data / "test"), "--out", str(run), "--rounds",
+                    str(mode.breastmnist_rounds), "--metrics-port", "0", "--force",
+                    *([] if dp else ["--no-dp"])]
+            try:
+                seconds = timed(argv)
+            except RuntimeError as exc:  # a run that fails is a figure too: say why
+                runs[name] = {"layout": layout, "dp": dp, "error": str(exc)[-1500:]}
+                log(f"breastmnist {name} FAILED: {str(exc)[-300:]}")
+                continue
+            results = json.loads((run / "results.json").read_text())
+            point = hard.operating_point(results["final"])
+            runs[name] = {
+                "layout": layout, "dp": dp, **point,
+                "epsilon_max": hard.epsilon_max(results),
+                "outcome": results.get("outcome", {}).get("status"),
+                "seconds": seconds,
+                "sites": {k: v for k, v in info["folders"].items() if k != "test"},
+                "make_sites": " ".join(["make_sites.py breastmnist", *args]),
+            }
+            log(f"breastmnist {name}: AUC {point['auc']:.3f}, sensitivity "
+                f"{point['sensitivity']:.3f}, specificity {point['specificity']:.3f}")
+    return {"rounds": mode.breastmnist_rounds, "runs": runs,
+            "data": str(shared), "test_images": 156}
+
+
+def breastmnist_keys(part: dict[str, Any]) -> dict[str, Any]:
+    """Flat results.json keys: breastmnist_<layout>_<dp|nodp>_<auc|sensitivity|...>."""
+    keys: dict[str, Any] = {}
+    for name, run in part.get("runs", {}).items():
+        for metric in ("auc", "sensitivity", "specificity", "balanced_accuracy", "epsilon_max"):
+            keys[f"breastmnist_{name}_{metric}"] = run.get(metric, math.nan)
+    return keys
+
+
+def breastmnist_markdown(part: dict[str, Any]) -> str:
+    """BENCHMARKS.md's real-data section, beside MedMNIST v2's published ResNet-18 figure."""
+    lines = ["## Real data: BreastMNIST", ""]
+    if not part:
+        return "\n".join([*lines, "Not measured in this run (see the notes).", ""])
+    if "skipped" in part:
+        return "\n".join([*lines, f"Not measured: {part['skipped']}.", ""])
+    rounds = part.get("rounds")
+    lines += [
+        "BreastMNIST (MedMNIST v2, 28x28 breast ultrasound, CC BY 4.0; label 1 = normal or "
+        "benign, so sensitivity is for that class) laid out as hospitals by "
+        "`../shared/data/make_sites.py`, trained with "
+        f"`medfed simulate --data SITES --test-data TEST --rounds {rounds}` and no other flag "
+        "(`--no-dp` for the rows without DP), tested on the official test split "
+        f"({part.get('test_images')} images). `hard`: three one-class sites (two of about 30 "
+        "images) beside one mixed, the shape of the issue-16 check; `default`: the script's "
+        "4 Dirichlet(0.5) label-skewed sites. Sensitivity, specificity and balanced accuracy "
+        "are at the run's operating point (results.json `final`).",
+        "",
+        "Anchor: MedMNIST v2's ResNet-18 at 28 px, trained centrally on the official training "
+        "split: test AUC 0.901, ACC 0.863 (Yang et al. 2023). A different network, training "
+        "and split, not a target for these layouts.",
+        "",
+        "| layout | DP | AUC | sensitivity | specificity | balanced accuracy | accuracy | "
+        "max epsilon | time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) and math.isfinite(value) else "–"
+
+    for run in part.get("runs", {}).values():
+        dp = "epsilon 8" if run["dp"] else "off"
+        if "error" in run:
+            lines.append(f"| {run['layout']} | {dp} | failed: "
+                         f"{run['error'].splitlines()[-1][:200]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {run['layout']} | {dp} | {cell(run['auc'])} | {cell(run['sensitivity'])} | "
+            f"{cell(run['specificity'])} | {cell(run['balanced_accuracy'])} | "
+            f"{cell(run['accuracy'])} | {cell(run['epsilon_max'])} | {run['seconds']:.0f} s |"
+        )
+    return "\n".join([*lines, ""])
+
+
 # --- machine and report ------------------------------------------------------------------------
 
 
@@ -401,6 +570,8 @@ def machine() -> dict[str, Any]:
 def figures(results: dict[str, Any]) -> list[Figure]:
     """The six figures with their goals and how each was measured."""
     o, d, q, s = (results.get(k, {}) for k in ("sim_overhead", "dp_overhead", "quality", "scale"))
+    h = results.get("hard", {})
+    fl = h.get("fl", {})
     nan = math.nan
     wl = o.get("workload", {})
     sampled = (s.get("rounds") or [{}])[-1].get("sampled", "?")
@@ -485,10 +656,47 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 f"start-up) {s.get('first_round_ms_per_site', nan):.0f} ms per sampled site"
             ),
         ),
+        Figure(
+            "hard_fl_central_auc_ratio", "Hard scenario: federated / central AUC",
+            results["hard_fl_central_auc_ratio"], 0.97, higher_is_better=True,
+            how=(
+                "`simulations/scenarios/hard.toml` (`medfed synth` "
+                f"{_synth_flags(h.get('synth', {}))}: 2 mixed sites with Dirichlet label skew, "
+                "3 one-class sites of which 2 tiny, test set at 20% lesions), "
+                f"`medfed simulate --scenario ... --no-dp --rounds {h.get('rounds')}` with "
+                f"medfed's defaults ({h.get('fl_steps')} optimiser steps over all sites), over "
+                "`medfed central` on the same sites' pooled training images "
+                f"({h.get('train_images')}), same network, {h.get('central_epochs')} epochs = "
+                f"{h.get('central_steps')} steps; AUCs {fl.get('auc', nan):.3f} / "
+                f"{h.get('central_auc', nan):.3f}"
+            ),
+        ),
+        Figure(
+            "hard_balanced_accuracy", "Hard scenario: balanced accuracy",
+            results["hard_balanced_accuracy"], hard.BALANCED_ACCURACY_GOAL,
+            higher_is_better=True,
+            how=(
+                "the same federated model on the held-out test set at its operating point "
+                "(results.json `final`): (sensitivity + specificity) / 2 = "
+                f"({fl.get('sensitivity', nan):.3f} + {fl.get('specificity', nan):.3f}) / 2"
+                + (f", threshold {fl['threshold']:.3f}"
+                   if math.isfinite(fl.get("threshold", nan)) else "")
+                + "; the goal is the real check's floor (sensitivity and specificity >= 0.80)"
+            ),
+        ),
     ]
     # a workload that has not run (or failed) has no details to describe
     return [f if f.passed is not None else replace(f, how="not measured: see the notes")
             for f in figs]
+
+
+def _synth_flags(recipe: dict[str, Any]) -> str:
+    """hard.HARD_SYNTH as `medfed synth` flags."""
+    flags = []
+    for key, value in recipe.items():
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        flags.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(flags)
 
 
 def _attempt(name: str, fn: Callable[[], dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
@@ -518,23 +726,41 @@ def main() -> int:
     import torch
 
     parts: dict[str, dict[str, Any]] = {}
+    earlier: list[str] = []  # BENCH_ONLY: workloads whose figures come from bench/results.json
+    skipped: list[str] = []  # BENCH_ONLY: workloads neither run now nor found there
 
     def write(pending: list[str]) -> None:
         write_outputs(mode, parts, errors, pending=pending, started=started,
-                      load_before=load_before)
+                      load_before=load_before, earlier=earlier, skipped=skipped)
 
     def partial_overhead(summary: dict[str, Any]) -> None:
         parts["sim_overhead"] = summary
         write(["sim_overhead (more repeats)"])
 
     # load-insensitive figures first, so that a run cut short still has them on disk
-    order = ["quality", "scale", "dp_overhead", "sim_overhead"]
+    order = ["quality", "hard", "breastmnist", "scale", "dp_overhead", "sim_overhead"]
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         "quality": lambda: quality_and_bytes(mode),
+        "hard": lambda: hard_scenario(mode),
+        "breastmnist": lambda: breastmnist(mode),
         "scale": lambda: scale(mode),
         "dp_overhead": lambda: dp_overhead(mode),
         "sim_overhead": lambda: sim_overhead(mode, on_repeat=partial_overhead),
     }
+    only = [k.strip() for k in os.environ.get("BENCH_ONLY", "").split(",") if k.strip()]
+    unknown = sorted(set(only) - set(order))
+    if unknown:
+        print(f"error: BENCH_ONLY names {unknown[0]!r}; it takes {', '.join(order)}",
+              file=sys.stderr)
+        return 2
+    if only:
+        # the other workloads' figures stay as the last full run measured them
+        previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        for key in order:
+            if key not in only:
+                parts[key] = previous.get(key) or {}
+                (earlier if parts[key] else skipped).append(key)
+        order = [k for k in order if k in only]
     for i, key in enumerate(order):
         parts[key] = _attempt(key, jobs[key], errors)
         write(order[i + 1 :])
@@ -547,7 +773,8 @@ def main() -> int:
 
 def write_outputs(
     mode: Mode, parts: dict[str, dict[str, Any]], errors: dict[str, str], *,
-    pending: list[str], started: float, load_before: float,
+    pending: list[str], started: float, load_before: float, earlier: list[str] | None = None,
+    skipped: list[str] | None = None,
 ) -> None:
     """Write bench/results.json and BENCHMARKS.md from the workloads measured so far."""
     nan = math.nan
@@ -560,6 +787,9 @@ def write_outputs(
         "bytes_ratio": quality.get("bytes_ratio", nan),
         "scale_peak_rss_gib": scaled.get("peak_rss_gib", nan),
         "scale_ms_per_site_round": scaled.get("ms_per_site_round", nan),
+        "hard_fl_central_auc_ratio": parts.get("hard", {}).get("ratio", nan),
+        "hard_balanced_accuracy": parts.get("hard", {}).get("balanced_accuracy", nan),
+        **breastmnist_keys(parts.get("breastmnist", {})),
         "machine": machine(),
         "mode": mode.name,
         "threads": THREADS,
@@ -573,6 +803,8 @@ def write_outputs(
         "dp_overhead": dp,
         "quality": quality,
         "scale": scaled,
+        "hard": parts.get("hard", {}),
+        "breastmnist": parts.get("breastmnist", {}),
         "gpu": parts.get("gpu", {}),
         "errors": errors,
     }
@@ -587,12 +819,20 @@ def write_outputs(
         f"training) ran with {THREADS} torch thread(s) (`BENCH_THREADS`); see `THREADS` in "
         "bench/run.py for why.",
         *_mode_notes(mode),
+        *([f"`BENCH_ONLY` run: the figures of {', '.join(earlier)} are those of the earlier run "
+           "kept in bench/results.json."] if earlier else []),
+        *([f"`BENCH_ONLY` run: {', '.join(skipped)} not measured (not asked for, and no "
+           "earlier figures in bench/results.json)."] if skipped else []),
         _load_note(results["load_average"], results["machine"].get("cores") or 1),
         *[f"`{k}` could not be measured: {v.splitlines()[0][:300]}" for k, v in errors.items()],
     ]
-    REPORT.write_text(render_markdown(figs, results["machine"], mode=mode.name, notes=notes,
-                                      command="make bench" if mode.name == "quick"
-                                      else "BENCH=full make bench"))
+    text = render_markdown(figs, results["machine"], mode=mode.name, notes=notes,
+                           command="make bench" if mode.name == "quick"
+                           else "BENCH=full make bench")
+    # the real-data section goes before the machine description
+    text = text.replace("\n## Machine\n",
+                        "\n" + breastmnist_markdown(results["breastmnist"]) + "\n## Machine\n", 1)
+    REPORT.write_text(text)
     if not pending:
         for f in figs:
             log(f"{f.key}: {f.measured_text()} (goal {f.goal_text()}): {f.verdict}")
@@ -622,7 +862,9 @@ def _mode_notes(mode: Mode) -> list[str]:
         f"{mode.overhead_rounds} rounds (full: {FULL.overhead_rounds}), and nearly all of the "
         "simulation's extra time is fixed start-up and shut-down (Ray, its workers' imports), "
         "which a longer run spreads thinner; the quality figure uses one data seed (full: "
-        "three).",
+        "three). The hard scenario and the BreastMNIST runs are as long in both modes "
+        f"({mode.hard_rounds} and {mode.breastmnist_rounds} rounds: the length the issue-16 "
+        "check runs), a few minutes each.",
     ]
 
 

@@ -67,7 +67,10 @@ def _main(
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write sites/ and test/ to.")],
-    sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 4,
+    sites: Annotated[
+        int | None,
+        typer.Option(help="Number of hospital sites.", show_default="4, or one per --site-sizes"),
+    ] = None,
     images_per_site: Annotated[int, typer.Option(help="Average images per site.")] = 200,
     test_images: Annotated[
         int | None,
@@ -84,22 +87,68 @@ def synth(
         typer.Option(help="Share of each site's training rows that keep their label; the rest "
                           "get an empty label (unlabelled)."),
     ] = 1.0,
+    site_sizes: Annotated[
+        str | None,
+        typer.Option(help="Images of each site, comma-separated, e.g. 30,80,600,1500 (tiny "
+                          "clinics beside large hospitals); replaces --images-per-site's "
+                          "0.5-1.5x spread.", show_default="--images-per-site x 0.5..1.5"),
+    ] = None,
+    one_class_sites: Annotated[
+        int,
+        typer.Option(help="The last K sites hold one class only: normal, lesion, normal, ... "
+                          "in turn (referral and screening clinics)."),
+    ] = 0,
+    label_alpha: Annotated[
+        float | None,
+        typer.Option(help="Dirichlet label skew: each mixed site's lesion share ~ "
+                          "Beta(alpha, alpha); small alpha (0.3): sites dominated by one class.",
+                     show_default="shares spread over 15%-60%"),
+    ] = None,
+    test_prevalence: Annotated[
+        float | None,
+        typer.Option(help="Lesion share of the held-out test set, in (0, 1), e.g. 0.2 to test "
+                          "at another prevalence than training's.", show_default="0.5"),
+    ] = None,
 ) -> None:
-    """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site."""
+    """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site.
+
+    Hard layouts for developing against: --site-sizes, --one-class-sites, --label-alpha and
+    --test-prevalence (see simulations/scenarios/hard.toml).
+    """
     from simulations.synth import synthesize
 
+    sizes = guard(lambda: _site_sizes(site_sizes))
+    n_sites = sites if sites is not None else len(sizes) if sizes is not None else 4
     summary = guard(
         lambda: synthesize(
-            out_dir, sites=sites, images_per_site=images_per_site, seed=seed,
+            out_dir, sites=n_sites, images_per_site=images_per_site, seed=seed,
             test_images=test_images, overwrite=force, labelled_fraction=labelled_fraction,
+            site_sizes=sizes, one_class_sites=one_class_sites, label_alpha=label_alpha,
+            test_prevalence=test_prevalence,
         )
     )
     table = Table("site", "images", "lesion share", title=f"Synthetic hospitals in {out_dir}")
     for name in summary.sites:
         table.add_row(name, str(summary.images[name]), f"{summary.positives[name]:.0%}")
     out.print(table)
-    out.print(f"held-out test set: {summary.test_images} images in {out_dir / 'test'}")
+    out.print(
+        f"held-out test set: {summary.test_images} images "
+        f"({summary.test_positives / summary.test_images:.0%} lesions) in {out_dir / 'test'}"
+    )
     out.print(f"next: medfed check-data {out_dir / 'sites' / summary.sites[0]}")
+
+
+def _site_sizes(text: str | None) -> list[int] | None:
+    """--site-sizes 30,80,600 -> [30, 80, 600]; anything else is a ValueError naming the flag."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--site-sizes must be whole numbers separated by commas (e.g. 30,80,600,1500), "
+            f"got {text!r}"
+        ) from None
 
 
 @app.command("check-data")

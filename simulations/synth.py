@@ -27,12 +27,23 @@ Difficulty: most lesions are conspicuous and a CNN learns them within a few epoc
 is subtle (small and faint, below what a 64-pixel input resolves), which caps the achievable AUC
 below 1. Calibrated with ``medfed central`` (15 epochs, 64-pixel input) on four 160-image sites:
 held-out AUC 0.928, 0.915 and 0.902 for seeds 0, 1 and 2.
+
+Hard layouts (all off by default; the default output is unchanged): ``site_sizes`` gives each
+site's image count (tiny referral clinics of 20-80 images beside large hospitals);
+``label_alpha`` draws each site's lesion share from Beta(alpha, alpha), the two-class Dirichlet
+label skew of Hsu et al. (2019), instead of spreading it over 15%-60%; ``one_class_sites`` K makes
+the last K sites hold one class only (normal, lesion, normal, ... in turn, as referral and
+screening clinics do, and as ``shared/data/make_sites.py --one-class-sites`` lays out real data);
+``test_prevalence`` sets the lesion share of ``out/test`` (default 50%), so a model calibrated to
+the training mix meets a different one.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -135,6 +146,7 @@ class SynthSummary:
     images: dict[str, int]
     test_images: int
     positives: dict[str, float]
+    test_positives: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,10 @@ def synthesize(
     test_images: int | None = None,
     overwrite: bool = False,
     labelled_fraction: float = 1.0,
+    site_sizes: Sequence[int] | None = None,
+    one_class_sites: int = 0,
+    label_alpha: float | None = None,
+    test_prevalence: float | None = None,
 ) -> SynthSummary:
     """Write ``sites`` synthetic hospital folders and a held-out test folder under ``out``.
 
@@ -187,6 +203,12 @@ def synthesize(
             learns from them). Validation, site test and ``out/test`` rows stay labelled.
         overwrite: replace ``sites/``, ``test/`` and ``identifiers.json`` in a non-empty ``out``
             (the CLI's ``--force``); other files there are left alone.
+        site_sizes: images of each site, one per site (then ``images_per_site`` only sizes the
+            default ``out/test``).
+        one_class_sites: the last K sites hold one class only: 0 (normal), 1, 0, ... in turn.
+        label_alpha: each mixed site's lesion share ~ Beta(alpha, alpha) (small alpha: sites
+            dominated by one class; every mixed site keeps at least one image of each class).
+        test_prevalence: lesion share of ``out/test`` (default 0.5).
 
     Raises:
         ValueError: an argument is out of range (the message names its CLI flag).
@@ -204,10 +226,11 @@ def synthesize(
     n_test = max(200, 2 * images_per_site) if test_images is None else test_images
     if n_test < MIN_IMAGES:
         raise ValueError(f"--test-images must be >= {MIN_IMAGES}, got {n_test}")
+    layout = _hard_layout(sites, site_sizes, one_class_sites, label_alpha, test_prevalence, n_test)
     out = Path(out)
     _prepare(out, overwrite)
 
-    profiles = _site_profiles(sites, images_per_site, seed)
+    profiles = _site_profiles(sites, images_per_site, seed, layout)
     identifiers: dict[str, dict[str, list[str]]] = {}
     for profile in profiles:
         labels = _site_labels(profile, seed)
@@ -217,7 +240,7 @@ def synthesize(
             out / "sites" / profile.name, jobs, seed, labelled_fraction, profile.index
         )
     rng = _rng(seed, 3)
-    test_labels = rng.permutation(np.arange(n_test) < n_test // 2)
+    test_labels = rng.permutation(np.arange(n_test) < layout.test_positives)
     scanners = rng.integers(len(profiles), size=n_test)
     test_jobs = [(profiles[int(i)], int(y), "test") for i, y in zip(scanners, test_labels,
                                                                     strict=True)]
@@ -230,7 +253,63 @@ def synthesize(
         images={p.name: p.n_images for p in profiles},
         test_images=n_test,
         positives={p.name: round(p.prevalence, 4) for p in profiles},
+        test_positives=layout.test_positives,
     )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The hard-layout arguments, checked: what each site holds and the test set's lesions."""
+
+    sizes: tuple[int, ...] | None
+    one_class: tuple[int | None, ...]  # per site: None (both classes) or its only class
+    label_alpha: float | None
+    test_positives: int
+
+
+def _hard_layout(
+    sites: int, site_sizes: Sequence[int] | None, one_class_sites: int,
+    label_alpha: float | None, test_prevalence: float | None, n_test: int,
+) -> _Layout:
+    """Check the hard-layout arguments (errors name the CLI flag) and resolve them."""
+    sizes = None
+    if site_sizes is not None:
+        sizes = tuple(int(n) for n in site_sizes)
+        if len(sizes) != sites:
+            raise ValueError(
+                f"--site-sizes gives {len(sizes)} sizes but --sites is {sites}; give one size "
+                "per site (e.g. --site-sizes 30,80,600,1500 for 4 sites)"
+            )
+        small = [n for n in sizes if n < MIN_IMAGES]
+        if small:
+            raise ValueError(
+                f"--site-sizes must all be >= {MIN_IMAGES} (a site needs train, val and test "
+                f"images), got {small[0]}"
+            )
+    if not 0 <= one_class_sites <= sites:
+        raise ValueError(
+            f"--one-class-sites must be between 0 and --sites ({sites}), got {one_class_sites}"
+        )
+    if one_class_sites == sites == 1:
+        raise ValueError(
+            "--one-class-sites 1 with --sites 1 leaves the federation one class; use --sites >= 2"
+        )
+    if label_alpha is not None and not (math.isfinite(label_alpha) and label_alpha > 0):
+        raise ValueError(
+            f"--label-alpha must be > 0 (small: more skew, e.g. 0.5), got {label_alpha:g}"
+        )
+    n_pos = n_test // 2
+    if test_prevalence is not None:
+        if not 0 < test_prevalence < 1:
+            raise ValueError(
+                f"--test-prevalence must be in (0, 1) (the test set needs both classes), got "
+                f"{test_prevalence:g}"
+            )
+        # both classes in the test set, or its AUC is undefined
+        n_pos = min(n_test - 1, max(1, round(test_prevalence * n_test)))
+    one_class: list[int | None] = [None] * (sites - one_class_sites)
+    one_class += [k % 2 for k in range(one_class_sites)]  # normal, lesion, normal, ...
+    return _Layout(sizes, tuple(one_class), label_alpha, n_pos)
 
 
 # what synthesize writes in `out`: --force deletes only these, and only when medfed wrote them
@@ -258,14 +337,26 @@ def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarra
     return lo + (hi - lo) * (rng.permutation(n) + rng.uniform(size=n)) / n
 
 
-def _site_profiles(n_sites: int, images_per_site: int, seed: int) -> list[SiteProfile]:
+def _site_profiles(
+    n_sites: int, images_per_site: int, seed: int, layout: _Layout | None = None
+) -> list[SiteProfile]:
     rng = _rng(seed, 0)
     prevalence = _spread(rng, n_sites, *PREVALENCE_RANGE)
     factor = _spread(rng, n_sites, *SIZE_FACTOR_RANGE)
+    if layout is not None and layout.label_alpha is not None:
+        # its own stream: the draws above (and so the default layout) stay as they were
+        share = _rng(seed, 6).beta(layout.label_alpha, layout.label_alpha, size=n_sites)
+        # a tiny alpha can round a share to exactly 0 or 1, which would read as a one-class site
+        prevalence = np.clip(share, 1e-9, 1 - 1e-9)
     profiles = []
     for i in range(n_sites):
         n = max(MIN_IMAGES, round(images_per_site * factor[i]))
-        profiles.append(_site_profile(i + 1, _rng(seed, 1, i + 1), float(prevalence[i]), n))
+        p = float(prevalence[i])
+        if layout is not None:
+            n = n if layout.sizes is None else layout.sizes[i]
+            only = layout.one_class[i]
+            p = p if only is None else float(only)
+        profiles.append(_site_profile(i + 1, _rng(seed, 1, i + 1), p, n))
     return profiles
 
 
@@ -342,7 +433,10 @@ def _site_profile(index: int, rng: np.random.Generator, prevalence: float, n: in
 
 
 def _site_labels(profile: SiteProfile, seed: int) -> np.ndarray:
-    n_pos = min(profile.n_images - 1, max(1, round(profile.prevalence * profile.n_images)))
+    if profile.prevalence in (0.0, 1.0):  # a one-class site
+        n_pos = round(profile.prevalence * profile.n_images)
+    else:  # a mixed site keeps both classes, however skewed its share
+        n_pos = min(profile.n_images - 1, max(1, round(profile.prevalence * profile.n_images)))
     return _rng(seed, 2, profile.index, 0).permutation(np.arange(profile.n_images) < n_pos)
 
 
