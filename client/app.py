@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client import progress
+from client import progress, validation
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
 from client.audit_state import TRAIL, append_signed, signing_key
 from client.ledger import BudgetRefused, PrivacyLedger
@@ -47,8 +47,8 @@ from client.secure import (
     legacy_mod,
 )
 from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import network, site_data
-from client.tasks.classify import Scored
+from client.tasks.base import Task, network, site_data
+from client.tasks.classify import CLASS_COUNTS, Scored
 from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
@@ -58,6 +58,7 @@ from common.operating import HIST_KEYS, RELEASE
 from common.privacy import (
     REFUSAL_MARK,
     UNIT_WEIGHT,
+    VALIDATION_EPSILON,
     PrivacyBudgetSpent,
     PrivacyState,
 )
@@ -108,14 +109,11 @@ def _privacy_path(site: SiteRef, run_key: str) -> Path:
     return site.state_dir / "privacy" / f"{run_key}.json"
 
 
-def _load_or_plan_privacy(
-    site: SiteRef, cfg: RunConfig, run_key: str, n: int, releases: dict[str, float]
-) -> PrivacyState:
+def _load_or_plan_privacy(site: SiteRef, cfg: RunConfig, run_key: str, n: int) -> PrivacyState:
     path = _privacy_path(site, run_key)
     if path.is_file():
         return PrivacyState.load(path)
     return PrivacyState.plan(
-        releases=releases,
         num_examples=n,
         batch_size=cfg.batch_size,
         rounds=cfg.rounds,
@@ -149,52 +147,59 @@ def _budget(context: Context, cfg: RunConfig) -> tuple[float | None, Path | None
 
 def _shared_histograms(
     context: Context, cfg: RunConfig, site: SiteRef, histograms: np.ndarray, server_round: int,
-) -> tuple[np.ndarray | None, PrivacyState | None]:
-    """The site's validation-score histograms that may leave it this round, and its privacy.
+    releases: dict[str, float],
+) -> tuple[np.ndarray | None, float | None]:
+    """The validation-score histograms that may leave this round, and the split's epsilon.
 
-    Returns the histograms (None: nothing leaves), and the site's privacy state when a release
-    spent budget (its report goes with them). Without DP: the counts, every round. With DP: one
-    release per run, in its final round, by a site that trained in the run, with the Gaussian
-    noise its privacy plan set aside for it (client.tasks.classify), reserved in the site's
-    ledger before it is made and committed after, like a training round. A release the ledger
-    refuses is not made: the site keeps its budget and the aggregator its threshold.
+    The epsilon is None without DP.
+    Without DP: the counts, every round. With DP: one noisy release per run
+    (client.validation), in its final round, by a site that trained in the run: a site that
+    took no part spends nothing on a model it did not train.
     """
     if not cfg.dp:
         return histograms, None
-    if server_round != cfg.rounds:
+    if server_round != cfg.rounds or RELEASE not in releases:
         return None, None
     run_key = cfg.run_key or str(context.run_id)
-    path = _privacy_path(site, run_key)
-    if not path.is_file():  # the site never trained in this run (refused, or never sampled):
-        return None, None   # its budget is not spent on a model it took no part in
-    privacy = PrivacyState.load(path)
-    if RELEASE not in privacy.releases:  # a plan made before this release existed
-        return None, None
-    if RELEASE in privacy.released:
-        # a resumed run released them in an earlier final round, for an earlier model: those
-        # counts do not describe this one, and a second release would spend budget again
-        log.warning("round %d: validation scores were released earlier in this run; not "
-                    "sent again", server_round)
+    if not _privacy_path(site, run_key).is_file():  # never trained in this run
         return None, None
     budget, ledger_dir = _budget(context, cfg)
-    ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
-                           seed=cfg.seed)
-    try:
-        # the release is one of the pending ones, so it is in the history reserved, and this
-        # "round" adds no DP-SGD step (0 steps: nothing). A site that trained in this run has
-        # reserved it already with every training round; reserving again counts it once.
-        ledger.reserve_round(
-            run=run_key, site=site.name, budget=budget,
-            history=privacy.history + privacy.pending_releases(),
-            this_round=(privacy.releases[RELEASE], 1.0, 0),
-        )
-    except BudgetRefused as exc:
-        log.warning("round %d: validation scores not released: %s", server_round, exc)
-        return None, None
-    noisy = privacy.release(RELEASE, histograms)
-    privacy.save(path)
-    ledger.commit(run=run_key, site=site.name, history=privacy.history)
-    return np.asarray(noisy).reshape(histograms.shape), privacy
+    made = validation.release(site, cfg, run_key, releases, RELEASE, histograms,
+                              budget=budget, ledger_dir=ledger_dir)
+    return (None, None) if made is None else made
+
+
+def _privacy_record(privacy: PrivacyState, site: SiteRef, run_key: str) -> ConfigRecord:
+    """The training's privacy summary, and the validation split's epsilon once it spent any."""
+    record: dict[str, ConfigRecordValues] = dict(privacy.summary())
+    val_epsilon = validation.spent(site, run_key)
+    if val_epsilon is not None:
+        record[VALIDATION_EPSILON] = val_epsilon
+    return ConfigRecord(record)
+
+
+def _private_class_counts(
+    context: Context, cfg: RunConfig, site: SiteRef, task: Task, load: SplitLoader,
+) -> np.ndarray | None:
+    """Under DP, the class counts logit adjustment uses: the validation split's, noised once.
+
+    Counting the training images would make every per-sample gradient depend on the whole
+    training set, which DP-SGD's analysis does not cover; the validation split has the same
+    classes in about the same proportions and its release is accounted on its own images.
+    None: no validation images (the site trains without adjustment).
+    """
+    releases = task.releases(cfg)
+    if CLASS_COUNTS not in releases:
+        return None
+    _, labels = task.load(site, cfg, "val", load)[:2]
+    if len(labels) == 0:
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=cfg.num_classes)
+    budget, ledger_dir = _budget(context, cfg)
+    made = validation.release(site, cfg, cfg.run_key or str(context.run_id), releases,
+                              CLASS_COUNTS, counts.astype(np.float64), budget=budget,
+                              ledger_dir=ledger_dir)
+    return None if made is None else made[0]
 
 
 # What may leave the site in a reply (client.audit); an AUC is NaN on a one-class validation split.
@@ -422,29 +427,27 @@ def make_client_app(
                                seed=cfg.seed)
         run_key = cfg.run_key or str(context.run_id)
         if cfg.dp:
-            privacy = _load_or_plan_privacy(site, cfg, run_key, n, task.releases(cfg))
+            privacy = _load_or_plan_privacy(site, cfg, run_key, n)
             per_round = cfg.steps_per_round(n)
             rounds_left = max(1, cfg.rounds - server_round + 1)
             privacy.ensure_room(rounds_left * per_round)
             # checked and recorded under one lock before training, kept if training fails
-            ledger.reserve_round(  # the releases still to come are reserved with it
-                run=run_key, site=site.name, budget=budget,
-                history=privacy.history + privacy.pending_releases(),
+            ledger.reserve_round(
+                run=run_key, site=site.name, budget=budget, history=privacy.history,
                 this_round=(privacy.noise_multiplier, privacy.sample_rate,
                             per_round),
             )
+            class_counts = _private_class_counts(context, cfg, site, task, load)
             report = task.train(
                 model, samples, cfg,
                 Fit(settings, device, privacy, seed=cfg.seed * 1000 + server_round,
-                    proximal=mu > 0),
+                    proximal=mu > 0, class_counts=class_counts),
             )
             privacy.save(_privacy_path(site, run_key))
             ledger.commit(run=run_key, site=site.name, history=privacy.history)
-            summary = privacy.summary()
-            spent = float(summary["epsilon"])
+            records["privacy"] = _privacy_record(privacy, site, run_key)
+            spent = float(privacy.summary()["epsilon"])
             metrics["epsilon"] = spent
-            privacy_record: dict[str, ConfigRecordValues] = dict(summary)
-            records["privacy"] = ConfigRecord(privacy_record)
         else:
             ledger.record_unbounded(run=run_key, site=site.name)  # no DP: no bound on the spend
             report = task.train(
@@ -524,11 +527,14 @@ def make_client_app(
             ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
-        spent: PrivacyState | None = None
+        released = False
         if cfg.secure_agg:  # its legacy replies carry scalars only (client.secure): spend nothing
             histograms = None
         if histograms is not None:
-            shared, spent = _shared_histograms(context, cfg, site, histograms, server_round)
+            shared, val_epsilon = _shared_histograms(
+                context, cfg, site, histograms, server_round, task.releases(cfg)
+            )
+            released = val_epsilon is not None
             if shared is not None:
                 values.update({key: [float(v) for v in row]
                                for key, row in zip(HIST_KEYS, shared, strict=True)})
@@ -537,9 +543,12 @@ def make_client_app(
         content = RecordDict(
             {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )
-        if spent is not None:
-            # the release's spend, reported as a training round's is (results.json privacy)
-            content["privacy"] = ConfigRecord(dict(spent.summary()))
+        run_key = cfg.run_key or str(context.run_id)
+        if released and _privacy_path(site, run_key).is_file():
+            # the validation split's new spend, beside the training's (results.json privacy)
+            content["privacy"] = _privacy_record(
+                PrivacyState.load(_privacy_path(site, run_key)), site, run_key
+            )
         return Message(content, reply_to=msg)
 
     return app

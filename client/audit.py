@@ -252,7 +252,8 @@ DEFAULT_METRICS = frozenset(
 DEFAULT_CONFIGS: Mapping[str, frozenset[str]] = MappingProxyType({
     "site": frozenset({"name"}),
     "privacy": frozenset({"epsilon", "target_epsilon", "delta", "noise_multiplier",
-                          "sample_rate", "steps", "accountant", "max_grad_norm"}),
+                          "sample_rate", "steps", "accountant", "max_grad_norm",
+                          "validation_epsilon"}),
 })
 _NUMERIC_KINDS = "fiu"  # float, signed and unsigned int: what model weights are
 # What an array (and an array record) may be called: a model's parameter names, PyTorch

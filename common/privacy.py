@@ -36,6 +36,9 @@ Step = tuple[float, float, int]
 # (policy), not an error.
 REFUSAL_MARK = "privacy budget refused"
 
+# A site's privacy report: the epsilon its validation split spent on releases (client.validation)
+VALIDATION_EPSILON = "validation_epsilon"
+
 # With central (user-level) DP every site sends this metric, always 1, and the aggregator weighs
 # sites by it: the noise is calibrated to a mean in which each hospital counts the same.
 UNIT_WEIGHT = "unit-weight"
@@ -283,15 +286,8 @@ class PrivacyState:
         delta: float,
         accountant: str,
         max_grad_norm: float,
-        releases: dict[str, float] | None = None,
     ) -> PrivacyState:
-        """Calibrate the noise once for every step this site may train in the run.
-
-        Args:
-            releases: noisy statistics the site will release once each (name -> noise
-                multiplier); the DP-SGD noise is calibrated so that they fit the target too.
-
-        """
+        """Calibrate the noise once for every step this site may train in the run."""
         # Opacus's DPDataLoader sets the sample rate to 1 / len(loader) and takes that many
         # steps per epoch; planning with the same numbers makes the plan and the ledger agree.
         sample_rate = 1.0 / batches_per_epoch(num_examples, batch_size)
@@ -304,7 +300,6 @@ class PrivacyState:
             delta=delta,
             accountant=accountant,
             max_grad_norm=max_grad_norm,
-            releases=dict(releases or {}),
         )
         sigma = calibrate_noise(
             target_epsilon=target_epsilon,
@@ -316,6 +311,4 @@ class PrivacyState:
         if not math.isfinite(sigma):
             raise ValueError(f"could not calibrate noise for epsilon {target_epsilon}")
         state.noise_multiplier = sigma
-        if state.releases:  # the releases take their share: raise the noise until all fit
-            state.ensure_room(planned)
         return state

@@ -58,6 +58,10 @@ class Fit:
     privacy: PrivacyState | None  # None: no DP
     seed: int
     proximal: bool
+    # classify under DP: the class counts logit adjustment uses, released with noise from the
+    # site's validation split (client.validation); None: count the training labels (no DP) or
+    # no adjustment (DP without a validation split)
+    class_counts: np.ndarray | None = None
 
     def with_settings(self, **changes: Any) -> Fit:
         """The same round with some of its LocalTraining settings changed (a task's own)."""

@@ -5,8 +5,9 @@ hold one class only. Trained with plain cross-entropy, such a site teaches the g
 everyone has its class. With logit adjustment (balanced softmax; Menon et al., ICLR 2021; FedLC,
 Zhang et al., ICML 2022) each site trains on logits shifted by tau * log(its class prior), so the
 model's own logits learn what tells the classes apart rather than how common each is at that
-site; at inference the logits are used as they are. A site's class counts never leave it; under
-DP they are released once, with Gaussian noise, into the training of its own model and accounted.
+site; at inference the logits are used as they are. Without DP a site counts its training
+labels; under DP it uses its validation split's counts, released once with Gaussian noise and
+accounted on those images (client.validation), so DP-SGD's own analysis stays exact.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from common.operating import RELEASE, score_histograms
 from common.sites import SiteRef
 from models.autoencoder import CLASSIFIER_FEATURES_PREFIX as FEATURES_PREFIX
 
-# Released once per DP run when --logit-adjust > 0: one sample moves one count by one (L2
-# sensitivity 1). Noise 5 costs a few hundredths of epsilon and leaves a count of 100 within
-# 10% of its value.
+# Released once per DP run (from the validation split) when --logit-adjust > 0: one image moves
+# one count by one (L2 sensitivity 1); noise 5 leaves a count of 100 within 10% of its value.
 CLASS_COUNTS = "class-counts"
 CLASS_COUNTS_NOISE = 5.0
 # A binary classifier's validation-score histograms (common.operating), released once per DP
@@ -114,10 +114,13 @@ class ClassifyTask:
         fit = fit.with_settings(lr_scales=((FEATURES_PREFIX, cfg.encoder_lr_scale),))
         shift = torch.zeros(cfg.num_classes)
         if cfg.logit_adjust > 0:
-            counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=cfg.num_classes)
-            if fit.privacy is not None:
-                counts = fit.privacy.release(CLASS_COUNTS, counts)
-            shift = torch.as_tensor(cfg.logit_adjust * log_prior(counts), dtype=torch.float32)
+            counts = (
+                np.bincount(np.asarray(labels, dtype=np.int64), minlength=cfg.num_classes)
+                if fit.privacy is None else fit.class_counts
+            )
+            if counts is not None:
+                shift = torch.as_tensor(cfg.logit_adjust * log_prior(counts),
+                                        dtype=torch.float32)
         return fit.run(model, labelled_dataset(images, labels), adjusted_cross_entropy(shift))
 
     def evaluate(

@@ -38,7 +38,8 @@ def _samples(task: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _privacy() -> PrivacyState:
     return PrivacyState.plan(
-        num_examples=N, batch_size=8, rounds=1, local_epochs=2, target_epsilon=8, delta=1e-5,
+        num_examples=N, batch_size=8, rounds=1, steps_per_round=2 * -(-N // 8), target_epsilon=8,
+        delta=1e-5,
         accountant="rdp", max_grad_norm=1.0,
     )
 

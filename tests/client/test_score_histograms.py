@@ -91,15 +91,26 @@ def test_with_dp_the_final_round_releases_noisy_counts_once_and_accounts_them(
     noisy = np.array([replies[1][key] for key in HIST_KEYS])
     assert noisy.shape == (2, BINS) and (noisy != np.round(noisy)).any()
 
-    saved = json.loads((site.state_dir / "privacy" / "run-1.json").read_text())
+    # training: exactly Opacus's accountant over (noise, rate, steps); the releases are not in it
+    trained = json.loads((site.state_dir / "privacy" / "run-1.json").read_text())
+    assert {step[1] for step in trained["history"]} == {trained["sample_rate"]}
+    accountant = RDPAccountant()
+    accountant.history = [(trained["noise_multiplier"], trained["sample_rate"],
+                           sum(step[2] for step in trained["history"]))]
+    train_epsilon = accountant.get_epsilon(delta=trained["delta"])
+    assert train_epsilon <= cfg.target_epsilon + 1e-9
+    # validation: its own state, both releases (class counts, scores) once each
+    saved = json.loads((site.state_dir / "privacy" / "run-1.validation.json").read_text())
     assert RELEASE in saved["released"]
     np.testing.assert_allclose(np.ravel(noisy), saved["released"][RELEASE])
     history = [tuple(step) for step in saved["history"]]
     assert (get_task("classify").releases(cfg)[RELEASE], 1.0, 1) in history
+    assert len(history) == len(get_task("classify").releases(cfg))
     accountant = RDPAccountant()
     accountant.history = list(history)
-    epsilon = accountant.get_epsilon(delta=saved["delta"])
-    assert epsilon <= cfg.target_epsilon + 1e-9
-    # the site's cross-run ledger holds the same spend (release included)
-    ledger = PrivacyLedger(site.data_dir, Path(cfg.ledger_dir), split="train", seed=cfg.seed)
-    assert ledger.read().spent() == pytest.approx(epsilon, rel=1e-9)
+    val_epsilon = accountant.get_epsilon(delta=saved["delta"])
+    assert val_epsilon <= cfg.target_epsilon + 1e-9
+    # each split's images carry their own spend in the site's cross-run ledger
+    for split, epsilon in (("train", train_epsilon), ("val", val_epsilon)):
+        ledger = PrivacyLedger(site.data_dir, Path(cfg.ledger_dir), split=split, seed=cfg.seed)
+        assert ledger.read().spent() == pytest.approx(epsilon, rel=1e-6)

@@ -14,7 +14,8 @@ from tests.client.helpers import SIZE, N, blobs
 
 def _privacy(rounds=1, epochs=2, batch=8):
     return PrivacyState.plan(
-        num_examples=N, batch_size=batch, rounds=rounds, local_epochs=epochs, target_epsilon=8,
+        num_examples=N, batch_size=batch, rounds=rounds,
+        steps_per_round=epochs * -(-N // batch), target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
 

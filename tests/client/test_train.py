@@ -72,7 +72,7 @@ def test_clipping_bounds_the_update() -> None:
 def test_cumulative_epsilon_over_rounds_matches_one_accountant() -> None:
     images, labels = _data(40)
     state = PrivacyState.plan(
-        num_examples=40, batch_size=10, rounds=3, local_epochs=1, target_epsilon=8,
+        num_examples=40, batch_size=10, rounds=3, steps_per_round=4, target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     for _ in range(3):  # a fresh model (and PrivacyEngine) every round, as a site does

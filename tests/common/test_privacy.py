@@ -22,7 +22,7 @@ def test_calibrated_noise_spends_the_target_epsilon() -> None:
 
 def test_plan_uses_opacus_sample_rate_definition() -> None:
     state = PrivacyState.plan(
-        num_examples=200, batch_size=32, rounds=4, local_epochs=2, target_epsilon=8,
+        num_examples=200, batch_size=32, rounds=4, steps_per_round=14, target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     assert batches_per_epoch(200, 32) == 7
@@ -32,7 +32,7 @@ def test_plan_uses_opacus_sample_rate_definition() -> None:
 
 def test_epsilon_across_rounds_equals_one_accountant_over_all_steps() -> None:
     state = PrivacyState.plan(
-        num_examples=100, batch_size=10, rounds=5, local_epochs=1, target_epsilon=4,
+        num_examples=100, batch_size=10, rounds=5, steps_per_round=10, target_epsilon=4,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     history: list[tuple[float, float, int]] = []
@@ -56,7 +56,7 @@ def test_epsilon_across_rounds_equals_one_accountant_over_all_steps() -> None:
 
 def test_state_survives_save_and_load(tmp_path) -> None:
     state = PrivacyState.plan(
-        num_examples=50, batch_size=10, rounds=2, local_epochs=1, target_epsilon=8,
+        num_examples=50, batch_size=10, rounds=2, steps_per_round=5, target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     state.record([(state.noise_multiplier, state.sample_rate, 5)])
@@ -68,7 +68,7 @@ def test_state_survives_save_and_load(tmp_path) -> None:
 
 def test_history_never_shrinks() -> None:
     state = PrivacyState.plan(
-        num_examples=50, batch_size=10, rounds=2, local_epochs=1, target_epsilon=8,
+        num_examples=50, batch_size=10, rounds=2, steps_per_round=5, target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     state.record([(1.0, 0.2, 5)])
@@ -82,7 +82,7 @@ def test_no_steps_no_epsilon() -> None:
 
 def test_extending_a_run_recalibrates_within_the_target() -> None:
     state = PrivacyState.plan(
-        num_examples=100, batch_size=10, rounds=4, local_epochs=1, target_epsilon=8,
+        num_examples=100, batch_size=10, rounds=4, steps_per_round=10, target_epsilon=8,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     state.record([(state.noise_multiplier, state.sample_rate, 20)])  # 2 of 4 rounds done
@@ -100,7 +100,7 @@ def test_extending_a_run_recalibrates_within_the_target() -> None:
 
 def test_a_spent_budget_refuses_further_training() -> None:
     state = PrivacyState.plan(
-        num_examples=100, batch_size=10, rounds=2, local_epochs=1, target_epsilon=1,
+        num_examples=100, batch_size=10, rounds=2, steps_per_round=10, target_epsilon=1,
         delta=1e-5, accountant="rdp", max_grad_norm=1.0,
     )
     state.record([(0.5, state.sample_rate, 200)])  # far past the target already
