@@ -13,7 +13,7 @@ def test_defaults_are_private_by_default() -> None:
 def test_mapping_round_trip_with_kebab_keys() -> None:
     cfg = RunConfig(strategy="fedprox", rounds=7, dp=False, lr=0.1)
     mapping = cfg.to_mapping()
-    assert mapping["local-epochs"] == 1
+    assert mapping["local-epochs"] == 0 and mapping["local-steps"] == 20
     assert RunConfig.from_mapping(mapping) == cfg
 
 
