@@ -87,9 +87,9 @@ class RunConfig:
     # over the site's data instead
     local_steps: int = 20
     local_epochs: int = 0
-    batch_size: int = 32
+    batch_size: int = 64
     optimizer: str = "adam"
-    lr: float = 3e-4
+    lr: float = 1e-3
     momentum: float = 0.9
     dp: bool = True
     target_epsilon: float = 8.0
