@@ -63,6 +63,17 @@ TaskOpt = Annotated[
     _option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
                  "or synthesize (DP conditional GAN).", shown=_default("task")),
 ]
+ModelOpt = Annotated[
+    str | None,
+    _option(help="The network: with --task classify cnn, resnet18, resnet34 or densenet121 "
+                 "(GroupNorm, Opacus-valid); each other task has one.",
+                 shown="the task's first (classify: cnn)"),
+]
+Channels = Annotated[
+    int | None,
+    _option(help="Image channels the network takes: 1 (grey) or 3 (colour).",
+                 shown=_default("channels")),
+]
 InitEncoder = Annotated[
     Path | None,
     _option(help="With --task classify: a finished --task autoencode run folder whose "

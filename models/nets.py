@@ -141,6 +141,8 @@ class ResNetClassifier(ResNetGN):
             act=RELU,
             norm=GROUP_NORM,
         )
+        if small:
+            self.maxpool = nn.Identity()  # MONAI builds it even when no_max_pool skips it
         self.in_channels, self.dims = in_channels, dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
