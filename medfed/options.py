@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common.config import RunConfig
+from common.config import TASK_MODELS, RunConfig
 
 _RUN = RunConfig()
 
@@ -65,9 +65,10 @@ TaskOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    _option(help="The network: with --task classify cnn, resnet18, resnet34 or densenet121 "
-                 "(GroupNorm, Opacus-valid); each other task has one.",
-                 shown="the task's first (classify: cnn)"),
+    _option(help="The network; with --task classify one of "
+                 f"{', '.join(TASK_MODELS['classify'])} (all with GroupNorm, as DP-SGD needs); "
+                 "each other task has one.",
+                 shown=f"the task's first (classify: {TASK_MODELS['classify'][0]})"),
 ]
 Channels = Annotated[
     int | None,
