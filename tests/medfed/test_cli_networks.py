@@ -46,3 +46,37 @@ def test_a_resnet_trains_from_the_users_weights(tmp_path: Path) -> None:
     model = build_model("resnet18", **saved["model_args"])
     model.load_state_dict(state)  # the run's model file is a working resnet18
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "vit"], "--model must be one of cnn, resnet18, resnet34, densenet121"),
+        (["--model", "resnet18", "--init-encoder", "."], "--init-encoder initialises --model cnn"),
+    ],
+)
+def test_networks_that_cannot_run_exit_2(small_hospitals: Path, tmp_path: Path, args,
+                                         message) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import EXIT_BAD_INPUT, app
+
+    result = CliRunner().invoke(
+        app, ["simulate", "--data", str(small_hospitals / "sites"), "--out",
+              str(tmp_path / "r"), "--metrics-port", "0", *args],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert message in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_an_image_too_small_for_the_network_names_image_size(small_hospitals: Path,
+                                                              tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "medfed", "simulate", "--data", str(small_hospitals / "sites"),
+           "--out", str(tmp_path / "r"), "--metrics-port", "0", "--model", "densenet121",
+           "--image-size", "24", "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    output = done.stdout + done.stderr
+    assert "--image-size) must be at least 28 px for densenet121, got 24" in output
