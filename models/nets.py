@@ -142,7 +142,8 @@ class ResNetClassifier(ResNetGN):
             norm=GROUP_NORM,
         )
         if small:
-            self.maxpool = nn.Identity()  # MONAI builds it even when no_max_pool skips it
+            # MONAI builds the max pool even when no_max_pool skips it: no unused layer
+            self.add_module("maxpool", nn.Identity())
         self.in_channels, self.dims = in_channels, dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
