@@ -171,7 +171,7 @@ def render_section(saved: dict[str, Any]) -> str:
             )
     rows.append(
         f"| MedMNIST v2 ResNet-18 (anchor) | 28 | 100 epochs | {ANCHOR['auc']:.3f} | "
-        f"{ANCHOR['accuracy']:.3f} | | | | | |"
+        f"{ANCHOR['accuracy']:.3f} | | | | |"
     )
     return "\n".join([
         SECTION,
@@ -181,11 +181,12 @@ def render_section(saved: dict[str, Any]) -> str:
         f"steps shown (Adam, batch {BATCH}, lr {LR:g}, seed 0; 17 steps are one epoch) "
         "(a short, equal budget: a comparison of networks, not a tuned result), then tested on "
         "the 156 test images; larger sizes are the 28 px image up-sampled (the cnn takes "
-        "multiples of 8: 32 px for 28). Step times are medians of "
-        f"{settings.get('timing_repeats', '?')} steps at batch {BATCH} with "
-        f"{settings.get('threads', '?')} torch thread(s) on {settings.get('machine', '?')}; "
-        "DP steps go through Opacus with medfed's convolution sampler. Raw figures: "
-        "`bench/networks.json`.",
+        "multiples of 8: 32 px for 28). Step times are medians of a few steps (after one "
+        f"warm-up) at batch {BATCH} with {settings.get('threads', '?')} torch thread(s) on "
+        f"{settings.get('machine', '?')}; DP steps go through Opacus with medfed's convolution "
+        "sampler. On a machine shared with other work, step times vary from run to run: "
+        "the ratio of two steps timed one after the other is the steadier figure. Raw "
+        "figures (repeats, threads, dates): `bench/networks.json`.",
         "",
         *rows,
         "",
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell: dict[str, Any] = dict(cells.get(f"{net}@{size}", {}), px=px)
                 if not args.no_train:
                     cell.update(train_and_test(net, px, data, args.steps), steps=args.steps)
-                cell.update(step_times(net, px, args.timing_repeats))
+                cell.update(step_times(net, px, args.timing_repeats),
+                            timing_repeats=args.timing_repeats, threads=threads)
                 cell["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 cells[f"{net}@{size}"] = cell
                 print(f"{net} @ {size} px: " + ", ".join(
