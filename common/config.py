@@ -21,7 +21,7 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 OPTIMIZERS = ("adam", "sgd")
 # the networks each task can train; the first is the task's default (`--model` left empty)
 TASK_MODELS: Mapping[str, tuple[str, ...]] = {
-    "classify": ("cnn",),
+    "classify": ("cnn", "resnet18", "resnet34", "densenet121"),
     "segment": ("unet",),
     "autoencode": ("autoencoder",),
     "synthesize": ("cgan",),
@@ -179,6 +179,11 @@ class RunConfig:
             not self.init_encoder or self.task == "classify", "init_encoder",
             "initialises a classifier: use it with --task classify",
         )
+        if self.init_encoder and self.model != "cnn":
+            raise ConfigError(
+                f"--init-encoder initialises --model cnn (the autoencoder's encoder has its "
+                f"layout), got --model {self.model}; use --pretrained FILE for {self.model}"
+            )
         need(self.encoder_lr_scale >= 0, "encoder_lr_scale", "must be >= 0 (0: frozen)")
         need(
             self.encoder_lr_scale == 1 or self.task == "classify", "encoder_lr_scale",

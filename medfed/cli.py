@@ -198,6 +198,8 @@ def simulate(
     ] = None,
     test_data: opt.TestData = None,
     task: opt.TaskOpt = None,
+    model: opt.ModelOpt = None,
+    channels: opt.Channels = None,
     init_encoder: opt.InitEncoder = None,
     encoder_lr_scale: opt.EncoderLrScale = None,
     spot_weight: opt.SpotWeight = None,
@@ -276,7 +278,7 @@ def simulate(
 
     overrides = given(
         sites_dir=str(data) if data else None, out=str(out_dir) if out_dir else None,
-        test_data=str(test_data) if test_data else None, task=task,
+        test_data=str(test_data) if test_data else None, task=task, model=model, channels=channels,
         init_encoder=str(init_encoder.resolve()) if init_encoder else None,
         encoder_lr_scale=encoder_lr_scale, spot_weight=spot_weight,
         num_classes=num_classes, rounds=rounds, strategy=strategy,

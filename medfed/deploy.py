@@ -698,6 +698,8 @@ def run(
                      "the sites' federated evaluation is used).", show_default="none"),
     ] = None,
     task: opt.TaskOpt = None,
+    model: opt.ModelOpt = None,
+    channels: opt.Channels = None,
     init_encoder: opt.InitEncoder = None,
     encoder_lr_scale: opt.EncoderLrScale = None,
     spot_weight: opt.SpotWeight = None,
@@ -748,7 +750,7 @@ def run(
     guard(lambda: check_credentials(operator))
     app_path = guard(lambda: find_app_dir(app_dir))
     values = given(
-        test_data=test_data or "", task=task,
+        test_data=test_data or "", task=task, model=model, channels=channels,
         init_encoder=str(init_encoder) if init_encoder else None,
         encoder_lr_scale=encoder_lr_scale, spot_weight=spot_weight, num_classes=num_classes,
         rounds=rounds, strategy=strategy, dp=dp,

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common.config import RunConfig
+from common.config import TASK_MODELS, RunConfig
 
 _RUN = RunConfig()
 
@@ -62,6 +62,18 @@ TaskOpt = Annotated[
     Task | None,
     _option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
                  "or synthesize (DP conditional GAN).", shown=_default("task")),
+]
+ModelOpt = Annotated[
+    str | None,
+    _option(help="The network; with --task classify one of "
+                 f"{', '.join(TASK_MODELS['classify'])} (all with GroupNorm, as DP-SGD needs); "
+                 "each other task has one.",
+                 shown=f"the task's first (classify: {TASK_MODELS['classify'][0]})"),
+]
+Channels = Annotated[
+    int | None,
+    _option(help="Image channels the network takes: 1 (grey) or 3 (colour).",
+                 shown=_default("channels")),
 ]
 InitEncoder = Annotated[
     Path | None,

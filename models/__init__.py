@@ -11,7 +11,9 @@ from models.cgan import ConditionalGAN
 from models.cnn import CNNClassifier
 from models.unet import UNet
 
-__all__ = ["CNNClassifier", "ConditionalGAN", "ConvAutoencoder", "UNet", "build_model"]
+__all__ = [
+    "CNNClassifier", "ConditionalGAN", "ConvAutoencoder", "UNet", "build_model", "classifier_head"
+]
 
 # name -> constructor taking (in_channels, num_classes, image_size); `dims` picks 2D or 3D
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -32,7 +34,27 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
         )
     ),
 }
+
+
+def _field_network(name: str) -> Callable[..., nn.Module]:
+    def build(*, in_channels: int, num_classes: int, image_size: int, dims: int) -> nn.Module:
+        # imported when first built: MONAI's import costs seconds every command would pay
+        from models.nets import build_classifier
+
+        return build_classifier(
+            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+            dims=dims,
+        )
+
+    return build
+
+
+# ResNet-18/34 and DenseNet-121 (models.nets)
+for _name in ("resnet18", "resnet34", "densenet121"):
+    _REGISTRY[_name] = _field_network(_name)
 MODEL_NAMES = tuple(_REGISTRY)
+# each classifier's head: the parameters --encoder-lr-scale leaves at --lr
+_HEADS = {"cnn": "head.", "resnet18": "fc.", "resnet34": "fc.", "densenet121": "class_layers."}
 
 
 def _only_2d(name: str, dims: int, model: nn.Module) -> nn.Module:
@@ -57,3 +79,10 @@ def build_model(
     return _REGISTRY[name](
         in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims
     )
+
+
+def classifier_head(name: str) -> str:
+    """The parameter-name prefix of classifier `name`'s head (its last, linear layer)."""
+    if name not in _HEADS:
+        raise ValueError(f"{name!r} is not a classifier; classifiers: {', '.join(_HEADS)}")
+    return _HEADS[name]

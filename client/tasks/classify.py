@@ -25,7 +25,7 @@ from common.config import RunConfig
 from common.metrics import classification_metrics
 from common.operating import RELEASE, score_histograms
 from common.sites import SiteRef
-from models.autoencoder import CLASSIFIER_FEATURES_PREFIX as FEATURES_PREFIX
+from models import classifier_head
 
 # Released once per DP run (from the validation split) when --logit-adjust > 0: one image moves
 # one count by one (L2 sensitivity 1); noise 5 leaves a count of 100 within 10% of its value.
@@ -107,11 +107,13 @@ class ClassifyTask:
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit: Fit) -> TrainReport:
         """Cross-entropy training (logit-adjusted), DP-SGD when `fit.privacy` is set.
 
-        The feature blocks learn at --lr times --encoder-lr-scale (0: frozen, only the head
-        trains); requires_grad is set afresh every round, the network being reused.
+        Every layer but the head learns at --lr times --encoder-lr-scale (0: frozen, only the
+        head trains); requires_grad is set afresh every round, the network being reused.
         """
         images, labels = samples
-        fit = fit.with_settings(lr_scales=((FEATURES_PREFIX, cfg.encoder_lr_scale),))
+        # first matching prefix wins: the head at --lr, every other parameter scaled
+        scales = ((classifier_head(cfg.model), 1.0), ("", cfg.encoder_lr_scale))
+        fit = fit.with_settings(lr_scales=scales)
         shift = torch.zeros(cfg.num_classes)
         if cfg.logit_adjust > 0:
             counts = (

@@ -1,4 +1,4 @@
-"""Classification at the aggregator: central AUC, and encoder initialisation (--init-encoder)."""
+"""Classification at the aggregator: central AUC; initial weights (--pretrained, --init-encoder)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from common.config import ConfigError, RunConfig
 from common.modelfile import load_model_file
 from models.autoencoder import classifier_init
 from server.central import CentralEvaluator
+from server.pretrained import load_pretrained
 from server.tasks.base import DefaultSteps, Evaluator, StateDict
 
 MODEL_FILE = "model.pt"
@@ -36,8 +37,10 @@ class ClassifyCentral(DefaultSteps):
     """Central AUC on labelled held-out images."""
 
     def initial_state(self, cfg: RunConfig) -> StateDict:
-        """Seeded weights; with --init-encoder the feature blocks come from the autoencoder."""
+        """Seeded weights, then --pretrained's matching layers or --init-encoder's encoder."""
         state = super().initial_state(cfg)
+        if cfg.pretrained:
+            state = load_pretrained(Path(cfg.pretrained), state, model=cfg.model)
         if not cfg.init_encoder:
             return state
         try:
