@@ -58,8 +58,11 @@ types: install
 test-deps:
 	@sh tests/install_tools.sh
 
+# Two pytest workers where there are two cores (CI has 2), one where there is one. --dist loadfile
+# keeps each test file on one worker, in order: module fixtures (a whole TLS federation, a live
+# run) are built once, and the tests of a file that build on each other's runs stay in sequence.
 unit: install test-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 2 --dist loadfile
 
 test: lint types unit
 

@@ -36,8 +36,8 @@ def test_each_phase_logs_one_line_with_round_steps_epsilon_and_time(
 ) -> None:
     sites = write_easy_hospitals(tmp_path / "data", [("site-a", 40, 0.5)], 10, seed=1) / "sites"
     refs = site_refs(sites, tmp_path / "state")
-    cfg = RunConfig(out=str(tmp_path / "run"), rounds=2, image_size=32, batch_size=16,
-                    run_key="log-test")
+    cfg = RunConfig(out=str(tmp_path / "run"), rounds=2, local_steps=2, image_size=32,
+                    batch_size=16, run_key="log-test")
     app = make_client_app(refs)
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})

@@ -114,7 +114,7 @@ class Federation:
         return subprocess.Popen(
             [
                 str(BIN / "medfed"), "run", "--kit", str(self.kits / "operator"),
-                "--out", str(self.root / out), "--batch-size", "16",
+                "--out", str(self.root / out), "--batch-size", "16", "--local-steps", "2",
                 *(["--app", str(self.app)] if self.app else []), *flags,
             ],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -28,7 +28,8 @@ def test_simulate_serves_metrics_while_it_runs_and_frees_the_port(
     cmd = [
         sys.executable, "-m", "medfed", "simulate", "--data", str(small_hospitals / "sites"),
         "--test-data", str(small_hospitals / "test"), "--out", str(run_dir), "--rounds", "2",
-        "--no-dp", "--image-size", "32", "--batch-size", "8", "--metrics-port", str(port),
+        "--local-steps", "2", "--no-dp", "--image-size", "32", "--batch-size", "8",
+        "--metrics-port", str(port),
     ]
     scrapes: list[str] = []
     states: list[dict] = []

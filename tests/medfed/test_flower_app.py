@@ -60,7 +60,7 @@ def test_flwr_run_uses_the_installed_environment_and_says_where_results_are(
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
     overrides = (
-        f"rounds=1 image-size=32 batch-size=16 sites-dir='{data / 'sites'}' "
+        f"rounds=1 local-steps=2 image-size=32 batch-size=16 sites-dir='{data / 'sites'}' "
         f"test-data='{data / 'test'}' out='{out}'"
     )
     started = time.monotonic()

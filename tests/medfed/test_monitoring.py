@@ -88,8 +88,8 @@ class LiveRun:
 def live_run(small_hospitals: Path, tmp_path_factory) -> Iterator[LiveRun]:
     cfg = RunConfig(
         sites_dir=str(small_hospitals / "sites"), test_data=str(small_hospitals / "test"),
-        out=str(tmp_path_factory.mktemp("live") / "run"), rounds=ROUNDS, batch_size=8,
-        image_size=32, lr=3e-3, seed=0, run_key=uuid.uuid4().hex,
+        out=str(tmp_path_factory.mktemp("live") / "run"), rounds=ROUNDS, local_steps=2,
+        batch_size=8, image_size=32, lr=3e-3, seed=0, run_key=uuid.uuid4().hex,
     )
     metrics = RunMetrics()
     metrics.start_run(

@@ -31,7 +31,7 @@ def test_results_record_each_sites_head_and_the_trail_verifies_against_them(
     run_dir = tmp_path / "run"
     done = subprocess.run(
         [str(BIN / "medfed"), "simulate", "--data", str(data / "sites"), "--out", str(run_dir),
-         "--rounds", "1", "--batch-size", "8", "--image-size", "32",
+         "--rounds", "1", "--local-steps", "2", "--batch-size", "8", "--image-size", "32",
          "--metrics-port", str(free_port())],
         capture_output=True, text=True, timeout=600,
     )

@@ -21,7 +21,8 @@ def test_a_spent_budget_refuses_the_next_run_and_the_run_goes_on(easy_hospitals:
     ledgers = tmp_path / "ledgers"
     base = RunConfig(
         sites_dir=str(easy_hospitals / "sites"), test_data=str(easy_hospitals / "test"),
-        rounds=2, batch_size=32, image_size=32, target_epsilon=3.0, ledger_dir=str(ledgers),
+        rounds=2, local_steps=2, batch_size=32, image_size=32, target_epsilon=3.0,
+        ledger_dir=str(ledgers),
     )
     first = simulate(base.replace(out=str(tmp_path / "run-1")))
     sites = sorted(first["privacy"])

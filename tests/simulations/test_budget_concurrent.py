@@ -23,6 +23,7 @@ def _simulate(data: Path, out: Path, ledgers: Path, *flags: str) -> subprocess.P
     return subprocess.Popen(
         [sys.executable, "-m", "medfed", "simulate", "--data", str(data / "sites"),
          "--test-data", str(data / "test"), "--out", str(out), "--rounds", "1",
+         "--local-steps", "2",
          "--min-sites", "1", "--image-size", "32", "--batch-size", "16", "--seed", "0",
          "--metrics-port", "0",
          *flags],

@@ -69,8 +69,8 @@ def test_injected_faults_reach_results_json_with_site_and_reason(tmp_path: Path)
         ),
     )
     cfg = RunConfig(
-        sites_dir=str(pool), out=str(tmp_path / "run"), rounds=2, dp=False, image_size=16,
-        batch_size=16, seed=5, min_sites=1,
+        sites_dir=str(pool), out=str(tmp_path / "run"), rounds=2, local_steps=2, dp=False,
+        image_size=16, batch_size=16, seed=5, min_sites=1,
     )
     results = simulate(cfg, federation=federation)
     plan = simulated_sites(cfg, federation, tmp_path / "run").plan

@@ -38,7 +38,7 @@ def test_no_patient_identifier_leaves_and_every_reply_is_audited(tmp_path: Path)
     run_dir = tmp_path / "run"
     done = subprocess.run(
         [str(BIN / "medfed"), "simulate", "--data", str(data / "sites"), "--out", str(run_dir),
-         "--rounds", "2", "--batch-size", "16", "--image-size", "32",
+         "--rounds", "2", "--local-steps", "2", "--batch-size", "16", "--image-size", "32",
          "--metrics-port", str(free_port()), "--verbose"],
         capture_output=True, text=True, timeout=600,
     )

@@ -16,8 +16,8 @@ from medfed.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED
 from tests.simulations.conftest import write_easy_hospitals
 
 runner = CliRunner()
-TINY = ["--rounds", "1", "--image-size", "16", "--batch-size", "16", "--metrics-port", "0",
-        "--min-sites", "2"]
+TINY = ["--rounds", "1", "--local-steps", "2", "--image-size", "16", "--batch-size", "16",
+        "--metrics-port", "0", "--min-sites", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -301,7 +301,7 @@ def test_simulate_writes_the_report(easy_hospitals: Path, tmp_path: Path) -> Non
     result = runner.invoke(
         app,
         ["simulate", "--data", str(easy_hospitals / "sites"), "--out", str(out), "--rounds", "1",
-         "--no-dp", "--metrics-port", "0", "--image-size", "32"],
+         "--local-steps", "2", "--no-dp", "--metrics-port", "0", "--image-size", "32"],
     )
     assert result.exit_code == 0, result.output
     document = (out / "report.html").read_text()

@@ -43,6 +43,7 @@ dropout = 0.05
 [run]
 out = "{out}"
 rounds = {rounds}
+local_steps = 2  # the federation at scale is under test, not the local recipe
 dp = false
 image_size = 16
 batch_size = 8

@@ -100,7 +100,7 @@ def test_aggregator_holds_only_the_masked_sum_and_a_dropout_is_recovered(
     captured = tmp_path / "updates"
     captured.mkdir()
     cfg = RunConfig(
-        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=1, dp=False,
+        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=1, local_steps=2, dp=False,
         image_size=32, batch_size=16, lr=1e-3, secure_agg=True, secagg_shares=1.0,
         secagg_threshold=0.6, min_sites=3, fraction_evaluate=0.0, run_key="secagg-test",
     )
@@ -165,7 +165,7 @@ def test_secure_aggregation_with_central_dp_accounts_each_release(
     four_sites: Path, tmp_path: Path
 ) -> None:
     cfg = RunConfig(
-        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=2, dp=False,
+        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=2, local_steps=2, dp=False,
         image_size=32, batch_size=16, secure_agg=True, central_dp="client-fixed",
         central_noise=0.8, clip_norm=0.5, min_sites=4, run_key="secagg-dp-test",
     )

@@ -92,7 +92,7 @@ def test_synthetic_hospitals_federate_without_leaking_identifiers(
     """Synthetic DICOM hospitals through the whole pipeline; sites' held-out splits as test."""
     run_dir = tmp_path / "run"
     cfg = RunConfig(
-        sites_dir=str(hospitals / "sites"), out=str(run_dir), rounds=1, dp=False,
+        sites_dir=str(hospitals / "sites"), out=str(run_dir), rounds=1, local_steps=2, dp=False,
         strategy="fedmedian",
     )
     results = simulate(cfg)

@@ -47,7 +47,7 @@ def test_simulate_refuses_an_unusable_site_folder_before_ray_starts(
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "medfed", "simulate", "--data", str(sites), "--out",
-         str(run_dir), "--rounds", "1", "--no-dp", "--metrics-port", "0"],
+         str(run_dir), "--rounds", "1", "--local-steps", "2", "--no-dp", "--metrics-port", "0"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     elapsed = time.monotonic() - started

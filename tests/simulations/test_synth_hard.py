@@ -116,7 +116,7 @@ def test_hard_scenario_runs_end_to_end(
     result = runner.invoke(app, [
         "simulate", "--scenario", str(HARD), "--data", str(out / "sites"), "--test-data",
         str(out / "test"), "--out", str(run_dir), "--rounds", "2", "--image-size", "32",
-        "--no-dp", "--metrics-port", "0",
+        "--local-steps", "2", "--no-dp", "--metrics-port", "0",
     ])
     assert result.exit_code == 0, result.output
     results = json.loads((run_dir / "results.json").read_text())

@@ -21,7 +21,7 @@ def hospitals(tmp_path_factory) -> Path:
 
 def _run(hospitals: Path, out: Path, **kw) -> dict:
     cfg = RunConfig(sites_dir=str(hospitals / "sites"), test_data=str(hospitals / "test"),
-                    out=str(out), rounds=1, image_size=16, batch_size=8, **kw)
+                    out=str(out), rounds=1, local_steps=2, image_size=16, batch_size=8, **kw)
     return simulate(cfg)
 
 
