@@ -163,7 +163,7 @@ def _batches(loader: DataLoader, settings: LocalTraining) -> Iterator[Sequence[t
                 return
 
 
-def _run_epochs(
+def _run_round(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
@@ -258,7 +258,7 @@ def fit(
         generator=torch.Generator().manual_seed(seed),
     )
     optimizer = settings.make_optimizer(model)
-    loss, steps = _run_epochs(
+    loss, steps = _run_round(
         model, optimizer, loader, settings, device, anchor, loss_fn, hooks or StepHooks()
     )
     return TrainReport(loss, len(dataset), steps, time.perf_counter() - started)
@@ -304,7 +304,7 @@ def fit_dp(
         with warnings.catch_warnings():
             # Opacus's hooks fire on module outputs because images do not require grad: expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss, steps = _run_epochs(
+            loss, steps = _run_round(
                 private_model, private_opt, private_loader, settings, device, _prefixed(anchor),
                 loss_fn, hooks or StepHooks(),
             )
