@@ -25,6 +25,7 @@ Figures (each a ratio or an amount measured in this one run of the suite):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import hard
+from bench import hard, networks
 from bench.stats import Figure, median, ratio, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,7 +286,7 @@ def quality_and_bytes(mode: Mode) -> dict[str, Any]:
         run, central = OUT / f"quality-fl-{seed}", OUT / f"quality-central-{seed}"
         fl_s = timed([MEDFED, "simulate", "--data", str(data / "sites"), "--test-data",
                       str(data / "test"), "--out", str(run), "--rounds", str(mode.quality_rounds),
-                      "--no-dp", "--metrics-port", "0", "--force"])
+                      "--no-dp", "--strategy", "fedavg", "--metrics-port", "0", "--force"])
         central_s = timed([MEDFED, "central", "--data", str(data / "sites"), "--test-data",
                            str(data / "test"), "--out", str(central), "--epochs",
                            str(mode.central_epochs)])
@@ -453,23 +454,26 @@ def breastmnist(mode: Mode) -> dict[str, Any]:
         timed([PYTHON, str(shared / "make_sites.py"), "breastmnist", "--out", str(data),
                *args, "--overwrite"])
         info = json.loads((data / "dataset_info.json").read_text())
-        for dp in (False, True):
-            name = f"{layout}_{'dp' if dp else 'nodp'}"
-            run = OUT / f"breastmnist-{layout}-{'dp' if dp else 'nodp'}"
+        # the defaults as a user runs them, then FedAvg for comparison (the earlier default)
+        for dp, strategy in itertools.product((False, True), ("", "fedavg")):
+            name = f"{layout}_{'dp' if dp else 'nodp'}" + (f"_{strategy}" if strategy else "")
+            run = OUT / f"breastmnist-{name}"
             argv = [MEDFED, "simulate", "--data", str(data / "sites"), "--test-data",
                     str(data / "test"), "--out", str(run), "--rounds",
                     str(mode.breastmnist_rounds), "--metrics-port", "0", "--force",
-                    *([] if dp else ["--no-dp"])]
+                    *([] if dp else ["--no-dp"]),
+                    *(["--strategy", strategy] if strategy else [])]
             try:
                 seconds = timed(argv)
             except RuntimeError as exc:  # a run that fails is a figure too: say why
-                runs[name] = {"layout": layout, "dp": dp, "error": str(exc)[-1500:]}
+                runs[name] = {"layout": layout, "dp": dp, "strategy": strategy or "default",
+                              "error": str(exc)[-1500:]}
                 log(f"breastmnist {name} FAILED: {str(exc)[-300:]}")
                 continue
             results = json.loads((run / "results.json").read_text())
             point = hard.operating_point(results["final"])
             runs[name] = {
-                "layout": layout, "dp": dp, **point,
+                "layout": layout, "dp": dp, "strategy": results["config"]["strategy"], **point,
                 "epsilon_max": hard.epsilon_max(results),
                 "outcome": results.get("outcome", {}).get("status"),
                 "seconds": seconds,
@@ -504,7 +508,8 @@ def breastmnist_markdown(part: dict[str, Any]) -> str:
         "benign, so sensitivity is for that class) laid out as hospitals by "
         "`../shared/data/make_sites.py`, trained with "
         f"`medfed simulate --data SITES --test-data TEST --rounds {rounds}` and no other flag "
-        "(`--no-dp` for the rows without DP), tested on the official test split "
+        "(`--no-dp` for the rows without DP; `--strategy fedavg` for the fedavg rows, the "
+        "default being scaffold), tested on the official test split "
         f"({part.get('test_images')} images). `hard`: three one-class sites (two of about 30 "
         "images) beside one mixed, the shape of the issue-16 check; `default`: the script's "
         "4 Dirichlet(0.5) label-skewed sites. Sensitivity, specificity and balanced accuracy "
@@ -514,9 +519,9 @@ def breastmnist_markdown(part: dict[str, Any]) -> str:
         "split: test AUC 0.901, ACC 0.863 (Yang et al. 2023). A different network, training "
         "and split, not a target for these layouts.",
         "",
-        "| layout | DP | AUC | sensitivity | specificity | balanced accuracy | accuracy | "
-        "max epsilon | time |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layout | DP | strategy | AUC | sensitivity | specificity | balanced accuracy | "
+        "accuracy | max epsilon | time |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(value: Any) -> str:
@@ -524,13 +529,15 @@ def breastmnist_markdown(part: dict[str, Any]) -> str:
 
     for run in part.get("runs", {}).values():
         dp = "epsilon 8" if run["dp"] else "off"
+        strategy = run.get("strategy", "default")
         if "error" in run:
-            lines.append(f"| {run['layout']} | {dp} | failed: "
+            lines.append(f"| {run['layout']} | {dp} | {strategy} | failed: "
                          f"{run['error'].splitlines()[-1][:200]} | | | | | | |")
             continue
         lines.append(
-            f"| {run['layout']} | {dp} | {cell(run['auc'])} | {cell(run['sensitivity'])} | "
-            f"{cell(run['specificity'])} | {cell(run['balanced_accuracy'])} | "
+            f"| {run['layout']} | {dp} | {strategy} | {cell(run['auc'])} | "
+            f"{cell(run['sensitivity'])} | {cell(run['specificity'])} | "
+            f"{cell(run['balanced_accuracy'])} | "
             f"{cell(run['accuracy'])} | {cell(run['epsilon_max'])} | {run['seconds']:.0f} s |"
         )
     return "\n".join([*lines, ""])
@@ -833,6 +840,8 @@ def write_outputs(
     text = text.replace("\n## Machine\n",
                         "\n" + breastmnist_markdown(results["breastmnist"]) + "\n## Machine\n", 1)
     REPORT.write_text(text)
+    if networks.RESULTS.is_file():  # bench.networks measures separately; its section stays
+        networks.write_report(json.loads(networks.RESULTS.read_text()))
     if not pending:
         for f in figs:
             log(f"{f.key}: {f.measured_text()} (goal {f.goal_text()}): {f.verdict}")

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -39,6 +40,7 @@ from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, descri
 from client.audit_state import TRAIL, append_signed, signing_key
 from client.ledger import BudgetRefused, PrivacyLedger
 from client.policy import RunRefused, check_deployed_message
+from client.scaffold import DriftCorrection, control_path, load_control, save_control
 from client.secure import (
     NORM_BIT,
     SECAGG_REPLY_KEYS,
@@ -62,6 +64,7 @@ from common.privacy import (
     PrivacyBudgetSpent,
     PrivacyState,
 )
+from common.scaffold import split_control, with_control
 from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
 
@@ -107,6 +110,21 @@ def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | No
 
 def _privacy_path(site: SiteRef, run_key: str) -> Path:
     return site.state_dir / "privacy" / f"{run_key}.json"
+
+
+def _drift_correction(
+    cfg: RunConfig, site: SiteRef, run_key: str, control: Mapping[str, torch.Tensor]
+) -> DriftCorrection | None:
+    """SCAFFOLD's correction for this round (c from the message, c_i from the site's state)."""
+    if cfg.strategy != "scaffold":
+        return None
+    if not control:
+        raise ValueError(
+            f"site {site.name}: --strategy scaffold but the aggregator sent no control variate; "
+            "the server and this site run different medfed versions"
+        )
+    server = {k: v.numpy() for k, v in control.items()}
+    return DriftCorrection(server, load_control(control_path(site.state_dir, run_key)))
 
 
 def _load_or_plan_privacy(site: SiteRef, cfg: RunConfig, run_key: str, n: int) -> PrivacyState:
@@ -404,7 +422,10 @@ def make_client_app(
             raise ValueError(f"site {site.name} has no readable training images for --task "
                              f"{cfg.task}")
         device = resolve_device(cfg.device)
-        model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
+        state, control = split_control(msg.content.array_records["arrays"].to_torch_state_dict())
+        model = network(task, cfg, state)
+        run_key = cfg.run_key or str(context.run_id)
+        drift = _drift_correction(cfg, site, run_key, control)
         config = msg.content.config_records["config"]
         mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
         settings = LocalTraining(
@@ -425,7 +446,6 @@ def make_client_app(
         # the images this round trains on, by content: copies of them share their spend
         ledger = PrivacyLedger(site.data_dir, ledger_dir, subset=site.subset, split="train",
                                seed=cfg.seed)
-        run_key = cfg.run_key or str(context.run_id)
         if cfg.dp:
             privacy = _load_or_plan_privacy(site, cfg, run_key, n)
             per_round = cfg.steps_per_round(n)
@@ -441,7 +461,7 @@ def make_client_app(
             report = task.train(
                 model, samples, cfg,
                 Fit(settings, device, privacy, seed=cfg.seed * 1000 + server_round,
-                    proximal=mu > 0, class_counts=class_counts),
+                    proximal=mu > 0, class_counts=class_counts, hooks=drift),
             )
             privacy.save(_privacy_path(site, run_key))
             ledger.commit(run=run_key, site=site.name, history=privacy.history)
@@ -453,7 +473,7 @@ def make_client_app(
             report = task.train(
                 model, samples, cfg,
                 Fit(settings, device, None, seed=cfg.seed * 1000 + server_round,
-                    proximal=mu > 0),
+                    proximal=mu > 0, hooks=drift),
             )
         metrics.update(report.extra)
         metrics.update(
@@ -482,7 +502,12 @@ def make_client_app(
         )
         if cfg.central_dp != "off":
             metrics[UNIT_WEIGHT] = 1
-        records["arrays"] = ArrayRecord(model.cpu().state_dict())
+        trained = model.cpu().state_dict()
+        if drift is not None:
+            new_control, change = drift.updated()
+            save_control(control_path(site.state_dir, run_key), new_control)
+            trained = with_control(trained, {k: torch.from_numpy(v) for k, v in change.items()})
+        records["arrays"] = ArrayRecord(trained)
         records["metrics"] = MetricRecord(metrics)
         records["site"] = ConfigRecord({"name": site.name})
         return Message(RecordDict(records), reply_to=msg)

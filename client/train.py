@@ -110,7 +110,8 @@ class StepHooks:
     `add_gradient` runs after Opacus has clipped and noised the data gradient (after
     `backward` without DP) and before the step: only gradients that do not depend on the
     site's data may be added there (FedProx's term, a GAN discriminator's loss on generated
-    images). `after_step` runs after each step (a GAN's generator update).
+    images), or that depend on it only through gradients already privatised (SCAFFOLD's
+    correction). `after_step` runs after each step (a GAN's generator update).
     """
 
     def add_gradient(self, model: nn.Module) -> None:

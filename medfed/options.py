@@ -38,7 +38,7 @@ def _option(*decls: str, help: str, shown: str, **extra: Any) -> Any:
 
 
 class Strategy(StrEnum):
-    """Aggregation strategies (Flower's)."""
+    """Aggregation strategies: Flower's, and SCAFFOLD built on Flower's FedAvg."""
 
     fedavg = "fedavg"
     fedprox = "fedprox"
@@ -47,6 +47,7 @@ class Strategy(StrEnum):
     fedmedian = "fedmedian"
     fedtrimmedavg = "fedtrimmedavg"
     krum = "krum"
+    scaffold = "scaffold"
 
 
 class Task(StrEnum):
@@ -109,7 +110,9 @@ Rounds = Annotated[
 ]
 StrategyOpt = Annotated[
     Strategy | None,
-    _option(help="Aggregation strategy.", shown=_default("strategy")),
+    _option(help="Aggregation strategy.",
+            shown="scaffold with --task classify, fedavg with other tasks, --secure-agg or "
+                  "--central-dp"),
 ]
 Dp = Annotated[
     bool | None,
@@ -140,6 +143,12 @@ LogitAdjust = Annotated[
     _option(help="With --task classify: logit adjustment (balanced softmax) from each site's "
                  "own class counts, times this tau; keeps one-class sites from biasing the "
                  "model (0: off).", shown=_default("logit_adjust")),
+]
+Augment = Annotated[
+    bool | None,
+    _option("--augment/--no-augment",
+            help="With --task classify: random flips, small rotations, scaling, shifts and "
+                 "intensity jitter of each training image.", shown=_default("augment")),
 ]
 TargetSensitivity = Annotated[
     float | None,

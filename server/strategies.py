@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import STRATEGIES, RunConfig
 from common.privacy import UNIT_WEIGHT
+from server.scaffold import Scaffold
 
 
 def nan_safe_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -81,6 +82,8 @@ def build_strategy(cfg: RunConfig, *, num_sites: int | None = None) -> Strategy:
         return FedMedian(**common)
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
+    if name == "scaffold":
+        return Scaffold(**common)
     if name == "krum":
         return Krum(**common, num_malicious_nodes=cfg.krum_byzantine)
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")

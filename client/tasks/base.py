@@ -62,6 +62,8 @@ class Fit:
     # site's validation split (client.validation); None: count the training labels (no DP) or
     # no adjustment (DP without a validation split)
     class_counts: np.ndarray | None = None
+    # what the strategy adds to every step (SCAFFOLD's drift correction); None: nothing
+    hooks: StepHooks | None = None
 
     def with_settings(self, **changes: Any) -> Fit:
         """The same round with some of its LocalTraining settings changed (a task's own)."""
@@ -71,7 +73,16 @@ class Fit:
         self, model: nn.Module, dataset: TensorDataset, loss_fn: LossFn,
         hooks: StepHooks | None = None,
     ) -> TrainReport:
-        """Train `model` on `dataset`: DP-SGD when `privacy` is set, plain training otherwise."""
+        """Train `model` on `dataset`: DP-SGD when `privacy` is set, plain training otherwise.
+
+        `hooks` are the task's own (a GAN's adversarial steps); they cannot be combined with
+        the strategy's.
+        """
+        if hooks is not None and self.hooks is not None:
+            raise ValueError(
+                "this task adds its own step hooks and cannot train under --strategy scaffold"
+            )
+        hooks = hooks or self.hooks
         if self.privacy is not None:
             return fit_dp(
                 model, dataset, loss_fn, settings=self.settings, device=self.device,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.augment import augmented
 from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess
 from client.train import TrainReport, labelled_dataset, predict
 from common.config import RunConfig
@@ -123,7 +124,10 @@ class ClassifyTask:
             if counts is not None:
                 shift = torch.as_tensor(cfg.logit_adjust * log_prior(counts),
                                         dtype=torch.float32)
-        return fit.run(model, labelled_dataset(images, labels), adjusted_cross_entropy(shift))
+        loss = adjusted_cross_entropy(shift)
+        if cfg.augment:
+            loss = augmented(loss, torch.Generator().manual_seed(fit.seed))
+        return fit.run(model, labelled_dataset(images, labels), loss)
 
     def evaluate(
         self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device
