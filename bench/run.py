@@ -454,8 +454,8 @@ def breastmnist(mode: Mode) -> dict[str, Any]:
         timed([PYTHON, str(shared / "make_sites.py"), "breastmnist", "--out", str(data),
                *args, "--overwrite"])
         info = json.loads((data / "dataset_info.json").read_text())
-        # the defaults as a user runs them, then FedAvg for comparison (the earlier default)
-        for dp, strategy in itertools.product((False, True), ("", "fedavg")):
+        # the defaults as a user runs them, then SCAFFOLD for comparison
+        for dp, strategy in itertools.product((False, True), ("", "scaffold")):
             name = f"{layout}_{'dp' if dp else 'nodp'}" + (f"_{strategy}" if strategy else "")
             run = OUT / f"breastmnist-{name}"
             argv = [MEDFED, "simulate", "--data", str(data / "sites"), "--test-data",
@@ -508,8 +508,8 @@ def breastmnist_markdown(part: dict[str, Any]) -> str:
         "benign, so sensitivity is for that class) laid out as hospitals by "
         "`../shared/data/make_sites.py`, trained with "
         f"`medfed simulate --data SITES --test-data TEST --rounds {rounds}` and no other flag "
-        "(`--no-dp` for the rows without DP; `--strategy fedavg` for the fedavg rows, the "
-        "default being scaffold), tested on the official test split "
+        "(`--no-dp` for the rows without DP; `--strategy scaffold` for the scaffold rows, "
+        "the default being fedavg), tested on the official test split "
         f"({part.get('test_images')} images). `hard`: three one-class sites (two of about 30 "
         "images) beside one mixed, the shape of the issue-16 check; `default`: the script's "
         "4 Dirichlet(0.5) label-skewed sites. Sensitivity, specificity and balanced accuracy "

@@ -39,19 +39,6 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def default_strategy(cfg: RunConfig) -> str:
-    """The aggregation a run gets when --strategy is left out.
-
-    Classification: SCAFFOLD. On BreastMNIST laid out as label-skewed hospitals (one-class
-    sites beside mixed ones) it lifted the test AUC over FedAvg by 0.01 to 0.04 without DP
-    (BENCHMARKS.md), and it costs no privacy (client.scaffold). Secure aggregation and central
-    DP need a plain mean of the updates, and the other tasks were not measured with it: FedAvg.
-    """
-    if cfg.task == "classify" and cfg.central_dp == "off" and not cfg.secure_agg:
-        return "scaffold"
-    return "fedavg"
-
-
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     """Batches in one epoch; Opacus samples each example with probability 1 / this number."""
     if num_examples < 1:
@@ -95,8 +82,7 @@ class RunConfig:
     image_size: int = 64
     channels: int = 1
     num_classes: int = 2
-    # empty: the task's default (`default_strategy`)
-    strategy: str = ""
+    strategy: str = "fedavg"
     rounds: int = 5
     # a round's local work: --local-steps optimiser steps at every site, whatever its size (a
     # 30-image site and a 3,000-image site both train); --local-epochs N > 0 trains N passes
@@ -213,8 +199,6 @@ class RunConfig:
             self.spot_weight == 0 or self.task == "autoencode", "spot_weight",
             "weighs the autoencoder's spot term: use it with --task autoencode",
         )
-        if not self.strategy:
-            object.__setattr__(self, "strategy", default_strategy(self))
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         need(
             self.strategy != "scaffold" or self.task != "synthesize", "strategy",

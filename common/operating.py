@@ -43,6 +43,9 @@ THRESHOLDS: np.ndarray = 1.0 / (1.0 + np.exp(-_INNER_LOGITS))
 HIST_KEYS = ("score-hist-0", "score-hist-1")
 # The release name in a site's privacy plan (common.privacy.PrivacyState.release).
 RELEASE = "val-scores"
+# The Gaussian noise on each count of a site's histograms in a DP run (client.tasks.classify
+# releases them with it; the aggregator needs it to tell a class from noise).
+HISTOGRAM_NOISE = 2.0
 # Default threshold before any operating point is chosen: argmax of two classes.
 DEFAULT_THRESHOLD = 0.5
 # Below this balanced accuracy at its operating point a classifier is flagged (`warnings_for`):
@@ -100,19 +103,19 @@ def _non_increasing(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full(int(n), m) for m, n in blocks])
 
 
-def _rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _rates(counts: np.ndarray, min_total: float = 0.5) -> tuple[np.ndarray, np.ndarray, float]:
     """The share of a class at or above bin j and below it, for j = 0..BINS, and its total.
 
     Exact for true counts (each rate is a count over the total, as a per-image mean gives);
     for noisy ones the cumulative counts are made non-increasing and the rates clipped to
-    [0, 1]. NaN rates when the class (by its counts) is absent.
+    [0, 1]. NaN rates when the class (by its counts) is absent: fewer than `min_total`.
     """
     cumulative = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])
     if np.any(np.diff(cumulative) > 0):  # only noise can make a count negative
         cumulative = _non_increasing(cumulative)
         cumulative = cumulative - cumulative[-1]  # nothing lies above the last edge
     total = float(cumulative[0])
-    if total < 0.5:  # no image of this class (or noise around none)
+    if total < min_total:  # no image of this class (or noise around none)
         nan = np.full(BINS + 1, math.nan)
         return nan, nan, 0.0
     above = np.clip(cumulative / total, 0.0, 1.0)
@@ -140,15 +143,30 @@ class Roc:
         return float(np.trapezoid(self.sensitivity[::-1], fpr[::-1]))
 
 
-def roc_from_histograms(histograms: np.ndarray) -> Roc:
-    """The ROC of summed (2, BINS) histograms: sensitivity/specificity at every bin edge."""
+def roc_from_histograms(histograms: np.ndarray, *, noise_std: float = 0.0) -> Roc:
+    """The ROC of summed (2, BINS) histograms: sensitivity/specificity at every bin edge.
+
+    `noise_std`: the Gaussian noise of each count (DP). A class whose total is then below
+    `absent_below(noise_std)` counts as absent, so a one-class site's missing class is not
+    read out of its noise.
+    """
     h = np.asarray(histograms, dtype=np.float64)
     if h.shape != (2, BINS):
         raise ValueError(f"score histograms must have shape (2, {BINS}), got {h.shape}")
-    sens, _, positives = _rates(h[1])
-    _, spec, negatives = _rates(h[0])
+    floor = absent_below(noise_std)
+    sens, _, positives = _rates(h[1], floor)
+    _, spec, negatives = _rates(h[0], floor)
     thresholds = np.concatenate([[0.0], THRESHOLDS, [1.0]])
     return Roc(thresholds, sens, spec, positives, negatives)
+
+
+def absent_below(noise_std: float) -> float:
+    """The total under which a class counts as absent: half an image, or 3 noise deviations.
+
+    A class total sums BINS noisy counts, so its noise has deviation noise_std * sqrt(BINS);
+    an absent class reaches 3 of those by chance about once in 700.
+    """
+    return max(0.5, 3.0 * noise_std * math.sqrt(BINS))
 
 
 def roc_from_scores(scores: np.ndarray, labels: np.ndarray) -> Roc:
@@ -189,13 +207,15 @@ def choose_threshold(roc: Roc, target_sensitivity: float = 0.0) -> int:
     return int(best[len(best) // 2])
 
 
-def rates_at(histograms: np.ndarray, threshold: float) -> dict[str, float]:
+def rates_at(
+    histograms: np.ndarray, threshold: float, *, noise_std: float = 0.0
+) -> dict[str, float]:
     """Sensitivity, specificity, balanced_accuracy and accuracy of histograms at a threshold.
 
     `threshold` must be one the bins resolve (0, an entry of THRESHOLDS, or 1); otherwise the
     nearest edge at or below it is used.
     """
-    roc = roc_from_histograms(histograms)
+    roc = roc_from_histograms(histograms, noise_std=noise_std)
     j = int(np.searchsorted(roc.thresholds, threshold + 1e-12, side="right") - 1)
     j = min(max(j, 0), BINS)
     sens, spec = float(roc.sensitivity[j]), float(roc.specificity[j])
@@ -245,9 +265,16 @@ def operating_point(histograms: np.ndarray, target_sensitivity: float = 0.0) -> 
                           at["balanced_accuracy"], at["accuracy"], roc.positives, roc.negatives)
 
 
-def site_metrics(histograms: np.ndarray, threshold: float) -> dict[str, float]:
-    """One site's AUC and rates at the federation's threshold, from its own histograms."""
-    return {"auc": roc_from_histograms(histograms).auc, **rates_at(histograms, threshold)}
+def site_metrics(
+    histograms: np.ndarray, threshold: float, *, noise_std: float = 0.0
+) -> dict[str, float]:
+    """One site's AUC and rates at the federation's threshold, from its own histograms.
+
+    Under DP (`noise_std` > 0) a class the site's noisy counts cannot tell from noise counts
+    as absent there (`absent_below`): its rates are NaN, not figures read out of noise.
+    """
+    return {"auc": roc_from_histograms(histograms, noise_std=noise_std).auc,
+            **rates_at(histograms, threshold, noise_std=noise_std)}
 
 
 def fairness(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

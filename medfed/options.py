@@ -110,9 +110,7 @@ Rounds = Annotated[
 ]
 StrategyOpt = Annotated[
     Strategy | None,
-    _option(help="Aggregation strategy.",
-            shown="scaffold with --task classify, fedavg with other tasks, --secure-agg or "
-                  "--central-dp"),
+    _option(help="Aggregation strategy.", shown=_default("strategy")),
 ]
 Dp = Annotated[
     bool | None,

@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord
 from common.config import RunConfig
 from common.operating import (
     DEFAULT_THRESHOLD,
+    HISTOGRAM_NOISE,
     fairness,
     histogram_calibration,
     operating_point,
@@ -42,13 +43,16 @@ class OperatingPoints:
     # None until a threshold is chosen (sites then use 0.5); stays None for other tasks
     threshold: float | None = None
     enabled: bool = True
+    # the Gaussian noise on each site's counts (DP runs), for per-site metrics
+    noise_std: float = 0.0
     chosen: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def for_run(cls, cfg: RunConfig, previous: float | None = None) -> OperatingPoints:
         """A binary classifier's tracker (disabled for other tasks); `previous`: on resume."""
         binary = cfg.task == "classify" and cfg.num_classes == 2
-        return cls(cfg.target_sensitivity, previous if binary else None, binary)
+        return cls(cfg.target_sensitivity, previous if binary else None, binary,
+                   noise_std=HISTOGRAM_NOISE if cfg.dp and not cfg.secure_agg else 0.0)
 
     @property
     def current(self) -> float | None:
@@ -78,7 +82,8 @@ class OperatingPoints:
             log.warning("round %d: operating point not chosen: %s", round_, exc)
             return None
         self.threshold = point.threshold
-        sites = {name: site_metrics(h, point.threshold) for name, h in sorted(histograms.items())}
+        sites = {name: site_metrics(h, point.threshold, noise_std=self.noise_std)
+                 for name, h in sorted(histograms.items())}
         entry = {**point.to_json(), **histogram_calibration(summed), "sites": sites,
                  "fairness": fairness(sites)}
         self.chosen[round_] = entry

@@ -9,7 +9,9 @@ from sklearn.metrics import roc_auc_score
 from common.metrics import classification_metrics
 from common.operating import (
     BINS,
+    HISTOGRAM_NOISE,
     THRESHOLDS,
+    absent_below,
     bin_index,
     brier,
     choose_threshold,
@@ -184,3 +186,22 @@ def test_multiclass_metrics_have_balanced_accuracy_and_no_threshold() -> None:
     m = classification_metrics(probs, labels)
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
     assert "threshold" not in m
+
+
+def test_under_dp_a_one_class_site_reports_no_figures_for_the_class_it_lacks() -> None:
+    # A site of 300 negatives and no positive, its histograms noised as a DP run releases them:
+    # the absent class's noisy total is positive about half the time, and was then read as
+    # that class's sensitivity (the fairness table's "worst site").
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.0, 0.4, 300)
+    clean = score_histograms(scores, np.zeros(300, dtype=int))
+    read_from_noise = 0
+    for _ in range(200):
+        noisy = clean + rng.normal(0.0, HISTOGRAM_NOISE, clean.shape)
+        if not math.isnan(site_metrics(noisy, 0.5)["sensitivity"]):
+            read_from_noise += 1
+        m = site_metrics(noisy, 0.5, noise_std=HISTOGRAM_NOISE)
+        assert math.isnan(m["sensitivity"]) and math.isnan(m["auc"])
+        assert m["specificity"] > 0.75  # the class the site holds is still measured
+    assert read_from_noise > 50  # without the noise floor, noise passed for positives
+    assert absent_below(0.0) == 0.5  # without DP: any image counts
