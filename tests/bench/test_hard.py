@@ -70,18 +70,20 @@ def test_breastmnist_is_skipped_with_a_note_without_the_shared_data(
 
 
 def test_breastmnist_keys_and_section_show_each_run() -> None:
-    run = {"layout": "hard", "dp": True, "auc": 0.8, "sensitivity": 0.7, "specificity": 0.9,
-           "balanced_accuracy": 0.8, "accuracy": 0.75, "epsilon_max": 7.9, "seconds": 120.0}
+    run = {"layout": "hard", "dp": True, "strategy": "fedavg", "auc": 0.8, "sensitivity": 0.7,
+           "specificity": 0.9, "balanced_accuracy": 0.8, "accuracy": 0.75, "epsilon_max": 7.9, "seconds": 120.0}
     part = {"rounds": 20, "test_images": 156,
-            "runs": {"hard_dp": run, "default_nodp": {"layout": "default", "dp": False,
-                                                       "error": "medfed exited 1:\nboom"}}}
+            "runs": {"hard_dp": run, "default_nodp_scaffold": {
+                "layout": "default", "dp": False, "strategy": "scaffold",
+                "error": "medfed exited 1:\nboom"}}}
     keys = bench_run.breastmnist_keys(part)
     assert keys["breastmnist_hard_dp_auc"] == 0.8
     assert keys["breastmnist_hard_dp_epsilon_max"] == 7.9
-    assert math.isnan(keys["breastmnist_default_nodp_auc"])
+    assert math.isnan(keys["breastmnist_default_nodp_scaffold_auc"])
     text = bench_run.breastmnist_markdown(part)
-    assert "| hard | epsilon 8 | 0.800 | 0.700 | 0.900 | 0.800 | 0.750 | 7.900 | 120 s |" in text
-    assert "failed: boom" in text and "AUC 0.901, ACC 0.863" in text
+    assert ("| hard | epsilon 8 | fedavg | 0.800 | 0.700 | 0.900 | 0.800 | 0.750 | 7.900 | "
+            "120 s |") in text
+    assert "| default | off | scaffold | failed: boom |" in text and "AUC 0.901, ACC 0.863" in text
 
 
 def test_results_json_and_benchmarks_md_carry_the_hard_figures(
