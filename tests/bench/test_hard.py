@@ -71,7 +71,8 @@ def test_breastmnist_is_skipped_with_a_note_without_the_shared_data(
 
 def test_breastmnist_keys_and_section_show_each_run() -> None:
     run = {"layout": "hard", "dp": True, "strategy": "fedavg", "auc": 0.8, "sensitivity": 0.7,
-           "specificity": 0.9, "balanced_accuracy": 0.8, "accuracy": 0.75, "epsilon_max": 7.9, "seconds": 120.0}
+           "specificity": 0.9, "balanced_accuracy": 0.8, "accuracy": 0.75, "epsilon_max": 7.9,
+           "seconds": 120.0}
     part = {"rounds": 20, "test_images": 156,
             "runs": {"hard_dp": run, "default_nodp_scaffold": {
                 "layout": "default", "dp": False, "strategy": "scaffold",
