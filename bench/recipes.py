@@ -85,7 +85,8 @@ def run(sites: list[tuple[Split, Split]], test: Split, cfg: RunConfig) -> dict[s
                              optimizer=cfg.optimizer)
     privacy = [PrivacyState.plan(
         num_examples=len(train[1]), batch_size=cfg.batch_size, rounds=cfg.rounds,
-        steps_per_round=cfg.steps_per_round(len(train[1])), target_epsilon=cfg.target_epsilon, delta=cfg.delta,
+        steps_per_round=cfg.steps_per_round(len(train[1])),
+        target_epsilon=cfg.target_epsilon, delta=cfg.delta,
         accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm,
     ) if cfg.dp else None for train, _ in sites]
     rng = np.random.default_rng(cfg.seed)
