@@ -94,8 +94,7 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = time.perf_counter()
 
     def fresh() -> torch.nn.Module:
-        return build_model(cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-                           image_size=cfg.image_size)
+        return build_model(cfg.model, **cfg.network_args())
 
     torch.manual_seed(cfg.seed)
     global_state = {k: v.detach().clone() for k, v in fresh().state_dict().items()}

@@ -1,7 +1,8 @@
 """The ClientApp that runs inside a hospital: trains and evaluates the global model on local images.
 
 What leaves the site in a reply: the model's arrays, scalar metrics (loss, AUC, dataset sizes,
-epsilon), the site's name and its DP accounting parameters. No image, header, path or identifier.
+epsilon), the site's name and its DP accounting parameters; before a segmentation run, the
+data fingerprint's aggregates (client.fingerprint). No image, header, path or identifier.
 
 Where the site's data is:
 - `medfed simulate`: the sites are handed to `make_client_app`, indexed by Flower's partition-id.
@@ -38,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client import progress, validation
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
 from client.audit_state import TRAIL, append_signed, signing_key
+from client.fingerprint import site_fingerprint
 from client.ledger import BudgetRefused, PrivacyLedger
 from client.policy import RunRefused, check_deployed_message
 from client.scaffold import DriftCorrection, control_path, load_control, save_control
@@ -49,13 +51,16 @@ from client.secure import (
     legacy_mod,
 )
 from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import Task, network, site_data
+from client.tasks.base import Task, network, preprocess, site_data
 from client.tasks.classify import CLASS_COUNTS, Scored
 from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
 from common.data import Preprocess, SiteData
+from common.fingerprint import FINGERPRINT
+from common.fingerprint import LIST_KEYS as FINGERPRINT_LISTS
+from common.fingerprint import SCALAR_KEYS as FINGERPRINT_SCALARS
 from common.operating import HIST_KEYS, RELEASE
 from common.privacy import (
     REFUSAL_MARK,
@@ -229,7 +234,8 @@ _LEGACY_METRICS = (
     _METRICS | {SITE_NAME} | {PRIVACY_PREFIX + key for key in DEFAULT_CONFIGS["privacy"]}
 )
 GUARD = OutboundGuard(
-    _METRICS | {"num_examples"} | set(HIST_KEYS),
+    _METRICS | {"num_examples"} | set(HIST_KEYS) | set(FINGERPRINT_SCALARS)
+    | set(FINGERPRINT_LISTS),
     {
         **DEFAULT_CONFIGS,
         "fitres.metrics": _LEGACY_METRICS, "evaluateres.metrics": _LEGACY_METRICS,
@@ -238,7 +244,9 @@ GUARD = OutboundGuard(
     },
     allow_nan=True,
     opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS, HEAD_RECORD: RECORD_KEYS},
-    list_metrics=frozenset(HIST_KEYS),  # counts per score bin (common.operating), not per image
+    # counts per score bin (common.operating) and summed class shares (client.fingerprint):
+    # aggregates over images, never one per image
+    list_metrics=frozenset(HIST_KEYS) | frozenset(FINGERPRINT_LISTS),
 )
 AUDIT_FILE = TRAIL
 _LEGACY_METRIC_RECORDS = frozenset({"fitres.metrics", "evaluateres.metrics"})
@@ -259,7 +267,10 @@ def _reply_config(msg: Message, context: Context) -> RunConfig:
 
 
 def _message_type(msg: Message) -> str:
-    kind = "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
+    message_type = msg.metadata.message_type
+    kind = "train" if message_type == MessageType.TRAIN else "evaluate"
+    if message_type.startswith(MessageType.QUERY):
+        kind = message_type
     if is_secure_stage(msg):
         stage = msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", "")
         kind = f"train/secagg-{stage!s}"
@@ -511,6 +522,28 @@ def make_client_app(
         records["metrics"] = MetricRecord(metrics)
         records["site"] = ConfigRecord({"name": site.name})
         return Message(RecordDict(records), reply_to=msg)
+
+    @app.query(FINGERPRINT)
+    def fingerprint(msg: Message, context: Context) -> Message:
+        logs.configure()
+        check_deployed_message(context, msg.content.config_records["config"])
+        cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
+        site = resolve_site(context, cfg, sites)
+        if cfg.task != "segment":
+            raise ValueError(f"site {site.name}: a data fingerprint is measured for --task "
+                             f"segment, not {cfg.task}")
+        budget, ledger_dir = _budget(context, cfg)
+        data = site_data(site, preprocess(cfg), cfg.seed, masks=True)
+        found = site_fingerprint(data, site, cfg, cfg.run_key or str(context.run_id),
+                                 budget=budget, ledger_dir=ledger_dir)
+        log.info("site %s: fingerprint of %d training and %d validation images with masks "
+                 "sent", site.name, found.train_images, found.val_images)
+        metrics: dict[str, MetricRecordValues] = dict(found.to_metrics())
+        return Message(
+            RecordDict({"metrics": MetricRecord(metrics),
+                        "site": ConfigRecord({"name": site.name})}),
+            reply_to=msg,
+        )
 
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:

@@ -27,31 +27,76 @@ MAX_OFFSET = 0.10
 LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A randomly flipped, rotated, scaled, shifted and jittered copy of (N, C, H, W) images."""
-    n = images.shape[0]
-    if n == 0:
-        return images
+def _affine(n: int, generator: torch.Generator, dims: int, *, flip: bool) -> torch.Tensor:
+    """(n, dims, dims + 1) random affine_grid matrices.
+
+    Rotation in the plane of the last two axes, isotropic scale, shift, and (with `flip`) a
+    mirror of the last axis (left-right).
+    """
 
     def uniform(limit: float) -> torch.Tensor:
         return (torch.rand(n, generator=generator) * 2 - 1) * limit
 
     angle = uniform(math.radians(MAX_ROTATION_DEG))
     scale = 1 + uniform(MAX_SCALE)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    shift_x, shift_y = uniform(2 * MAX_SHIFT), uniform(2 * MAX_SHIFT)
+    mirror = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    if not flip:
+        mirror = torch.ones(n)
+    shifts = [uniform(2 * MAX_SHIFT) for _ in range(dims)]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos * flip, -sin, shift_x], dim=1),
-        torch.stack([sin * flip, cos, shift_y], dim=1),
-    ], dim=1).to(device=images.device, dtype=images.dtype)
+    zero = torch.zeros(n)
+    # affine_grid's coordinates are (x, y[, z]): x the last axis (columns), y the rows
+    rows = [
+        [cos * mirror, -sin, *([zero] if dims == 3 else []), shifts[0]],
+        [sin * mirror, cos, *([zero] if dims == 3 else []), shifts[1]],
+    ]
+    if dims == 3:
+        rows.append([zero, zero, 1 / scale, shifts[2]])
+    return torch.stack([torch.stack(row, dim=1) for row in rows], dim=1)
+
+
+def _jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n = images.shape[0]
+    shape = (n,) + (1,) * (images.dim() - 1)
+    gain = 1 + (torch.rand(n, generator=generator) * 2 - 1) * MAX_GAIN
+    offset = (torch.rand(n, generator=generator) * 2 - 1) * MAX_OFFSET
+    return images * gain.view(shape).to(images) + offset.view(shape).to(images)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A randomly flipped, rotated, scaled, shifted and jittered copy of (N, C, H, W) images."""
+    if images.shape[0] == 0:
+        return images
+    theta = _affine(images.shape[0], generator, 2, flip=True).to(images)
     grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
     moved = nn.functional.grid_sample(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
-    gain = (1 + uniform(MAX_GAIN)).view(n, 1, 1, 1).to(moved)
-    offset = uniform(MAX_OFFSET).view(n, 1, 1, 1).to(moved)
-    return moved * gain + offset
+    return _jitter(moved, generator)
+
+
+def augment_pairs(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, *spatial) and their label maps (N, *spatial), moved together.
+
+    The label map follows its image's transform with nearest-neighbour sampling (labels are
+    classes, not intensities; outside the image is background). No mirroring: a label map may
+    name the left and the right organ apart, and a mirror would swap them.
+    """
+    if images.shape[0] == 0:
+        return images, masks
+    dims = images.dim() - 2
+    theta = _affine(images.shape[0], generator, dims, flip=False).to(images)
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = nn.functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    labels = nn.functional.grid_sample(
+        masks.unsqueeze(1).to(images.dtype), grid, mode="nearest", padding_mode="zeros",
+        align_corners=False,
+    )
+    return _jitter(moved, generator), labels.squeeze(1).round().to(masks.dtype)
 
 
 def augmented(loss_fn: LossFn, generator: torch.Generator) -> LossFn:
@@ -62,5 +107,17 @@ def augmented(loss_fn: LossFn, generator: torch.Generator) -> LossFn:
         if model.training:
             images = augment_batch(images, generator)
         return loss_fn(model, [images, *rest])
+
+    return loss
+
+
+def augmented_pairs(loss_fn: LossFn, generator: torch.Generator) -> LossFn:
+    """`loss_fn` on augmented (image, label map) pairs while the model trains."""
+
+    def loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        images, masks = batch
+        if model.training:
+            images, masks = augment_pairs(images, masks, generator)
+        return loss_fn(model, [images, masks])
 
     return loss

@@ -87,3 +87,8 @@ def spent(site: SiteRef, run_key: str) -> float | None:
     """The validation split's epsilon so far in this run (None: nothing released)."""
     path = state_path(site, run_key)
     return PrivacyState.load(path).epsilon() if path.is_file() else None
+
+
+def released_noise(site: SiteRef, run_key: str, name: str) -> float:
+    """The Gaussian noise multiplier release `name` was made with (scaled to fit the target)."""
+    return float(PrivacyState.load(state_path(site, run_key)).releases[name])

@@ -146,9 +146,14 @@ class RunConfig:
     # scaled by this tau; 0 turns it off. It keeps a site that holds one class from teaching the
     # global model that everyone has that class; on balanced sites it changes nothing.
     logit_adjust: float = 1.0
-    # classify only: each training image randomly flipped, rotated, scaled, shifted and
-    # intensity-jittered (client.augment); measured on BreastMNIST to lift test AUC
+    # classify and segment: each training image randomly rotated, scaled, shifted and
+    # intensity-jittered (client.augment; classify also flips, segment moves the mask with its
+    # image); measured on BreastMNIST to lift test AUC
     augment: bool = True
+    # segment only: the U-Net's first-level channels and down-sampling steps; 0 leaves each to
+    # the planner (models.unet.planned_shape: from the image size and whether DP-SGD trains)
+    net_width: int = 0
+    net_depth: int = 0
     # classify only: the operating point's sensitivity on the sites' validation data; 0 picks
     # the threshold of Youden's J (sensitivity + specificity - 1 at its largest)
     target_sensitivity: float = 0.0
@@ -227,6 +232,20 @@ class RunConfig:
         need(
             not self.pretrained or self.task == "classify", "pretrained",
             "loads a classifier's weights: use it with --task classify",
+        )
+        need(self.net_width == 0 or self.net_width >= 4, "net_width",
+             "must be >= 4 channels (0: planned from the image size)")
+        need(0 <= self.net_depth <= 6, "net_depth",
+             "must be 1 to 6 down-sampling steps (0: planned from the image size)")
+        need(
+            (self.net_width == 0 and self.net_depth == 0) or self.task == "segment",
+            "net_width" if self.net_width else "net_depth",
+            "shapes the U-Net: use it with --task segment",
+        )
+        need(
+            self.net_depth == 0 or self.image_size % 2**self.net_depth == 0, "net_depth",
+            f"halves --image-size {self.image_size} that many times, which must stay whole: "
+            "lower it or pick a power-of-two --image-size",
         )
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
@@ -317,6 +336,19 @@ class RunConfig:
                 f"{self.delta:g} (--accountant {self.accountant}) is {shown:g}; raise "
                 "--target-epsilon (or --delta), or train without DP (--no-dp)"
             )
+
+    def network_args(self) -> dict[str, Any]:
+        """`models.build_model`'s arguments for this run's network (the U-Net's shape planned)."""
+        args: dict[str, Any] = {
+            "in_channels": self.channels, "num_classes": self.num_classes,
+            "image_size": self.image_size,
+        }
+        if self.model == "unet":
+            from common.seg_plan import planned_shape
+
+            width, depth = planned_shape(self.image_size, dp=self.dp)
+            args.update(width=self.net_width or width, depth=self.net_depth or depth)
+        return args
 
     def steps_per_round(self, num_examples: int) -> int:
         """Optimiser steps a site with `num_examples` training samples takes in one round."""

@@ -145,8 +145,19 @@ LogitAdjust = Annotated[
 Augment = Annotated[
     bool | None,
     _option("--augment/--no-augment",
-            help="With --task classify: random flips, small rotations, scaling, shifts and "
-                 "intensity jitter of each training image.", shown=_default("augment")),
+            help="With --task classify or segment: random small rotations, scaling, shifts and "
+                 "intensity jitter of each training image (classify also flips; segment moves "
+                 "the mask with its image).", shown=_default("augment")),
+]
+NetWidth = Annotated[
+    int | None,
+    _option(help="With --task segment: channels of the U-Net's first level (each deeper level "
+                 "doubles them).", shown="(planned from --image-size and DP)"),
+]
+NetDepth = Annotated[
+    int | None,
+    _option(help="With --task segment: the U-Net's down-sampling steps.",
+            shown="(planned from --image-size and DP)"),
 ]
 TargetSensitivity = Annotated[
     float | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -22,8 +23,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
             in_channels=in_channels, num_classes=num_classes, image_size=image_size
         )
     ),
-    "unet": lambda *, in_channels, num_classes, image_size, dims: UNet(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims
+    "unet": lambda *, in_channels, num_classes, image_size, dims, **shape: UNet(
+        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims,
+        **shape,
     ),
     "autoencoder": lambda *, in_channels, num_classes, image_size, dims: ConvAutoencoder(
         in_channels=in_channels, image_size=image_size, dims=dims
@@ -64,7 +66,8 @@ def _only_2d(name: str, dims: int, model: nn.Module) -> nn.Module:
 
 
 def build_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int, dims: int = 2
+    name: str, *, in_channels: int, num_classes: int, image_size: int, dims: int = 2,
+    **shape: Any,
 ) -> nn.Module:
     """The network called `name`, sized for the run's images and classes.
 
@@ -72,12 +75,17 @@ def build_model(
         num_classes: classes of a classifier or GAN, mask classes (background included) of a
             U-Net; an autoencoder ignores it.
         dims: 2 (images, slices) or 3 (volumes; unet and autoencoder).
+        shape: the U-Net's `width`, `depth` and `class_prior` (models.unet.UNet); other
+            networks take none.
 
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    if shape and name != "unet":
+        raise ValueError(f"model {name!r} takes no {', '.join(shape)}; only unet does")
     return _REGISTRY[name](
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims
+        in_channels=in_channels, num_classes=num_classes, image_size=image_size, dims=dims,
+        **shape,
     )
 
 

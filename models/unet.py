@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,14 +34,15 @@ class UNet(nn.Module):
     Args:
         num_classes: segmentation classes, background included (a lesion mask: 2).
         width: channels of the first level; each deeper level doubles it.
-        depth: down-sampling steps. Two by default: each level doubles the width, and DP-SGD's
-            noise grows with the parameter count (depth 3: 121k parameters at width 8, depth 2:
-            30k), while two levels already see a nodule whole at 32-64 pixels.
+        depth: down-sampling steps; the deepest level sees image_size / 2**depth pixels.
+            DP-SGD's noise grows with the parameter count (width 8: 30k parameters at depth 2,
+            121k at depth 3), so the run's planner (common.seg_plan) picks the smallest that
+            sees the structures whole.
         dims: 2 for images and slices, 3 for volumes.
-        structure_prior: the probability each structure class starts with at every pixel.
-            A lesion covers well under 1% of an image; from an even start the first steps of
-            training go into learning "background everywhere", and a federation with DP-SGD
-            has few steps to spare (the prior initialisation of Lin et al.'s focal loss).
+        class_prior: each class's share of the pixels (background first), which the output
+            layer starts from (the prior initialisation of Lin et al.'s focal loss): from an
+            even start the first steps go into learning how common each class is, and a
+            federation with DP-SGD has few steps to spare. None: an even start.
 
     """
 
@@ -53,7 +55,7 @@ class UNet(nn.Module):
         width: int = 8,
         depth: int = 2,
         dims: int = 2,
-        structure_prior: float = 0.01,
+        class_prior: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         check_encoder_args(
@@ -64,10 +66,12 @@ class UNet(nn.Module):
                 f"num_classes must be >= 2 (background and at least one structure), "
                 f"got {num_classes}"
             )
-        if not 0 < structure_prior * (num_classes - 1) < 1:
+        if class_prior is not None and (
+            len(class_prior) != num_classes or not all(0 < p < 1 for p in class_prior)
+        ):
             raise ValueError(
-                f"structure_prior must be > 0 and leave background a share, got "
-                f"{structure_prior} for {num_classes - 1} structure classes"
+                f"class_prior must give each of the {num_classes} classes a share in (0, 1), "
+                f"got {list(class_prior)}"
             )
         self.dims, self.depth, self.in_channels = dims, depth, in_channels
         self.down = nn.ModuleList()
@@ -88,9 +92,10 @@ class UNet(nn.Module):
             self.merge.append(DoubleConv(2 * skip, skip, dims=dims))
             channels = skip
         self.head = conv(dims)(channels, num_classes, 1)
-        bias = torch.full((num_classes,), math.log(structure_prior))
-        bias[0] = math.log(1 - structure_prior * (num_classes - 1))
-        self.head.bias = nn.Parameter(bias)
+        if class_prior is not None:
+            total = sum(class_prior)
+            bias = torch.tensor([math.log(p / total) for p in class_prior])
+            self.head.bias = nn.Parameter(bias - bias.mean())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits per pixel (voxel)."""

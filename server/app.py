@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from server import artifacts
 from server.exporter import MetricsSettings, serve_metrics
+from server.fingerprint import planned
 from server.run import ProgressFn, RoundUpdate, run_federation
 from server.secure import run_secure_federation
 from server.superlink import STATE_ENV
@@ -46,13 +47,18 @@ def make_server_app(
             if cfg is None:  # deployed or `flwr run .`: sites connect when they can
                 wait_for_sites(grid, min_sites=run_cfg.min_sites, timeout=run_cfg.wait_timeout,
                                say=flwr_log.info)
+            plan = None
+            if run_cfg.task == "segment" and not resume:  # a resumed run keeps its plan
+                run_cfg, plan = planned(grid, run_cfg)
             if run_cfg.secure_agg:
                 record = run_secure_federation(
-                    grid, context, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
+                    grid, context, run_cfg, site_dirs=site_dirs, resume=resume,
+                    on_round=on_round, plan=plan,
                 )
             else:
                 record = run_federation(
-                    grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round
+                    grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round,
+                    plan=plan,
                 )
             _log_outcome(record.outcome())
 

@@ -66,12 +66,7 @@ class CentralEvaluator:
                 recorded as `threshold` beside the metrics. Other tasks have none.
 
         """
-        model = build_model(
-            self.cfg.model,
-            in_channels=self.cfg.channels,
-            num_classes=self.cfg.num_classes,
-            image_size=self.cfg.image_size,
-        )
+        model = build_model(self.cfg.model, **self.cfg.network_args())
         model.load_state_dict(state_dict)
         metrics = evaluate(model, self.images, self.labels, device=self.device,
                            threshold=threshold)

@@ -115,6 +115,9 @@ class RunRecord:
         self.final_extra: dict[str, float] = {}
         # a binary classifier's operating point on P(class 1), saved in model.pt
         self.threshold: float | None = None
+        # a segmentation run's plan: the sites' data fingerprints and what they decided
+        # (server.fingerprint); None when nothing was planned
+        self.plan: dict[str, Any] | None = None
 
     @property
     def last_round(self) -> int:
@@ -292,6 +295,7 @@ class RunRecord:
                 self.central_ledger.summary() if self.central_ledger is not None else None
             ),
             "artifacts": {"model": MODEL, "plot": PLOT, "checkpoint": CHECKPOINT},
+            **({"plan": self.plan} if self.plan is not None else {}),
         }
 
     def write_results(self) -> Path:
@@ -330,6 +334,7 @@ class RunRecord:
             "rounds": self.rounds,
             "privacy": self.privacy,
             "sites_seen": self.sites_seen,
+            "plan": self.plan,
             "central_privacy": (
                 self.central_ledger.to_state() if self.central_ledger is not None else {}
             ),
@@ -366,6 +371,7 @@ class RunRecord:
             record.privacy = state["privacy"]
             record.sites_seen = state["sites_seen"]
             record.central_privacy = state.get("central_privacy", {})
+            record.plan = state.get("plan")
             order = state["array_order"]
         except (KeyError, TypeError, ValueError) as exc:
             raise _broken(folder / "state.json", exc) from None
@@ -398,11 +404,7 @@ class RunRecord:
         torch.save(
             {
                 "model": self.cfg.model,
-                "model_args": {
-                    "in_channels": self.cfg.channels,
-                    "num_classes": self.cfg.num_classes,
-                    "image_size": self.cfg.image_size,
-                },
+                "model_args": self.cfg.network_args(),
                 "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
                 "round": self.last_round,
                 "config": self.cfg.to_mapping(),

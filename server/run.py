@@ -65,16 +65,19 @@ def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def open_record(
-    cfg: RunConfig, *, resume: bool
+    cfg: RunConfig, *, resume: bool, plan: dict[str, Any] | None = None
 ) -> tuple[RunRecord, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The run's record, its starting arrays and saved strategy state (new or checkpointed).
 
+    `plan`: a new segmentation run's plan (server.fingerprint), kept in the record.
     Raises ValueError when a resumed run has no rounds left to train.
     """
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        return RunRecord(run_dir, cfg), initial_arrays(cfg), {}
+        record = RunRecord(run_dir, cfg)
+        record.plan = plan
+        return record, initial_arrays(cfg), {}
     record, start, saved_state = RunRecord.load_checkpoint(run_dir)
     record.cfg = cfg
     if record.last_round >= cfg.rounds:
@@ -103,6 +106,7 @@ def run_federation(
     site_dirs: Sequence[Path] = (),
     resume: bool = False,
     on_round: ProgressFn | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> RunRecord:
     """Run `cfg.rounds` rounds (or the rounds left after a checkpoint) and write the results."""
     strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
@@ -110,7 +114,7 @@ def run_federation(
         CentralPrivacy(strategy, cfg, num_sites=len(site_dirs) or None)
         if cfg.central_dp != "off" else None
     )
-    record, start, saved_state = open_record(cfg, resume=resume)
+    record, start, saved_state = open_record(cfg, resume=resume, plan=plan)
     run_dir = record.run_dir
     restore_strategy_state(strategy, saved_state)
     if central is not None:

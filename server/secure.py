@@ -319,10 +319,11 @@ def run_secure_federation(
     site_dirs: Sequence[Path] = (),
     resume: bool = False,
     on_round: ProgressFn | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> RunRecord:
     """`server.run.run_federation` for `--secure-agg`: the same outputs, on SecAgg+."""
     num_sites = len(site_dirs) or None
-    record, start, _ = open_record(cfg, resume=resume)
+    record, start, _ = open_record(cfg, resume=resume, plan=plan)
     remaining = cfg.rounds - record.last_round
     strategy = _base_strategy(cfg, num_sites)
     ledger = None

@@ -47,10 +47,7 @@ def train_central(cfg: RunConfig, *, epochs: int) -> dict[str, Any]:
         raise ValueError("no labelled held-out images: pass --test-data")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-    )
+    model = build_model(cfg.model, **cfg.network_args())
     settings = LocalTraining(
         epochs=1, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
         momentum=cfg.momentum,

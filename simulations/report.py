@@ -205,13 +205,11 @@ def bytes_by_site(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 def model_float32_bytes(config: dict[str, Any]) -> int | None:
     """Bytes of the run's model as raw float32 (parameters and buffers), None if unknown."""
     try:
+        from common.config import RunConfig
         from models import build_model
 
-        model = build_model(
-            str(config.get("model", "cnn")), in_channels=int(config.get("channels", 1)),
-            num_classes=int(config.get("num-classes", 2)),
-            image_size=int(config.get("image-size", 64)),
-        )
+        cfg = RunConfig.from_mapping(config, strict=False)
+        model = build_model(cfg.model, **cfg.network_args())
     except (ValueError, TypeError, ImportError):
         return None
     return 4 * sum(t.numel() for t in model.state_dict().values())

@@ -27,7 +27,9 @@ def check_site_folders(cfg: RunConfig, folders: Sequence[Path]) -> list[DataCard
     cards = [
         check_site(
             folder, preprocess(cfg), seed=cfg.seed, task=cfg.task,
-            masks=TASK_NEEDS[cfg.task] == "masks", num_classes=cfg.num_classes,
+            masks=TASK_NEEDS[cfg.task] == "masks",
+            # segmentation's classes are planned from the masks' labels (common.seg_plan)
+            num_classes=None if cfg.task == "segment" else cfg.num_classes,
             # a copy across splits inflates local metrics but trains: check-data reports it
             duplicates=False,
         )

@@ -162,10 +162,7 @@ def preprocess(cfg: RunConfig) -> Preprocess:
 
 def build(cfg: RunConfig) -> nn.Module:
     """The run's network, as `models.build_model` sizes it."""
-    return build_model(
-        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-    )
+    return build_model(cfg.model, **cfg.network_args())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Segmentation: a U-Net on the images that have a `mask`, Dice + cross-entropy loss.
+"""Segmentation: a U-Net on the images that have a `mask`, MONAI's Dice + cross-entropy loss.
 
 Rows without a mask are left out; a mask that cannot be read or whose geometry does not match
 its image is reported in the site's data problems and its row skipped (common.data.SiteData).
@@ -10,59 +10,45 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
+from client.augment import augmented_pairs
 from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
-from client.train import TrainReport, tensor_dataset
+from client.train import LossFn, TrainReport, tensor_dataset
 from common.config import RunConfig
-from common.segmentation import mean_hausdorff95, overlap_metrics
+from common.segmentation import overlap_metrics, surface_metrics
 from common.sites import SiteRef
 
-# Dice's smoothing term: keeps the Dice of a lesion of a few pixels from swinging between 0 and 1.
-SMOOTH = 1.0
-# Cross-entropy weight of each structure class against background: a lesion is well under 1% of
-# the pixels, and unweighted cross-entropy is nearly minimised by predicting none.
-STRUCTURE_WEIGHT = 10.0
+# Dice's denominator guard. The numerator has none (nnU-Net's choice): a class absent from a
+# sample's mask then scores a constant Dice of 0 with no gradient, so only cross-entropy teaches
+# "none here", and an absent lesion's Dice does not pull every normal image towards "less
+# structure everywhere" (a constant push that swamps the lesion images under DP-SGD's noise).
+DICE_SMOOTH = 1e-5
 
 
-def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice over the foreground classes a sample holds, per sample, then the batch mean.
+def dice_ce(*, batch_dice: bool) -> DiceCELoss:
+    """MONAI's Dice + cross-entropy over the foreground classes, as nnU-Net trains.
 
-    Per sample, so that Opacus's per-sample gradients are each sample's own. A class absent
-    from a sample's mask adds nothing to its Dice term (a sample without any structure: 0);
-    the cross-entropy alone teaches "none here". Counted, an absent class's Dice loss is
-    1 - 1 / (sum of its probabilities + 1), 0.9 at the structure prior of 1% on a 32 x 32
-    image, and its gradient, the same direction ("less structure everywhere") on every normal
-    image, swamps the lesion images' under DP-SGD's noise (central Dice 0.00 at epsilon 8 with
-    it, README "Tasks").
+    batch_dice: Dice over the whole batch as one volume (nnU-Net's default for 2D), steadier
+        for small structures; per sample otherwise, which DP-SGD needs: its per-sample
+        gradients must each depend on one sample only, and batch Dice ties them together.
     """
-    num_classes = logits.shape[1]
-    probs = torch.softmax(logits, dim=1)[:, 1:]
-    target = F.one_hot(masks, num_classes).movedim(-1, 1)[:, 1:].to(probs.dtype)
-    axes = tuple(range(2, probs.dim()))
-    inter = (probs * target).sum(axes)
-    present = target.sum(axes)
-    total = probs.sum(axes) + present
-    dice_loss = 1 - (2 * inter + SMOOTH) / (total + SMOOTH)
-    held = (present > 0).to(probs.dtype)
-    # mean over the classes the sample holds; 0 for a sample that holds none
-    per_sample = (dice_loss * held).sum(dim=1) / held.sum(dim=1).clamp(min=1)
-    return per_sample.mean()
+    return DiceCELoss(
+        include_background=False, to_onehot_y=True, softmax=True, smooth_nr=0.0,
+        smooth_dr=DICE_SMOOTH, batch=batch_dice,
+    )
 
 
-def segmentation_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Class-weighted cross-entropy plus soft Dice, each per sample, then the batch mean.
+def segmentation_loss(*, batch_dice: bool) -> LossFn:
+    """Dice + cross-entropy of a (images, masks) batch; masks (N, *spatial) class indices."""
+    criterion = dice_ce(batch_dice=batch_dice)
 
-    The weighted cross-entropy is divided by the pixel count, not by the batch's total weight
-    (PyTorch's `weight=` mean): that would tie each sample's gradient to the rest of its batch,
-    which DP-SGD's per-sample clipping must not see.
-    """
-    images, masks = batch
-    logits = model(images)
-    per_pixel = F.cross_entropy(logits, masks, reduction="none")
-    weighted = torch.where(masks > 0, STRUCTURE_WEIGHT * per_pixel, per_pixel)
-    return weighted.mean() + soft_dice_loss(logits, masks)
+    def loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        images, masks = batch
+        return criterion(model(images), masks.unsqueeze(1))
+
+    return loss
 
 
 def masked_samples(site: SiteRef, cfg: RunConfig, split: str) -> Samples:
@@ -100,17 +86,18 @@ def segmentation_scores(
     model: nn.Module, images: np.ndarray, masks: np.ndarray, num_classes: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Loss, pooled Dice and IoU (overall and per class) and mean HD95 in pixels."""
+    """Loss, pooled Dice and IoU (overall and per class), mean HD95 (pixels) and NSD."""
     model.to(device).eval()
     losses = []
+    loss_fn = segmentation_loss(batch_dice=False)
     with torch.no_grad():
         for i in range(0, len(images), 64):
             x = torch.as_tensor(images[i : i + 64], dtype=torch.float32).to(device)
             y = torch.as_tensor(masks[i : i + 64]).to(device)
-            losses.append(float(segmentation_loss(model, [x, y])) * len(x))
+            losses.append(float(loss_fn(model, [x, y])) * len(x))
     predicted = predict(model, images, device)
     scores = overlap_metrics(predicted, masks, num_classes)
-    scores["hd95"] = mean_hausdorff95(predicted, masks, num_classes)
+    scores.update(surface_metrics(predicted, masks, num_classes))
     scores["loss"] = sum(losses) / len(images) if len(images) else float("nan")
     return scores
 
@@ -119,7 +106,7 @@ class SegmentTask:
     """`--task segment`: a U-Net on the `mask` column."""
 
     name = "segment"
-    metrics = frozenset({"dice", "iou", "hd95", "loss"})
+    metrics = frozenset({"dice", "iou", "hd95", "nsd", "loss"})
 
     def load(self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader) -> Samples:
         """Images and masks of the rows of `split` that have a readable, aligned mask."""
@@ -136,12 +123,15 @@ class SegmentTask:
     def train(self, model: nn.Module, samples: Samples, cfg: RunConfig, fit_: Fit) -> TrainReport:
         """Dice + cross-entropy training, DP-SGD when `fit_.privacy` is set."""
         dataset = tensor_dataset(*samples, dtypes=(torch.float32, torch.long))
-        return fit_.run(model, dataset, segmentation_loss)
+        loss = segmentation_loss(batch_dice=fit_.privacy is None)
+        if cfg.augment:
+            loss = augmented_pairs(loss, torch.Generator().manual_seed(fit_.seed))
+        return fit_.run(model, dataset, loss)
 
     def evaluate(
         self, model: nn.Module, samples: Samples, cfg: RunConfig, device: torch.device
     ) -> dict[str, float]:
-        """Loss, Dice, IoU and HD95 (the per-class scores stay local)."""
+        """Loss, Dice, IoU, HD95 and NSD (the per-class scores stay local)."""
         images, masks = samples
         scores = segmentation_scores(model, images, masks, cfg.num_classes, device)
         return {k: v for k, v in scores.items() if k in self.metrics}

@@ -42,10 +42,7 @@ class CentralTask(Protocol):
 
 def build(cfg: RunConfig) -> torch.nn.Module:
     """The run's network."""
-    return build_model(
-        cfg.model, in_channels=cfg.channels, num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-    )
+    return build_model(cfg.model, **cfg.network_args())
 
 
 class DefaultSteps:

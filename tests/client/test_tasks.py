@@ -133,40 +133,64 @@ def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
     images, masks, _ = blobs()
     model = UNet(image_size=SIZE, depth=2)
     x, y = torch.as_tensor(images[:6]), torch.as_tensor(masks[:6])
-    whole = segmentation_loss(model, [x, y])
-    each = torch.stack([segmentation_loss(model, [x[i : i + 1], y[i : i + 1]]) for i in range(6)])
+    loss = segmentation_loss(batch_dice=False)
+    whole = loss(model, [x, y])
+    each = torch.stack([loss(model, [x[i : i + 1], y[i : i + 1]]) for i in range(6)])
     assert torch.allclose(whole, each.mean(), atol=1e-5)
+    # batch Dice (no DP) ties the samples together: not a mean of per-sample losses
+    batch = segmentation_loss(batch_dice=True)
+    each_batch = torch.stack([batch(model, [x[i : i + 1], y[i : i + 1]]) for i in range(6)])
+    assert not torch.allclose(batch(model, [x, y]), each_batch.mean(), atol=1e-3)
 
 
-def test_dice_term_counts_only_the_structures_a_sample_holds():
-    # a normal image's Dice term would push "less structure everywhere" on every normal image,
-    # which under DP-SGD's noise drowns the lesion images (central Dice 0 at epsilon 8)
-    from client.tasks.segment import soft_dice_loss
+def test_segmentation_loss_is_monais_dice_ce_with_nnunets_smoothing():
+    from monai.losses import DiceLoss
 
-    masks = torch.zeros((2, SIZE, SIZE), dtype=torch.long)
+    from client.tasks.segment import dice_ce
+
+    torch.manual_seed(0)
+    masks = torch.zeros((3, SIZE, SIZE), dtype=torch.long)
     masks[1, 4:9, 4:9] = 1
-    logits = torch.randn((2, 2, SIZE, SIZE), requires_grad=True)
-    per_sample = torch.stack(
-        [soft_dice_loss(logits[i : i + 1], masks[i : i + 1]) for i in range(2)]
-    )
-    assert float(per_sample[0]) == 0.0
-    assert 0 < float(per_sample[1]) < 1
-    per_sample[0].backward()
+    masks[2, 10:20, 2:12] = 2
+    logits = torch.randn((3, 3, SIZE, SIZE))
+    ce = torch.nn.functional.cross_entropy(logits, masks)
+    probs = torch.softmax(logits, 1)
+    target = torch.nn.functional.one_hot(masks, 3).movedim(-1, 1).float()
+    # Dice by hand, per sample and foreground class; an absent class scores 0 (smooth_nr 0)
+    inter = (probs * target)[:, 1:].sum((2, 3))
+    total = (probs + target)[:, 1:].sum((2, 3))
+    dice = 1 - 2 * inter / (total + 1e-5)
+    expected = ce + dice.mean()
+    got = dice_ce(batch_dice=False)(logits, masks.unsqueeze(1))
+    assert torch.allclose(got, expected, atol=1e-5)
+    monai_dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True,
+                          smooth_nr=0.0, smooth_dr=1e-5)(logits, masks.unsqueeze(1))
+    assert torch.allclose(got - ce, monai_dice, atol=1e-6)
+
+
+def test_dice_of_a_class_a_sample_lacks_teaches_nothing():
+    # a normal image's Dice term would push "less structure everywhere" on every normal image,
+    # which under DP-SGD's noise drowns the lesion images; only cross-entropy speaks there
+    from client.tasks.segment import dice_ce
+
+    masks = torch.zeros((1, 1, SIZE, SIZE), dtype=torch.long)
+    logits = torch.randn((1, 2, SIZE, SIZE), requires_grad=True)
+    dice_only = dice_ce(batch_dice=False)
+    dice_only.lambda_ce = 0.0
+    loss = dice_only(logits, masks)
+    loss.backward()
+    assert float(loss) == pytest.approx(1.0)
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
 
-    perfect = torch.where(masks[1:] > 0, 20.0, -20.0)
-    perfect_logits = torch.stack([-perfect, perfect], dim=1)
-    assert float(soft_dice_loss(perfect_logits, masks[1:])) < 1e-6
 
-
-def test_unet_head_bias_encodes_the_structure_prior():
+def test_unet_head_bias_encodes_the_class_prior():
     from models.unet import UNet
 
-    model = UNet(image_size=SIZE, depth=2, num_classes=3, structure_prior=0.02)
+    model = UNet(image_size=SIZE, depth=2, num_classes=3, class_prior=[0.6, 0.3, 0.1])
     probs = torch.softmax(model.head.bias.detach(), dim=0)
-    assert torch.allclose(probs, torch.tensor([0.96, 0.02, 0.02]), atol=1e-6)
-    with pytest.raises(ValueError, match="structure_prior"):
-        UNet(image_size=SIZE, num_classes=3, structure_prior=0.5)
+    assert torch.allclose(probs, torch.tensor([0.6, 0.3, 0.1]), atol=1e-6)
+    with pytest.raises(ValueError, match="class_prior"):
+        UNet(image_size=SIZE, num_classes=3, class_prior=[0.5, 0.5])
 
 
 @pytest.mark.parametrize("task", ["classify", "segment", "autoencode", "synthesize"])

@@ -1,0 +1,118 @@
+"""How a segmentation run is sized when the user leaves it to medfed (nnU-Net's idea, federated).
+
+Pure arithmetic on aggregates, no torch and no Flower: the aggregator calls it on the sites'
+fingerprints (server.fingerprint), and any process rebuilding the run's network calls
+`planned_shape` with the run's settings and gets the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from common.fingerprint import Fingerprint
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+# The deepest level of the U-Net sees image_size / 2**depth pixels. nnU-Net pools down to 4-8
+# pixels; DP-SGD's noise grows with the parameter count, so under DP the planner stops at the
+# coarsest level that still spans a quarter of the image (16 pixels at 64: two levels).
+_MIN_BOTTOM = 4
+_MIN_BOTTOM_DP = 16
+_MAX_DEPTH = 5
+# First-level channels: under DP fewer weights share the same noise budget (width 8: 30k
+# parameters at depth 2); without DP the network can afford nnU-Net-like capacity.
+WIDTH = 16
+WIDTH_DP = 8
+
+
+def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
+    """(width, depth) of the U-Net for `image_size` inputs, with or without DP-SGD."""
+    bottom = _MIN_BOTTOM_DP if dp else _MIN_BOTTOM
+    depth = 1
+    while (
+        depth < _MAX_DEPTH
+        and image_size % 2 ** (depth + 1) == 0
+        and image_size // 2 ** (depth + 1) >= bottom
+    ):
+        depth += 1
+    return (WIDTH_DP if dp else WIDTH), max(1, min(depth, int(math.log2(max(image_size, 2)))))
+
+
+def pooled_shares(fingerprints: Mapping[str, Fingerprint]) -> list[float] | None:
+    """Each label's share of the federation's pixels (background first).
+
+    From the sites' summed class fractions; None when no site's shares are usable. A noisy
+    share below zero counts 0.
+    """
+    length = max((fp.max_label + 1 for fp in fingerprints.values()), default=0)
+    total = [0.0] * length
+    for fp in fingerprints.values():
+        if any(math.isnan(v) for v in fp.class_shares):
+            continue
+        for label, value in enumerate(fp.class_shares):
+            total[label] += max(value, 0.0)
+    mass = sum(total)
+    return [v / mass for v in total] if mass > 0 else None
+
+
+def plan_run(
+    cfg: RunConfig, fingerprints: Mapping[str, Fingerprint]
+) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's settings after the sites' fingerprints, and the plan as results.json shows it.
+
+    The planner only decides what the data decides: it raises --num-classes to cover every
+    label a site's masks hold (fewer classes could not train on them), and sizes the U-Net
+    from the image size where --net-width/--net-depth are left at 0 (`planned_shape`).
+    """
+    labels = max((fp.max_label for fp in fingerprints.values()), default=0)
+    choices: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    planned = cfg
+    if labels + 1 > cfg.num_classes:
+        planned = planned.replace(num_classes=labels + 1)
+        choices["num-classes"] = labels + 1
+        reasons["num-classes"] = (
+            f"the masks hold labels up to {labels}; --num-classes {cfg.num_classes} could not "
+            "train on them"
+        )
+    width, depth = planned_shape(planned.image_size, dp=planned.dp)
+    choices["net-width"] = planned.net_width or width
+    choices["net-depth"] = planned.net_depth or depth
+    reasons["net-width"] = "given" if planned.net_width else (
+        f"{'DP-SGD: fewer weights share the noise' if planned.dp else 'no DP'}"
+    )
+    reasons["net-depth"] = "given" if planned.net_depth else (
+        f"pool {planned.image_size} px down to {planned.image_size // 2**depth} px"
+    )
+    sizes = [fp.train_images for fp in fingerprints.values()]
+    pooled = {
+        "sites": len(fingerprints),
+        "train-images": sum(sizes),
+        "smallest-site": min(sizes, default=0),
+        "largest-site": max(sizes, default=0),
+        "median-rows": _median([fp.rows for fp in fingerprints.values()]),
+        "median-cols": _median([fp.cols for fp in fingerprints.values()]),
+        "median-slices": _median([fp.slices for fp in fingerprints.values()]),
+        "median-spacing-mm": _median(
+            [v for fp in fingerprints.values() for v in (fp.spacing_row, fp.spacing_col)]
+        ),
+        "class-shares": pooled_shares(fingerprints),
+    }
+    plan = {
+        "fingerprints": {name: fp.to_json() for name, fp in sorted(fingerprints.items())},
+        "pooled": pooled,
+        "choices": choices,
+        "reasons": reasons,
+    }
+    return planned, plan
+
+
+def _median(values: list[float]) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    middle = len(finite) // 2
+    return finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
