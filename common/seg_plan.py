@@ -16,16 +16,16 @@ from common.fingerprint import Fingerprint
 if TYPE_CHECKING:
     from common.config import RunConfig
 
-# The deepest level of the U-Net sees image_size / 2**depth pixels. nnU-Net pools down to 4-8
-# pixels; DP-SGD's noise grows with the parameter count, so under DP the planner stops at the
-# coarsest level that still spans a quarter of the image (16 pixels at 64: two levels).
-_MIN_BOTTOM = 4
+# The deepest level of the U-Net sees image_size / 2**depth pixels: 8 without DP (nnU-Net pools
+# to 4-8); under DP-SGD, whose noise grows with the parameter count, 16 (two levels at 64 px,
+# 30k parameters at width 8, where three levels have 121k).
+_MIN_BOTTOM = 8
 _MIN_BOTTOM_DP = 16
 _MAX_DEPTH = 5
-# First-level channels: under DP fewer weights share the same noise budget (width 8: 30k
-# parameters at depth 2); without DP the network can afford nnU-Net-like capacity.
-WIDTH = 16
-WIDTH_DP = 8
+# First-level channels. Every level costs about the same arithmetic per image (half the pixels,
+# twice the channels), and width 16 costs four times width 8 at every level: on a site's CPU a
+# width-16, four-level U-Net at 64 px took several seconds per step, the run hours.
+WIDTH = 8
 
 
 def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
         and image_size // 2 ** (depth + 1) >= bottom
     ):
         depth += 1
-    return (WIDTH_DP if dp else WIDTH), max(1, min(depth, int(math.log2(max(image_size, 2)))))
+    return WIDTH, depth
 
 
 def pooled_shares(fingerprints: Mapping[str, Fingerprint]) -> list[float] | None:
@@ -82,7 +82,7 @@ def plan_run(
     choices["net-width"] = planned.net_width or width
     choices["net-depth"] = planned.net_depth or depth
     reasons["net-width"] = "given" if planned.net_width else (
-        f"{'DP-SGD: fewer weights share the noise' if planned.dp else 'no DP'}"
+        "every level's arithmetic grows with the square of the width (a site's CPU)"
     )
     reasons["net-depth"] = "given" if planned.net_depth else (
         f"pool {planned.image_size} px down to {planned.image_size // 2**depth} px"

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding or normalisation changes, so stale entries are never served.
 # 2: non-finite images, non-image SOP classes and oversized files refused; Modality inferred.
-VERSION = 2
+# 3: label maps resampled by the most-covering class (common.data.normalize), not nearest.
+VERSION = 3
 CACHE_ENV = "MEDFED_CACHE_DIR"
 
 

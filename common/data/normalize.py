@@ -84,16 +84,33 @@ def pad_to_square(images: np.ndarray) -> np.ndarray:
 def resize(images: np.ndarray, size: int, *, labels: bool = False) -> np.ndarray:
     """Resize square (S, C, N, N) images to (S, C, size, size).
 
-    Intensities use anti-aliased bilinear interpolation (no moire on strong downsampling);
-    labels use nearest neighbour so that class ids are never blended into new ones.
+    Intensities use anti-aliased bilinear interpolation (no moire on strong downsampling).
+    Labels are resampled as nnU-Net resamples segmentations: each class's indicator is
+    interpolated like an image and every pixel takes the class that covers most of it, so class
+    ids are never blended and a thin structure (a vessel) stays a line where it covers half a
+    pixel or more, instead of the random dots nearest-neighbour sampling leaves of it.
     """
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     if labels:
-        out = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
+        return _resize_labels(tensor, size).numpy()
     else:
         out = F.interpolate(
             tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         ).clamp_(0.0, 1.0)
     return out.numpy()
+
+
+def _resize_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """(S, C, N, N) label maps -> (S, C, size, size): the most-covering class per pixel."""
+    classes = torch.unique(labels)
+    best = torch.full((*labels.shape[:2], size, size), -1.0)
+    out = torch.zeros_like(best)
+    for label in classes.tolist():  # background (0) first: it wins a tie
+        cover = F.interpolate((labels == label).float(), size=(size, size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        wins = cover > best
+        best = torch.where(wins, cover, best)
+        out = torch.where(wins, torch.tensor(float(label)), out)
+    return out

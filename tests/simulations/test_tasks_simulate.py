@@ -40,7 +40,28 @@ def test_task_federation_writes_outputs_metrics_and_privacy(hospitals, tmp_path,
     for site in ("hospital-01", "hospital-02"):
         assert results["privacy"][site]["dp"] is True
         assert 0 < results["privacy"][site]["epsilon"] <= 8 + 1e-6
+    if task == "segment":
+        _check_fingerprint(results, tmp_path / task)
     if task == "autoencode":
         results = _run(hospitals, tmp_path / "pretrained", task="classify",
                        init_encoder=str(tmp_path / task))
         assert json.loads((tmp_path / "pretrained" / "results.json").read_text())["final"]["auc"]
+
+
+def _check_fingerprint(results: dict, run_dir: Path) -> None:
+    # the run was planned from every site's fingerprint, and only its aggregates left a site
+    from common.fingerprint import LIST_KEYS, SCALAR_KEYS
+
+    plan = results["plan"]
+    assert sorted(plan["fingerprints"]) == ["hospital-01", "hospital-02"]
+    assert plan["choices"] == {"net-width": 8, "net-depth": 1}  # 16 px under DP-SGD
+    for site in ("hospital-01", "hospital-02"):
+        trail = run_dir / "site-state" / site / "audit.jsonl"
+        entries = [json.loads(line) for line in trail.read_text().splitlines()]
+        queries = [e for e in entries if e["message_type"] == "query.fingerprint"]
+        assert len(queries) == 1 and queries[0]["arrays"] == []
+        assert set(queries[0]["metrics"]) == set(SCALAR_KEYS) | set(LIST_KEYS)
+        assert queries[0]["configs"]["site"] == {"name": site}
+        # DP: the class shares are the validation split's noisy release, accounted
+        assert plan["fingerprints"][site]["shares-noise"] > 0
+        assert results["privacy"][site]["validation_epsilon"] > 0
