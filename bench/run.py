@@ -20,6 +20,10 @@ Figures (each a ratio or an amount measured in this one run of the suite):
                             sensitivity, specificity, balanced accuracy and the largest epsilon of
                             `medfed simulate --rounds R` with defaults, with and without DP, on a
                             one-class layout and make_sites.py's default layout
+    organ_dice              `medfed simulate --task segment --no-dp`, defaults otherwise, on
+                            phantom organs (`medfed synth --masks anatomy`): central Dice over
+                            the foreground labels (bench/segment.py; with it the MSD hippocampus
+                            Dice per class, when ../shared/data is there)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import hard, networks
+from bench import segment as seg
 from bench.stats import Figure, median, ratio, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +78,9 @@ class Mode:
     scale_rounds: int
     hard_rounds: int
     breastmnist_rounds: int
+    organ_sites: int = 4
+    organ_images: int = 100
+    segment_rounds: int = 20
 
 
 QUICK = Mode("quick", repeats=3, overhead_sites=2, overhead_images=1280, overhead_rounds=10,
@@ -486,6 +494,16 @@ def breastmnist(mode: Mode) -> dict[str, Any]:
             "data": str(shared), "test_images": 156}
 
 
+def segment_workloads(mode: Mode) -> dict[str, Any]:
+    """Phantom organs (organ_dice) and, when ../shared/data is there, hippocampus MR."""
+    env = thread_env()
+    return {
+        "organs": seg.organs(OUT, sites=mode.organ_sites, images=mode.organ_images,
+                             rounds=mode.segment_rounds, env=env),
+        "hippocampus": seg.hippocampus(OUT, rounds=mode.segment_rounds, env=env),
+    }
+
+
 def breastmnist_keys(part: dict[str, Any]) -> dict[str, Any]:
     """Flat results.json keys: breastmnist_<layout>_<dp|nodp>_<auc|sensitivity|...>."""
     keys: dict[str, Any] = {}
@@ -692,6 +710,13 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             ),
         ),
     ]
+    organs = results.get("segment", {}).get("organs", {})
+    figs.append(Figure(
+        "organ_dice", "Phantom organs: Dice", results["organ_dice"], 0.90, higher_is_better=True,
+        how=(f"`{organs.get('synth', 'medfed synth --masks anatomy')}` then "
+             f"`{organs.get('command', 'medfed simulate --task segment --no-dp')}`: the final "
+             "central Dice, mean over the foreground labels (per label in \"Segmentation\")"),
+    ))
     # a workload that has not run (or failed) has no details to describe
     return [f if f.passed is not None else replace(f, how="not measured: see the notes")
             for f in figs]
@@ -745,8 +770,9 @@ def main() -> int:
         write(["sim_overhead (more repeats)"])
 
     # load-insensitive figures first, so that a run cut short still has them on disk
-    order = ["quality", "hard", "breastmnist", "scale", "dp_overhead", "sim_overhead"]
+    order = ["quality", "hard", "breastmnist", "segment", "scale", "dp_overhead", "sim_overhead"]
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
+        "segment": lambda: segment_workloads(mode),
         "quality": lambda: quality_and_bytes(mode),
         "hard": lambda: hard_scenario(mode),
         "breastmnist": lambda: breastmnist(mode),
@@ -796,6 +822,7 @@ def write_outputs(
         "scale_ms_per_site_round": scaled.get("ms_per_site_round", nan),
         "hard_fl_central_auc_ratio": parts.get("hard", {}).get("ratio", nan),
         "hard_balanced_accuracy": parts.get("hard", {}).get("balanced_accuracy", nan),
+        "organ_dice": parts.get("segment", {}).get("organs", {}).get("dice", nan),
         **breastmnist_keys(parts.get("breastmnist", {})),
         "machine": machine(),
         "mode": mode.name,
@@ -812,6 +839,7 @@ def write_outputs(
         "scale": scaled,
         "hard": parts.get("hard", {}),
         "breastmnist": parts.get("breastmnist", {}),
+        "segment": parts.get("segment", {}),
         "gpu": parts.get("gpu", {}),
         "errors": errors,
     }
@@ -837,8 +865,10 @@ def write_outputs(
                            command="make bench" if mode.name == "quick"
                            else "BENCH=full make bench")
     # the real-data section goes before the machine description
-    text = text.replace("\n## Machine\n",
-                        "\n" + breastmnist_markdown(results["breastmnist"]) + "\n## Machine\n", 1)
+    segment_part = results["segment"]
+    real = breastmnist_markdown(results["breastmnist"]) + "\n" + seg.markdown(
+        segment_part.get("organs", {}), segment_part.get("hippocampus", {}))
+    text = text.replace("\n## Machine\n", "\n" + real + "\n## Machine\n", 1)
     REPORT.write_text(text)
     if networks.RESULTS.is_file():  # bench.networks measures separately; its section stays
         networks.write_report(json.loads(networks.RESULTS.read_text()))

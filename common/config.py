@@ -29,6 +29,7 @@ TASK_MODELS: Mapping[str, tuple[str, ...]] = {
     "synthesize": ("cgan",),
 }
 MODELS = tuple(m for models in TASK_MODELS.values() for m in models)
+DEFAULT_BATCH = 64
 # user-level (central) DP with Flower's wrappers: who clips each site's update, fixed or adaptive
 CENTRAL_DP = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 # strategies whose aggregate is a (weighted) mean of the updates: what central DP's sensitivity
@@ -89,7 +90,10 @@ class RunConfig:
     # over the site's data instead
     local_steps: int = 20
     local_epochs: int = 0
-    batch_size: int = 64
+    # 0: the task's batch, 64 images, except segmentation, whose batch holds about as many
+    # pixels as 64 images of 64 x 64 (common.seg_plan.planned_batch: 4 at 256 px), so that
+    # a step's arithmetic on a site's CPU does not grow with the image size
+    batch_size: int = 0
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
@@ -180,6 +184,11 @@ class RunConfig:
         if not self.model:
             # frozen: resolving the default once here keeps every reader on the same network
             object.__setattr__(self, "model", TASK_MODELS[self.task][0])
+        if self.batch_size == 0 and self.image_size >= 1:
+            from common.seg_plan import planned_batch
+
+            batch = planned_batch(self.image_size) if self.task == "segment" else DEFAULT_BATCH
+            object.__setattr__(self, "batch_size", batch)
         need(
             self.model in TASK_MODELS[self.task], "model",
             f"must be one of {', '.join(TASK_MODELS[self.task])} for --task {self.task} "

@@ -28,6 +28,18 @@ _MAX_DEPTH = 5
 WIDTH = 8
 
 
+# A step's batch holds about this many pixels (64 images of 64 x 64): the arithmetic of a step
+# on a site's CPU then stays the same at any image size; never fewer than 2 images.
+_BATCH_PIXELS = 64 * 64 * 64
+_MIN_BATCH = 2
+_MAX_BATCH = 64
+
+
+def planned_batch(image_size: int, dims: int = 2) -> int:
+    """Images per step for segmentation at `image_size` (volumes: image_size**3 voxels each)."""
+    return max(_MIN_BATCH, min(_MAX_BATCH, _BATCH_PIXELS // image_size**dims))
+
+
 def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
     """(width, depth) of the U-Net for `image_size` inputs, with or without DP-SGD."""
     bottom = _MIN_BOTTOM_DP if dp else _MIN_BOTTOM

@@ -82,8 +82,8 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
         table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} "
                       f"rounds ({final.get('source', 'central')} evaluation)")
         for key in ("auc", "threshold", "sensitivity", "specificity", "balanced_accuracy",
-                    "accuracy", "ece", "brier", "dice", "iou", "hd95", "anomaly_auroc", "fid",
-                    "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
+                    "accuracy", "ece", "brier", "dice", "iou", "hd95", "nsd", "anomaly_auroc",
+                    "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
             if isinstance(final.get(key), int | float):
                 table.add_row(key, f"{final[key]:.4f}")
         if table.row_count:

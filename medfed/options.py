@@ -178,7 +178,9 @@ FractionTrain = Annotated[
 ]
 Seed = Annotated[int | None, _option(help="Seed.", shown=_default("seed"))]
 BatchSize = Annotated[
-    int | None, _option(help="Local batch size.", shown=_default("batch_size"))
+    int | None,
+    _option(help="Local batch size.",
+            shown="64; segment: about 64 x 64 x 64 pixels a batch, 4 images at 256 px"),
 ]
 Lr = Annotated[float | None, _option(help="Local learning rate.", shown=_default("lr"))]
 ImageSize = Annotated[
