@@ -1,0 +1,59 @@
+"""Image-mask pairs in real formats for the mask alignment tests.
+
+Radiographs come from the phantoms `medfed synth` draws (simulations.phantom), with the lungs
+as the mask: two nearly mirror-image fields, the case a content check must not call flipped.
+Masks are written the way hospital tools write them: SimpleITK for NIfTI (a 2D image in ITK's
+default frame: array (Columns, Rows), affine diag(-1, -1, 1)), Pillow for PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from simulations.phantom import Grid, Scanner, TissueValues, acquire, sample_phantom
+from tests.common.conftest import make_dataset
+
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+# The radiograph tissues of simulations.synth (attenuation, brighter = denser).
+XR_TISSUES = TissueValues(
+    air=0.0, fat=0.5, soft=0.55, lung=0.22, heart=0.78, bone=0.88, vessel=0.3, lesion=0.55
+)
+
+
+def chest_radiograph(
+    seed: int, rows: int = 160, cols: int = 128, spacing: float = 2.6
+) -> tuple[np.ndarray, np.ndarray]:
+    """A frontal phantom radiograph (uint16) and its lung mask (uint8, 1 = lung)."""
+    rng = np.random.default_rng(seed)
+    grid = Grid(rows, cols, (spacing, spacing))
+    scanner = Scanner("frontal", grid, XR_TISSUES, 1.5, 0.02, 0.01, 0.08)
+    phantom = sample_phantom(rng, "frontal", lesion=False)
+    image, _ = acquire(phantom, scanner, rng)
+    ys, xs = grid.axes()
+    cover = np.maximum.reduce(
+        [lung.coverage(xs[None, :], ys[:, None], spacing) for lung in phantom.lungs]
+    )
+    stored = np.clip(image / max(float(image.max()), 1e-6) * 4000, 0, 4095).astype(np.uint16)
+    return stored, (cover >= 0.5).astype(np.uint8)
+
+
+def write_radiograph(path: Path, pixels: np.ndarray, spacing: float = 2.6) -> Path:
+    """A DX image with no patient frame (no Image Position/Orientation), as radiographs are."""
+    ds = make_dataset(pixels, modality="DX", ImagerPixelSpacing=[spacing, spacing],
+                      PatientOrientation=["L", "F"])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_itk_mask(path: Path, mask: np.ndarray, spacing: float = 2.6) -> Path:
+    """Write a (Rows, Columns) mask with SimpleITK, as ITK writes a 2D slice's label map."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    image.SetSpacing((spacing, spacing))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
