@@ -18,7 +18,7 @@ PRE = Preprocess(image_size=64)
 
 
 def radiograph_site(root, masks):
-    """One training row per mask: img{i}.dcm (a phantom radiograph), m{i}.nii.gz = masks(i, lungs)."""
+    """Training rows img{i}.dcm (a phantom radiograph) with m{i}.nii.gz = masks[i](its lungs)."""
     lines = []
     for i, transform in enumerate(masks):
         pixels, lungs = chest_radiograph(seed=i)
