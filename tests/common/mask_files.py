@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from simulations.phantom import Grid, Scanner, TissueValues, acquire, sample_phantom
@@ -56,4 +57,42 @@ def write_itk_mask(path: Path, mask: np.ndarray, spacing: float = 2.6) -> Path:
     image.SetSpacing((spacing, spacing))
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path))
+    return path
+
+
+def write_seg(path: Path, source: Path, labels: np.ndarray) -> Path:
+    """A DICOM SEG made with highdicom from the image `source`: segment k where labels == k."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ds = pydicom.dcmread(source)
+    # Attributes highdicom copies from the source into the SEG (Patient and Study modules).
+    for keyword, value in (("PatientID", "TEST"), ("PatientName", "TEST^MASK"),
+                           ("PatientBirthDate", ""), ("PatientSex", ""), ("StudyDate", ""),
+                           ("StudyTime", ""), ("StudyID", "1"), ("AccessionNumber", ""),
+                           ("ReferringPhysicianName", ""), ("SeriesNumber", 1),
+                           ("InstanceNumber", 1)):
+        if keyword not in ds:
+            setattr(ds, keyword, value)
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    segments = sorted(int(v) for v in np.unique(labels) if v > 0)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n, segment_label=f"structure {n}",
+            segmented_property_category=codes.SCT.Organ, segmented_property_type=codes.SCT.Lung,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for n in segments
+    ]
+    stacked = np.stack([labels == n for n in segments], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[ds], pixel_array=stacked[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=2,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medfed tests",
+        manufacturer_model_name="tests", software_versions="1", device_serial_number="1",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
     return path
