@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from scipy import ndimage
 
 from simulations.phantom import Grid, Scanner, TissueValues, acquire, sample_phantom
 from tests.common.conftest import make_dataset
@@ -96,3 +97,35 @@ def write_seg(path: Path, source: Path, labels: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return path
+
+
+def fundus_photo(seed: int, side: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A retina-like grey photograph (uint8) with a dark vessel tree, and the vessel mask.
+
+    Vessels are 1-5 pixels wide, branching from an off-centre optic disc: the thin structures
+    whose masks a content check must not misjudge.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side].astype(np.float64)
+    centre = side / 2
+    field = ((yy - centre) ** 2 + (xx - centre) ** 2) < (0.45 * side) ** 2
+    disc_x, disc_y = centre + 0.18 * side, centre
+    image = field * (0.6 + 0.3 * np.exp(-((yy - disc_y) ** 2 + (xx - disc_x) ** 2)
+                                        / (2 * (0.05 * side) ** 2)))
+    vessels = np.zeros((side, side), dtype=bool)
+    for _ in range(10):
+        angle, x, y = rng.uniform(0, 2 * np.pi), disc_x, disc_y
+        width = rng.uniform(1.0, 2.5)
+        for step in range(side // 2):
+            angle += rng.normal(0, 0.08)
+            x, y = x + np.cos(angle), y + np.sin(angle)
+            if not (0 <= x < side and 0 <= y < side):
+                break
+            radius = max(width * (1 - step / (side * 0.6)), 0.7)
+            near = slice(max(int(y) - 3, 0), int(y) + 4), slice(max(int(x) - 3, 0), int(x) + 4)
+            vessels[near] |= (yy[near] - y) ** 2 + (xx[near] - x) ** 2 <= radius**2
+    vessels &= field
+    image = np.where(vessels, image - 0.25, image)
+    image = ndimage.gaussian_filter(image, 0.8) + 0.02 * rng.standard_normal((side, side))
+    scaled = (image - image.min()) / (image.max() - image.min()) * 255
+    return scaled.astype(np.uint8), vessels.astype(np.uint8)

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from common.data import Preprocess
+from common.data import ImageError, Preprocess
+from common.data.mask_content import check_mask_content, edge_scores
 from common.data.site import SiteData
+from medfed.cli import EXIT_BAD_INPUT, EXIT_OK, app
 from tests.common.conftest import write_labels
-from tests.common.mask_files import chest_radiograph, write_itk_mask, write_radiograph
+from tests.common.mask_files import (
+    chest_radiograph,
+    fundus_photo,
+    write_itk_mask,
+    write_radiograph,
+)
 
 PRE = Preprocess(image_size=64)
 
@@ -47,3 +55,60 @@ def test_a_rotated_lung_mask_on_a_radiograph_is_refused(tmp_path, transform, nam
     assert f"mask masks/m1.nii.gz appears {named} against images/img1.dcm" in reason
     assert "row images/img1.dcm skipped" in reason
     assert "masks/m0.nii.gz" not in found and len(train.labels) == 1
+
+
+def test_correct_masks_of_two_mirror_image_lungs_are_accepted(tmp_path):
+    site = radiograph_site(tmp_path / "s", [lambda m: m] * 8)
+    train, found = problems(site, tmp_path)
+    assert found == {} and len(train.labels) == 8
+
+
+def scores_of(image: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:
+    grey = (image.astype(np.float64) - image.min()) / max(float(np.ptp(image)), 1e-9)
+    return edge_scores(grey[None], np.ascontiguousarray(labels)[None])
+
+
+def test_thin_vessel_masks_pass_and_their_transposed_copies_are_named(tmp_path):
+    for seed in range(3):
+        photo, vessels = fundus_photo(seed)
+        check_mask_content(photo[None] / 255.0, vessels[None], mask="v.png", against="f.png")
+        with pytest.raises(ImageError, match=r"mask v.png appears transposed \(rows and columns "
+                           r"swapped\) against f.png: its outline follows the image's edges"):
+            check_mask_content(photo[None] / 255.0, vessels.T[None], mask="v.png",
+                               against="f.png")
+
+
+def test_a_faint_structure_barely_above_the_noise_is_not_refused():
+    yy, xx = np.mgrid[:96, :80]
+    blob = ((yy - 30) ** 2 / 15**2 + (xx - 50) ** 2 / 9**2) < 1
+    for seed in range(5):
+        noisy = 0.5 + 0.1 * blob + 0.1 * np.random.default_rng(seed).standard_normal(blob.shape)
+        scores = scores_of(noisy, blob)
+        assert scores is not None
+        check_mask_content(noisy[None], blob[None].astype(np.uint8), mask="m", against="i")
+
+
+def test_empty_and_tiny_masks_are_not_judged():
+    photo, _ = chest_radiograph(seed=1)
+    empty = np.zeros_like(photo, dtype=np.uint8)
+    assert scores_of(photo, empty) is None
+    tiny = empty.copy()
+    tiny[20:24, 30:34] = 1  # a 4 x 4 pixel lesion: some flip of it lands on an edge by chance
+    assert scores_of(photo, tiny) is None
+
+
+def test_check_data_lists_a_rotated_mask_and_exits_2_when_no_row_is_left(tmp_path):
+    site = radiograph_site(tmp_path / "s", [lambda m: np.rot90(m, 2)])
+    result = CliRunner().invoke(app, ["check-data", "--task", "segment", str(site)])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    text = " ".join(result.output.split())
+    assert "masks/m0.nii.gz: mask masks/m0.nii.gz appears rotated 180 degrees against " \
+           "images/img0.dcm" in text
+    assert "NOT USABLE: no readable training image with a usable mask" in text
+    # next to a correct row the site stays usable, and the rotated mask is still listed
+    site = radiograph_site(tmp_path / "t", [lambda m: m, lambda m: np.rot90(m, 2)])
+    result = CliRunner().invoke(app, ["check-data", "--task", "segment", str(site)])
+    assert result.exit_code == EXIT_OK, result.output
+    text = " ".join(result.output.split())
+    assert "appears rotated 180 degrees against images/img1.dcm" in text
+    assert "masks placed by: ITK 2D convention: 1" in text
