@@ -33,7 +33,7 @@ from common.data.errors import ImageError
 # MR crop, which is upsampled so that the 1-pixel smoothing stays finer than the structure).
 WORK_SIDE = 192
 SIGMA = 1.0  # Gaussian derivative scale on the working image, in pixels
-MARGIN = 1.5  # another transform must fit this many times better than the stored mask
+MARGIN = 1.75  # another transform must fit this many times better than the stored mask
 POOR = 2.0  # ... and the stored mask's flux below twice the image's mean gradient
 # Below either size a mask is not judged: a small lesion's outline is a few pixels long, and
 # some flip of it lands on a vessel or a rib edge by chance.
