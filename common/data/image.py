@@ -14,7 +14,7 @@ import numpy as np
 from common.data.alignment import align_mask, check_shape
 from common.data.dicom import read_dicom
 from common.data.errors import ImageError, as_image_error, is_file_failure
-from common.data.mask_content import check_mask_content
+from common.data.mask_content import check_mask_content, judgeable
 from common.data.mask_formats import read_placed_mask
 from common.data.nifti import is_nifti, read_nifti
 from common.data.normalize import normalise, pad_to_square, resize, select_slices, to_channels
@@ -135,7 +135,7 @@ def decode_mask(
         grid, placement = align_mask(grid, path, image, like)
     else:
         check_shape(grid.shape, like)
-    if image is not None:
+    if image is not None and judgeable(grid):  # an empty mask costs no second decode
         check_mask_content(_grey(image), grid, mask=str(path), against=str(image))
     labels = grid[select_slices(len(grid), pre.slices), None]
     labels = resize(pad_to_square(labels), pre.image_size, labels=True)

@@ -64,6 +64,12 @@ def transforms(square: bool) -> dict[str, Transform]:
     return {**found, **_SQUARE_ONLY} if square else found
 
 
+def judgeable(labels: np.ndarray) -> bool:
+    """Whether a mask is large enough to judge, before its image is decoded for the check."""
+    chosen = labels[_busiest_slices(labels)] > 0
+    return bool(chosen.any()) and float(chosen.mean()) >= MIN_SHARE
+
+
 def edge_scores(image: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:
     """Boundary flux of each transform of the mask, in units of the image's mean gradient.
 
