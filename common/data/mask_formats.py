@@ -24,6 +24,7 @@ from pydicom.uid import SegmentationStorage
 from common.data.alignment import PIXEL_GRID, SEG_REFERENCE
 from common.data.dicom import _sorted_slices  # the order the reader stacks a series in
 from common.data.errors import ImageError, described
+from common.data.nifti import is_nifti
 from common.data.volume import ImageMeta, RawVolume
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -54,10 +55,11 @@ def _is_png(path: Path) -> bool:
 
 
 def _dicom_header(path: Path) -> Dataset | None:
-    if not path.is_file():
+    if not path.is_file() or is_nifti(path):
         return None
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        # force: older exports lack the preamble, and a SEG among them must still be a SEG
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
     # Not DICOM, or damaged: read_raw decides and names what it is.
     except Exception:
         return None

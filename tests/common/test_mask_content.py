@@ -121,3 +121,5 @@ def test_check_data_lists_a_rotated_mask_and_exits_2_when_no_row_is_left(tmp_pat
     text = " ".join(result.output.split())
     assert "appears rotated 180 degrees against images/img1.dcm" in text
     assert "masks placed by: ITK 2D convention: 1" in text
+    assert "note: NIfTI masks without a patient frame to compare were read by ITK's 2D " \
+           "convention: array (Columns, Rows), affine diag(-1, -1, 1)" in text

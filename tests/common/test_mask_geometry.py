@@ -161,3 +161,24 @@ def test_a_radiograph_mask_with_other_pixel_spacing_is_refused(tmp_path):
                 np.diag([-1.3, -1.3, 1.0, 1.0]))
     with pytest.raises(ImageError, match=r"pixel spacing: mask 1.3x1.3 mm, image 2.6x2.6 mm"):
         full_size(tmp_path / "mask.nii.gz", image)
+
+
+def test_a_flipped_mask_simpleitk_writes_for_a_series_is_refused(tmp_path):
+    pixels, lungs = chest_radiograph(seed=2)  # one whose flip shows (test_mask_content)
+    folder = tmp_path / "series"
+    for i, z in enumerate([0.0, 2.6, 5.2]):
+        write_dicom(folder / f"{i}.dcm", pixels, ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                    ImagePositionPatient=[-200.0, -150.0, z], PixelSpacing=[2.6, 2.6],
+                    InstanceNumber=i + 1, FrameOfReferenceUID="1.2.826.0.1.3680043.8.498.6")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    volume = reader.Execute()
+    for name, labels in (("right", lungs), ("flipped", lungs[::-1])):
+        mask = sitk.GetImageFromArray(np.ascontiguousarray(np.stack([labels] * 3)))
+        mask.CopyInformation(volume)
+        sitk.WriteImage(mask, str(tmp_path / f"{name}.nii.gz"))
+    placed, _ = full_size(tmp_path / "right.nii.gz", folder)
+    np.testing.assert_array_equal(placed, np.stack([lungs] * 3))
+    with pytest.raises(ImageError, match=r"flipped.nii.gz appears flipped up-down against "
+                       r".*series: its outline follows"):
+        full_size(tmp_path / "flipped.nii.gz", folder)
