@@ -110,9 +110,7 @@ def _resample(
     to_mask = np.linalg.solve(mask_matrix, image_matrix)  # image index -> mask index
     offset = np.linalg.solve(mask_matrix, image_origin - mask_origin)
     shape = (image_meta.slices, image_meta.rows, image_meta.cols)
-    if tuple(labels.shape) == shape and np.allclose(to_mask, np.eye(3), atol=1e-3) and np.allclose(
-        offset, 0.0, atol=1e-3
-    ):
+    if tuple(labels.shape) == shape and _same_grid(to_mask, offset, slices=shape[0]):
         return labels, SAME_GRID
     names = f"mask {mask.name} and image {image.name if image is not None else '?'}"
     out = np.zeros(shape, dtype=labels.dtype)
@@ -149,6 +147,18 @@ def _resample(
             f"the rest would be trained on as background; {fix}"
         )
     return out, RESAMPLED
+
+
+def _same_grid(to_mask: np.ndarray, offset: np.ndarray, *, slices: int) -> bool:
+    """Whether image index i is mask index i everywhere (the mapping is the identity)."""
+    eye = np.eye(3)
+    in_plane = np.allclose(to_mask[:, 1:], eye[:, 1:], atol=1e-3)
+    # One slice each: the slab thicknesses may differ (SliceThickness against a NIfTI's 1 mm
+    # z spacing) without moving any pixel.
+    across = np.allclose(to_mask[:, 0], eye[:, 0], atol=1e-3) or (
+        slices == 1 and np.allclose(to_mask[1:, 0], 0.0, atol=1e-3)
+    )
+    return bool(in_plane and across and np.allclose(offset, 0.0, atol=1e-3))
 
 
 def _kept_foreground(
