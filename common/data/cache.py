@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding or normalisation changes, so stale entries are never served.
 # 2: non-finite images, non-image SOP classes and oversized files refused; Modality inferred.
-# 3: label maps resampled by the most-covering class (common.data.normalize), not nearest.
-VERSION = 3
+# 3: masks placed on their image by geometry and content (keyed by the image too).
+# 4: label maps resampled by the most-covering class (common.data.normalize), not nearest.
+VERSION = 4
 CACHE_ENV = "MEDFED_CACHE_DIR"
 
 
@@ -57,19 +58,26 @@ class ImageCache:
         self._write(key, stored, loaded.meta)
         return LoadedImage(stored.astype(np.float32), loaded.meta)
 
-    def mask(self, path: Path, pre: Preprocess) -> tuple[np.ndarray, ImageMeta]:
-        """Return decode_mask(path, pre), from the cache when possible."""
-        key = self._key("mask", path, pre)
-        hit = self._read(key)
-        if hit is not None:
-            return hit[0].astype(np.uint8), hit[1]
-        mask, meta = decode_mask(path, pre)
-        self._write(key, mask, meta)
-        return mask, meta
+    def mask(
+        self, path: Path, pre: Preprocess, *, like: ImageMeta, image: Path
+    ) -> tuple[np.ndarray, ImageMeta, str]:
+        """Return decode_mask(path, pre, like=like, image=image), from the cache when possible.
 
-    def _key(self, kind: str, path: Path, pre: Preprocess) -> str | None:
+        Keyed by the image too: the same mask file is placed on each image it is listed with.
+        """
+        key = self._key("mask", path, pre, image)
+        hit = self._read(key)
+        if hit is not None and hit[2]:
+            return hit[0].astype(np.uint8), hit[1], hit[2]
+        mask, meta, placement = decode_mask(path, pre, like=like, image=image)
+        self._write(key, mask, meta, placement)
+        return mask, meta, placement
+
+    def _key(self, kind: str, path: Path, pre: Preprocess, image: Path | None = None) -> str | None:
         try:
             identity = _fingerprint(Path(path))
+            if image is not None:
+                identity.append(_fingerprint(Path(image)))
         except OSError:
             return None  # missing or unreadable: let the loader report it precisely
         text = json.dumps([VERSION, kind, identity, pre.to_dict()], sort_keys=True)
@@ -78,7 +86,7 @@ class ImageCache:
     def _file(self, key: str) -> Path:
         return self.root / f"v{VERSION}" / key[:2] / f"{key}.npz"
 
-    def _read(self, key: str | None) -> tuple[np.ndarray, ImageMeta] | None:
+    def _read(self, key: str | None) -> tuple[np.ndarray, ImageMeta, str] | None:
         if key is None:
             return None
         file = self._file(key)
@@ -86,13 +94,17 @@ class ImageCache:
             return None
         try:
             with np.load(file, allow_pickle=False) as stored:
-                return stored["pixels"], ImageMeta.from_dict(json.loads(str(stored["meta"])))
+                note = str(stored["note"]) if "note" in stored else ""
+                return (stored["pixels"], ImageMeta.from_dict(json.loads(str(stored["meta"]))),
+                        note)
         # A torn, truncated or foreign file is only a miss: decoding again is always safe.
         except Exception as e:
             log.debug("cache entry %s unreadable (%s); decoding again", file, e)
             return None
 
-    def _write(self, key: str | None, pixels: np.ndarray, meta: ImageMeta) -> None:
+    def _write(
+        self, key: str | None, pixels: np.ndarray, meta: ImageMeta, note: str = ""
+    ) -> None:
         if key is None:
             return
         file = self._file(key)
@@ -101,7 +113,8 @@ class ImageCache:
             file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".npz")
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta.to_dict())))
+                np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta.to_dict())),
+                         note=np.array(note))
             os.replace(tmp, file)
         except OSError as e:
             if tmp is not None and os.path.exists(tmp):

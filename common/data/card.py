@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from common.data.alignment import CONVENTION_NOTE, ITK_CONVENTION
 from common.data.duplicates import find_duplicates
 from common.data.errors import DataError, Problem
 from common.data.labels import SPLITS
@@ -35,7 +36,8 @@ class DataCard:
     sizes, ...) count readable images.
     task / num_classes: what the card was checked for (None: a general check).
     mask_rows: per split, readable rows whose mask is usable; mask_values: every value found
-    in those masks.
+    in those masks; mask_placements: how those masks were put on their images' grids
+    (common.data.alignment: resampled through patient frames, ITK's 2D convention, ...).
     labels_out_of_range: rows whose label is not below num_classes ({path, split, label}).
     masks_out_of_range: masks holding a value not below num_classes ({path, row, max}).
     duplicates: rows holding the same image ({paths, splits, labels, match});
@@ -64,6 +66,7 @@ class DataCard:
     num_classes: int | None = None
     mask_rows: dict[str, int] = field(default_factory=dict)
     mask_values: list[int] = field(default_factory=list)
+    mask_placements: dict[str, int] = field(default_factory=dict)
     labels_out_of_range: list[dict[str, Any]] = field(default_factory=list)
     masks_out_of_range: list[dict[str, Any]] = field(default_factory=list)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
@@ -106,6 +109,10 @@ class DataCard:
         if any(self.mask_rows.values()):
             lines += _wrapped("masks (usable rows): ", _pairs(self.mask_rows, ": ")
                               + f"; values {', '.join(map(str, self.mask_values))}")
+        if self.mask_placements:
+            lines += _wrapped("masks placed by: ", _pairs(self.mask_placements, ": "))
+        if ITK_CONVENTION in self.mask_placements:
+            lines += _wrapped("note: ", CONVENTION_NOTE)
         for title, counts in (
             ("modalities", self.modalities),
             ("sizes (rows x cols)", self.sizes),
@@ -179,6 +186,7 @@ def check_site(
         rows_per_class[row.split][UNLABELLED if row.label is None else row.label] += 1
     distributions: dict[str, Counter[str]] = defaultdict(Counter)
     mask_rows = Counter[str]()
+    placements = Counter[str]()
     mask_values: set[int] = set()
     readable = []
     for loaded in data.iter_rows("all"):
@@ -191,6 +199,7 @@ def check_site(
             distributions[name][value] += 1
         if loaded.mask is not None:
             mask_rows[row.split] += 1
+            placements[loaded.placement or "shape"] += 1
             values = {int(v) for v in np.unique(loaded.mask)}
             mask_values |= values
             if num_classes is not None and max(values) >= num_classes:
@@ -199,6 +208,7 @@ def check_site(
                 )
     card.mask_rows = {split: mask_rows[split] for split in SPLITS} if mask_rows else {}
     card.mask_values = sorted(mask_values)
+    card.mask_placements = dict(placements.most_common())
     if num_classes is not None:
         card.labels_out_of_range = [
             {"path": r.path, "split": r.split, "label": r.label}

@@ -1,10 +1,9 @@
-"""Where an image's pixels lie in the patient, so that a mask can be checked against its image.
+"""Where an image's pixels lie in the patient, so that a mask can be placed on its image.
 
 The readers hand back pixels only: a mask with the image's rows and columns but another
-orientation (rotated 180 degrees, say) would be trained on as if it covered the image. Like
-ITK, which refuses to combine images that "do not occupy the same physical space", a mask must
-lie on its image's grid: same pixel spacing and, where both files carry a patient frame, the
-same position and direction of the first pixel, its rows and its columns.
+orientation (rotated 180 degrees, say) would be trained on as if it covered the image.
+`common.data.alignment` uses these grids to resample a mask onto its image where both headers
+carry a patient frame, as ITK's resampler does, and to describe a mismatch where they do not.
 
 Positions are LPS millimetres (DICOM's patient frame; NIfTI's RAS is flipped in x and y), in the
 layout the readers produce: (slice, row, column), a NIfTI file reoriented as `read_nifti` does.
@@ -24,7 +23,6 @@ import pydicom
 from nibabel.orientations import inv_ornt_aff, io_orientation
 from pydicom.dataset import Dataset
 
-from common.data.errors import ImageError
 from common.data.nifti import is_nifti
 
 # A coordinate may be off by this share of a pixel (DICOM stores positions as rounded decimal
@@ -45,6 +43,8 @@ class Grid:
         (a radiograph, a NIfTI file without qform/sform), in which case only spacing is known.
     row_step / col_step: LPS mm vector from a pixel to the next row / the next column.
     last_origin: LPS mm of the first pixel of the last slice (None for one slice).
+    slice_step: LPS mm vector from a slice to the next (one slice: the normal, one slice
+        thickness long, so that a point can be placed in or out of the slice's slab).
     """
 
     spacing: tuple[float, float] | None
@@ -52,19 +52,18 @@ class Grid:
     row_step: np.ndarray | None = None
     col_step: np.ndarray | None = None
     last_origin: np.ndarray | None = None
+    slice_step: np.ndarray | None = None
 
-
-def check_mask_grid(mask: Path, image: Path) -> None:
-    """Raise ImageError unless `mask` lies on `image`'s grid (spacing, origin, orientation).
-
-    What one of the two headers does not say (a patient frame, a spacing) is not compared.
-    """
-    mismatch = grid_mismatch(grid_of(mask), grid_of(image))
-    if mismatch is not None:
-        raise ImageError(
-            f"mask is not on its image's grid ({mismatch}); resample the mask onto the image "
-            "(same origin, orientation and spacing) or export it from the image's series"
-        )
+    def index_to_lps(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(origin, 3x3 matrix) mapping a (slice, row, column) index to LPS mm; None unframed."""
+        steps = (self.slice_step, self.row_step, self.col_step)
+        if self.origin is None or any(step is None for step in steps):
+            return None
+        matrix = np.column_stack([np.asarray(step, dtype=np.float64) for step in steps])
+        # A header whose directions are parallel (or zero) places no pixel anywhere.
+        if abs(np.linalg.det(matrix)) < 1e-9:
+            return None
+        return np.asarray(self.origin, dtype=np.float64), matrix
 
 
 def grid_mismatch(mask: Grid | None, image: Grid | None) -> str | None:
@@ -152,7 +151,8 @@ def _nifti_grid(path: Path) -> Grid:
     if not framed or _itk_slice_frame(image.shape, affine):
         return Grid(spacing)
     last = (canonical @ np.array([x - 1, y - 1, z - 1, 1.0]) * ras_to_lps)[:3] if z > 1 else None
-    return Grid(spacing, origin, row_step, col_step, last)
+    slice_step = canonical[:3, 2] * _LPS_TO_RAS  # read_nifti keeps the z order
+    return Grid(spacing, origin, row_step, col_step, last, slice_step)
 
 
 def _itk_slice_frame(shape: tuple[int, ...], affine: np.ndarray) -> bool:
@@ -181,7 +181,25 @@ def _dicom_grid(ds: Dataset) -> Grid:
     row_step = np.array(orientation[3:]) * spacing[0]  # next row: along the column cosines
     col_step = np.array(orientation[:3]) * spacing[1]
     last = np.array(positions[-1]) if len(positions) > 1 else None
-    return Grid((spacing[0], spacing[1]), np.array(positions[0]), row_step, col_step, last)
+    slice_step = _slice_step(ds, row_step, col_step, positions)
+    return Grid((spacing[0], spacing[1]), np.array(positions[0]), row_step, col_step, last,
+                slice_step)
+
+
+def _slice_step(
+    ds: Dataset, row_step: np.ndarray, col_step: np.ndarray, positions: list[list[float]]
+) -> np.ndarray:
+    """Frame to frame in LPS mm; for one frame, the normal one slice thickness long."""
+    if len(positions) > 1:
+        return (np.array(positions[-1]) - np.array(positions[0])) / (len(positions) - 1)
+    normal = np.cross(col_step, row_step)
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    thickness = _floats([ds.get("SliceThickness") or ds.get("SpacingBetweenSlices")], 1)
+    # Without a thickness, a slice is taken as thick as its pixels are wide.
+    depth = thickness[0] if thickness and thickness[0] > 0 else float(
+        max(np.linalg.norm(row_step), np.linalg.norm(col_step))
+    )
+    return normal * depth
 
 
 def _series_grid(folder: Path) -> Grid | None:
@@ -201,7 +219,8 @@ def _series_grid(folder: Path) -> Grid | None:
     framed = [g.origin for g in grids if g.origin is not None]
     ordered = sorted(framed, key=lambda origin: float(np.dot(origin, normal)))
     last = ordered[-1] if len(ordered) > 1 else None
-    return Grid(first.spacing, ordered[0], first.row_step, first.col_step, last)
+    step = (last - ordered[0]) / (len(ordered) - 1) if last is not None else first.slice_step
+    return Grid(first.spacing, ordered[0], first.row_step, first.col_step, last, step)
 
 
 def _frame_positions(ds: Dataset) -> list[list[float]]:

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.alignment import align_mask, check_shape
 from common.data.dicom import read_dicom
 from common.data.errors import ImageError, as_image_error, is_file_failure
+from common.data.mask_content import check_mask_content, judgeable
+from common.data.mask_formats import read_placed_mask
 from common.data.nifti import is_nifti, read_nifti
-from common.data.sniff import has_dicm_marker
 from common.data.normalize import normalise, pad_to_square, resize, select_slices, to_channels
 from common.data.preprocess import Preprocess
+from common.data.sniff import has_dicm_marker
 from common.data.volume import ImageMeta, RawVolume
 
 MAX_LABEL = 255  # masks are returned as uint8
@@ -96,12 +99,19 @@ def load_image(path: Path, pre: Preprocess) -> LoadedImage:
     return LoadedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=raw.meta)
 
 
-def decode_mask(path: Path, pre: Preprocess) -> tuple[np.ndarray, ImageMeta]:
-    """Decode a label map to uint8 (S, 1, H, W) with nearest-neighbour resizing.
+def decode_mask(
+    path: Path, pre: Preprocess, *, like: ImageMeta, image: Path | None = None
+) -> tuple[np.ndarray, ImageMeta, str]:
+    """Decode a label map onto its image's grid as uint8 (S, 1, H, W), nearest neighbour.
 
-    Returns the mask and its original geometry; `load_mask` checks that against the image.
+    like: the image's geometry as decoded; image: its file or series folder, whose header
+    places the mask (`align_mask`) and whose pixels show whether the mask is flipped
+    (`check_mask_content`); None compares shapes only.
+    Returns the mask, its own stored geometry and how it was placed on the image.
     """
-    raw = read_raw(Path(path), as_labels=True)
+    path = Path(path)
+    placed = read_placed_mask(path, image=image)
+    raw, placement = placed if placed is not None else (read_raw(path, as_labels=True), None)
     finite = np.isfinite(raw.pixels)
     if not finite.all():
         # Checked first: NaN would otherwise read as "non-integer", which hides the cause.
@@ -118,30 +128,35 @@ def decode_mask(path: Path, pre: Preprocess) -> tuple[np.ndarray, ImageMeta]:
             f"mask labels must be integers 0..{MAX_LABEL}, found {low:g}..{high:g}; "
             "renumber the classes"
         )
-    labels = values[select_slices(len(values), pre.slices)].transpose(0, 3, 1, 2)
+    if raw.pixels.shape[-1] != 1:
+        raise ImageError("mask has colour samples; store labels as grey, one value per pixel")
+    grid = values[..., 0].astype(np.uint8)
+    if placement is None:
+        grid, placement = align_mask(grid, path, image, like)
+    else:
+        check_shape(grid.shape, like)
+    if image is not None and judgeable(grid):  # an empty mask costs no second decode
+        check_mask_content(_grey(image), grid, mask=str(path), against=str(image))
+    labels = grid[select_slices(len(grid), pre.slices), None]
     labels = resize(pad_to_square(labels), pre.image_size, labels=True)
-    return np.rint(labels).astype(np.uint8), raw.meta
+    return np.rint(labels).astype(np.uint8), raw.meta, placement
 
 
-def check_mask_geometry(mask: ImageMeta, image: ImageMeta) -> None:
-    """Raise ImageError unless mask and image had the same slices, rows and columns."""
-    have = (mask.slices, mask.rows, mask.cols)
-    want = (image.slices, image.rows, image.cols)
-    if have != want:
-        raise ImageError(
-            "mask geometry does not match its image "
-            f"(mask {have[0]} slices of {have[1]}x{have[2]}, "
-            f"image {want[0]} slices of {want[1]}x{want[2]}); "
-            "export the mask on the image's grid"
-        )
+def _grey(image: Path) -> np.ndarray:
+    """The image as grey (S, R, C) in [0, 1], as the model sees it before resizing."""
+    raw = read_raw(image)
+    pixels = normalise(raw.pixels, modality=raw.meta.modality, window=raw.window,
+                       invert=raw.invert)
+    return to_channels(pixels, 1)[..., 0]
 
 
-def load_mask(path: Path, pre: Preprocess, *, like: LoadedImage) -> np.ndarray:
+def load_mask(
+    path: Path, pre: Preprocess, *, like: LoadedImage, image: Path | None = None
+) -> np.ndarray:
     """Load the label map for image `like` as uint8 (S, 1, H, W), on the same grid.
 
-    Raises ImageError if the mask is unreadable or its geometry (slices, rows, cols before
-    resizing) differs from the image's.
+    image: `like`'s file, for placing the mask by geometry and checking its content; without
+    it only the shapes (slices, rows, columns before resizing) are compared.
+    Raises ImageError if the mask is unreadable or cannot be placed on the image.
     """
-    mask, meta = decode_mask(path, pre)
-    check_mask_geometry(meta, like.meta)
-    return mask
+    return decode_mask(path, pre, like=like.meta, image=image)[0]

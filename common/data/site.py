@@ -13,8 +13,7 @@ import numpy as np
 
 from common.data.cache import ImageCache
 from common.data.errors import DataError, ImageError, Problem, as_image_error, is_file_failure
-from common.data.geometry import check_mask_grid
-from common.data.image import LoadedImage, check_mask_geometry
+from common.data.image import LoadedImage
 from common.data.labels import SPLITS, Row, read_labels
 from common.data.limits import max_image_bytes
 from common.data.preprocess import Preprocess
@@ -47,6 +46,7 @@ class LoadedRow(NamedTuple):
     row_index: int
     image: LoadedImage
     mask: np.ndarray | None
+    placement: str | None = None  # how the mask was put on the image (common.data.alignment)
 
 
 _LOGGED_PROBLEMS = 5
@@ -165,19 +165,20 @@ class SiteData:
             return None
         for inner in image.meta.skipped:
             self._report(Problem(f"{row.path}/{inner.path}", inner.reason))
-        mask = None
+        mask, placement = None, None
         if row.mask is not None and self.load_masks:
             try:
-                mask, mask_meta = self._cache.mask(self.site_dir / row.mask, self.pre)
-                check_mask_geometry(mask_meta, image.meta)
-                check_mask_grid(self.site_dir / row.mask, self.site_dir / row.path)
+                mask, _, placement = self._cache.mask(
+                    self.site_dir / row.mask, self.pre, like=image.meta,
+                    image=self.site_dir / row.path,
+                )
             except BaseException as e:
                 if not is_file_failure(e):
                     raise
                 # An image whose declared mask is broken would train a segmenter on nothing.
                 self._skip(row.mask, e, f"row {row.path} skipped")
                 return None
-        return LoadedRow(index, image, mask)
+        return LoadedRow(index, image, mask, placement)
 
     def _skip(self, path: str, error: BaseException, outcome: str) -> None:
         reason = as_image_error(error).reason

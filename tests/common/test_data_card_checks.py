@@ -93,7 +93,7 @@ def test_nifti_mask_shifted_in_space_is_named(tmp_path, nifti_file, labels_csv):
     assert reason is not None and "first pixel: mask at (" in reason
 
 
-def test_dicom_mask_rotated_180_degrees_through_its_orientation_is_named(
+def test_dicom_mask_rotated_180_degrees_through_its_orientation_is_resampled(
     tmp_path, dicom_file, labels_csv, mr
 ):
     site = tmp_path / "s"
@@ -108,7 +108,8 @@ def test_dicom_mask_rotated_180_degrees_through_its_orientation_is_named(
     dicom_file(site / "m0.dcm", labels, modality="OT", ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
                **frame)
     # m1: the mask stored rotated 180 degrees, and its header says so (rows and columns run
-    # the other way from the opposite corner): correct DICOM, but not on the image's grid.
+    # the other way from the opposite corner): correct DICOM, resampled onto the image's grid
+    # (issue 17 item 7).
     dicom_file(site / "m1.dcm", np.rot90(labels, 2).copy(), modality="OT",
                ImageOrientationPatient=[-1, 0, 0, 0, -1, 0], ImagePositionPatient=[31, 31, 0],
                PixelSpacing=[1, 1])
@@ -117,11 +118,9 @@ def test_dicom_mask_rotated_180_degrees_through_its_orientation_is_named(
                ImagePositionPatient=[0, 0, 0], PixelSpacing=[0.5, 0.5])
     labels_csv(site, lines, header="path,label,mask,split")
     card = card_of(site, tmp_path)
-    reason = problem(card, "m1.dcm")
-    assert reason is not None and "orientation: mask rows run toward A" in reason
-    assert "image rows toward P" in reason
+    assert problem(card, "m1.dcm") is None
     assert "pixel spacing: mask 0.5x0.5 mm, image 1x1 mm" in (problem(card, "m2.dcm") or "")
-    assert problem(card, "m0.dcm") is None and card.mask_rows["train"] == 1
+    assert problem(card, "m0.dcm") is None and card.mask_rows["train"] == 2
 
 
 @pytest.mark.parametrize(
