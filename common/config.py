@@ -91,8 +91,8 @@ class RunConfig:
     local_steps: int = 20
     local_epochs: int = 0
     # 0: the task's batch, 64 images, except segmentation, whose batch holds about as many
-    # pixels as 64 images of 64 x 64 (common.seg_plan.planned_batch: 4 at 256 px), so that
-    # a step's arithmetic on a site's CPU does not grow with the image size
+    # pixels as 16 images of 64 x 64 (common.seg_plan.planned_batch: 4 at 128 px and above),
+    # so that a step's arithmetic on a site's CPU does not grow with the image size
     batch_size: int = 0
     optimizer: str = "adam"
     lr: float = 1e-3

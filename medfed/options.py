@@ -180,7 +180,7 @@ Seed = Annotated[int | None, _option(help="Seed.", shown=_default("seed"))]
 BatchSize = Annotated[
     int | None,
     _option(help="Local batch size.",
-            shown="64; segment: about 64 x 64 x 64 pixels a batch, 4 images at 256 px"),
+            shown="64; segment: 16 at 64 px, 4 at 128 px and above"),
 ]
 Lr = Annotated[float | None, _option(help="Local learning rate.", shown=_default("lr"))]
 ImageSize = Annotated[

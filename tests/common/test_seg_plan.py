@@ -75,3 +75,14 @@ def test_a_given_shape_is_checked_where_it_is_set():
         RunConfig(task="classify", net_width=16)
     with pytest.raises(ConfigError, match="--net-width"):
         RunConfig(task="segment", net_width=2)
+
+
+def test_a_segmentation_batch_holds_about_the_same_pixels_at_any_image_size():
+    from common.seg_plan import planned_batch
+
+    assert RunConfig(task="segment").batch_size == planned_batch(64) == 16
+    assert RunConfig(task="segment", image_size=256).batch_size == 4  # never below 4
+    assert RunConfig(task="segment", image_size=256, batch_size=32).batch_size == 32  # given
+    assert RunConfig().batch_size == 64  # classification keeps its batch
+    cfg = RunConfig(task="segment", image_size=128)
+    assert RunConfig.from_mapping(cfg.to_mapping()).batch_size == 4  # resolved once, carried
