@@ -494,3 +494,24 @@ def test_secure_aggregation_replies_pass_the_site_guard_and_nothing_else_does() 
     legacy["fitres.metrics"]["path"] = "/data/scan.dcm"
     with pytest.raises(OutboundViolation):
         GUARD.check(legacy)
+
+
+def test_the_site_guard_passes_a_fingerprint_and_nothing_per_image() -> None:
+    # a segmentation run's fingerprint (client.fingerprint) leaves as aggregates only
+    from client.app import GUARD
+    from common.fingerprint import Fingerprint
+
+    fp = Fingerprint(train_images=40, val_images=10, rows=512.0, cols=512.0, slices=1.0,
+                     spacing_row=math.nan, spacing_col=math.nan, max_label=2,
+                     class_shares=(40.1, 6.2, 3.7), shares_noise=3.0)
+    reply = RecordDict({"metrics": MetricRecord(dict(fp.to_metrics())),
+                        "site": ConfigRecord({"name": "site-a"})})
+    GUARD.check(reply)
+    # a list under any other key would be one value per image: blocked
+    per_image = dict(fp.to_metrics())
+    per_image["fp-rows"] = [512.0, 480.0, 512.0]
+    with pytest.raises(OutboundViolation):
+        GUARD.check(_replace(reply, "metrics", MetricRecord(per_image)))
+    with pytest.raises(OutboundViolation):
+        GUARD.check(_replace(reply, "metrics", MetricRecord(
+            {**fp.to_metrics(), "fp-patient-sizes": [512.0]})))

@@ -71,3 +71,60 @@ def test_dp_sgd_trains_through_the_augmentation() -> None:
                     privacy=privacy)
     assert report.steps == 3 and np.isfinite(report.loss)
     assert len(privacy.history) == 1
+
+
+def _pairs(n: int = 6, dims: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    shape = (n, 1, *([16] * (dims - 2)), 32, 32) if dims == 3 else (n, 1, 32, 32)
+    x = torch.randn(shape, generator=g)
+    masks = torch.zeros((n, *shape[2:]), dtype=torch.long)
+    masks[..., 8:20, 4:12] = 1
+    masks[..., 22:28, 20:30] = 2
+    x = x + 3.0 * (masks > 0).unsqueeze(1)  # the structures are where the masks say
+    return x, masks
+
+
+def test_a_mask_moves_with_its_image_and_keeps_its_labels() -> None:
+    from client.augment import augment_pairs
+
+    x, masks = _pairs()
+    moved, moved_masks = augment_pairs(x, masks, torch.Generator().manual_seed(4))
+    assert moved_masks.dtype == masks.dtype
+    assert set(moved_masks.unique().tolist()) <= {0, 1, 2}  # never a blended label
+    assert not torch.equal(moved_masks, masks)
+    for image, mask in zip(moved, moved_masks, strict=True):
+        inside = image[0][mask > 0].mean()
+        outside = image[0][mask == 0].mean()
+        assert inside - outside > 2.0  # the structure is still under its moved label
+
+
+def test_paired_augmentation_is_per_sample_in_2d_and_3d() -> None:
+    from client.augment import augment_pairs
+
+    for dims in (2, 3):
+        x, masks = _pairs(dims=dims)
+        changed = x.clone()
+        changed[2] = torch.randn(changed[2].shape)
+        a, ma = augment_pairs(x, masks, torch.Generator().manual_seed(5))
+        b, mb = augment_pairs(changed, masks, torch.Generator().manual_seed(5))
+        keep = [i for i in range(6) if i != 2]
+        torch.testing.assert_close(a[keep], b[keep])
+        assert torch.equal(ma, mb)  # the masks' transforms do not depend on any image
+
+
+def test_dp_sgd_segments_through_paired_augmentation() -> None:
+    from client.augment import augmented_pairs
+    from client.tasks.segment import segmentation_loss
+    from client.train import tensor_dataset
+    from models.unet import UNet
+
+    x, masks = _pairs(n=16)
+    model = UNet(image_size=32, depth=2, num_classes=3)
+    privacy = PrivacyState.plan(num_examples=16, batch_size=8, rounds=1, steps_per_round=2,
+                                target_epsilon=8.0, delta=1e-5, accountant="rdp",
+                                max_grad_norm=1.0)
+    loss = augmented_pairs(segmentation_loss(batch_dice=False), torch.Generator().manual_seed(0))
+    dataset = tensor_dataset(x.numpy(), masks.numpy(), dtypes=(torch.float32, torch.long))
+    report = fit_dp(model, dataset, loss, settings=LocalTraining(steps=2, batch_size=8),
+                    device=torch.device("cpu"), privacy=privacy)
+    assert report.steps == 2 and np.isfinite(report.loss)
