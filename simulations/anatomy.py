@@ -189,7 +189,9 @@ def place_lesion(
             every cut (heart, diaphragm, mediastinum) applied.
         min_radius: smallest radius; a nodule that fits nowhere shrinks down to it first.
 
-    Returns None when even the smallest nodule fits nowhere (a slice through a lung base).
+    Returns:
+        The lesion, or None when even the smallest nodule fits nowhere (a lung's thin base).
+
     """
     subtle = rng.uniform() < SUBTLE_FRACTION
     lo, hi = SUBTLE_DIAMETER_MM if subtle else CONSPICUOUS_DIAMETER_MM

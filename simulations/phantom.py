@@ -274,6 +274,7 @@ def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: flo
 
 
 def frontal_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> list[Ellipse]:
+    """Vessel shadows of a frontal view in ``lung``, the spine at ``midline``."""
     # Lung markings radiate from the hilum and thin out towards the periphery.
     hx = lung.cx - np.sign(lung.cx - midline) * 0.55 * lung.ax
     hy = lung.cy + rng.uniform(-0.1, 0.15) * lung.ay
@@ -323,15 +324,17 @@ def acquire(
 def scan(
     image: np.ndarray, body: np.ndarray, scanner: Scanner, rng: np.random.Generator
 ) -> np.ndarray:
-    """What ``scanner`` records of a noise-free ``image``: texture in ``body``, shading, blur,
-    noise; a float32 image on its grid."""
+    """Return what ``scanner`` records of a noise-free ``image``, as float32.
+
+    Texture inside ``body`` (its coverage), shading, blur and noise, in that order.
+    """
     grid = scanner.grid
     ps = np.asarray(grid.spacing)
     if scanner.texture > 0:
         field = ndimage.gaussian_filter(rng.standard_normal(image.shape), 2.5 / ps)
         image += scanner.texture * body * field / max(float(field.std()), 1e-6)
     if scanner.bias > 0:
-        image *= _shading(grid, scanner.bias, rng)
+        image *= shading(grid, scanner.bias, rng)
     image = ndimage.gaussian_filter(image, scanner.blur_mm / ps)
     noise = rng.standard_normal(image.shape) * scanner.noise
     if scanner.rician:
@@ -341,7 +344,8 @@ def scan(
     return image.astype(np.float32)
 
 
-def _shading(grid: Grid, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+def shading(grid: Grid, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth multiplicative ramp of ``amplitude`` across the field of view, random direction."""
     ys, xs = grid.axes()
     t = rng.uniform(0, 2 * np.pi)
     span = max(grid.rows * grid.spacing[0], grid.cols * grid.spacing[1]) / 2
