@@ -76,8 +76,9 @@ def organ_tissues(
     """Draw a site's organ values around ``base`` (its jittered lesion-phantom tissues).
 
     CT sites scan with or without intravenous contrast (then blood, heart, vessels, liver and
-    spleen enhance); MR sites keep their T1-like or T2-like weighting; radiographs see the liver
-    as a denser region below the right hemidiaphragm.
+    spleen enhance); MR sites keep their T1-like (bright blood, gradient echo) or T2-like (dark
+    blood) weighting; radiographs see the liver as a denser region below the right
+    hemidiaphragm. Each organ differs from every tissue around it, so its outline shows.
     """
     u = rng.uniform
     if modality == "CT":
@@ -92,10 +93,13 @@ def organ_tissues(
             liver, spleen = u(55, 70) + offset, u(40, 50) + offset
         return AnatomyTissues(base, liver, spleen, u(-80, -50) + offset, blood, enhanced)
     if modality == "MR":
+        # The abdomen around the organs: bowel and mesentery, darker than the liver.
         if base.heart > 0.6 * base.soft:  # T1-like: liver brighter than spleen and muscle
-            liver, spleen, abdomen = 1.35 * base.soft, 0.95 * base.soft, 0.7 * base.fat
-        else:  # T2-like: dark liver, bright spleen
-            liver, spleen, abdomen = 0.6 * base.soft, 1.4 * base.soft, 0.75 * base.fat
+            liver, spleen, abdomen = 1.35 * base.soft, 0.95 * base.soft, 0.7 * base.soft
+            # gradient echo: inflowing blood is bright, above the pericardial fat around it
+            base = dataclasses.replace(base, heart=base.fat * u(1.15, 1.3))
+        else:  # T2-like: dark (flowing) blood, liver above muscle and bowel, spleen above it
+            liver, spleen, abdomen = 1.3 * base.soft, 1.6 * base.soft, 0.8 * base.soft
         jitter = u(0.93, 1.07, size=3)
         return AnatomyTissues(
             base, liver * jitter[0], spleen * jitter[1], abdomen * jitter[2], base.heart
