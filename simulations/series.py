@@ -9,7 +9,6 @@ millimetres with ``PixelSpacing``, the slice spacing and the first slice's
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,8 @@ def write_series(
     Args:
         template: the series' header (patient, study, series, frame of reference, geometry of
             the first slice); each file gets its own SOP Instance UID, position and number.
+            It is rewritten in place for each slice (a deep copy per slice costs more than
+            writing the file) and holds the last slice's values afterwards.
         offsets: each slice's distance (mm) above the first, along the slice normal.
         store: puts a slice's pixels into its dataset (the site's transfer syntax).
         uid: a UID per kind of object, deterministic for the case.
@@ -42,8 +43,8 @@ def write_series(
     folder.mkdir(parents=True)
     x0, y0, z0 = (float(v) for v in template.ImagePositionPatient)
     count = len(slices)
+    ds = template
     for k, (pixels, offset) in enumerate(zip(slices, offsets, strict=True)):
-        ds = copy.deepcopy(template)
         ds.SOPInstanceUID = uid(f"instance-{k}")
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         number = count - k  # scanners number a chest series from the top down

@@ -8,6 +8,7 @@ No public dataset can be downloaded here, so this is every user's default data. 
     ...
     out/test/labels.csv                      held-out patients, every split is "test"
     out/identifiers.json                     every fake PatientName / PatientID written
+    out/dataset_info.json                    what labels and mask values mean (num_classes)
 
 Each DICOM holds one 2D image; label 1 means a lung nodule is present. Each mask is a uint8 NIfTI
 of shape ``(Rows, Columns)`` (2D, rows along axis 0 exactly as ``pixel_array``), 1 inside the
@@ -27,6 +28,14 @@ Difficulty: most lesions are conspicuous and a CNN learns them within a few epoc
 is subtle (small and faint, below what a 64-pixel input resolves), which caps the achievable AUC
 below 1. Calibrated with ``medfed central`` (15 epochs, 64-pixel input) on four 160-image sites:
 held-out AUC 0.928, 0.915 and 0.902 for seeds 0, 1 and 2.
+
+Anatomy (``masks="anatomy"``, off by default): the images come from the anatomical phantoms
+(``simulations.torso`` for axial slices at random levels, ``simulations.film`` for PA films) and
+each mask is a label map of ``simulations.anatomy.LABELS``. Volumes (``dims=3``): every site is CT
+or MR, each row of labels.csv is a DICOM series folder (``images/vol_0001/slice_001.dcm``...) of
+one patient's axial volume, its mask a 3D NIfTI on the series' grid (see
+``simulations.series``). Both draw from their own random streams: the default output is the
+same as before either existed.
 
 Hard layouts (all off by default; the default output is unchanged): ``site_sizes`` gives each
 site's image count (tiny referral clinics of 20-80 images beside large hospitals);
@@ -633,6 +642,7 @@ def _write_volume(
     mask = labels if style.masks == "anatomy" else (labels == LESION).astype(np.uint8)
     stored = _encode(profile, image)
     template = _dataset(profile, stored[0], rng, *case, store=False)
+    mask_nifti = series.mask_volume(mask, template, profile.protocol.thickness)
     seed, site_index, n = case
     series.write_series(
         folder / "images" / stem, template, stored, levels - levels[0],
@@ -640,8 +650,7 @@ def _write_volume(
         store=lambda ds, pixels: set_pixels(ds, profile, pixels),
         uid=lambda kind: _uid(seed, site_index, n, kind),
     )
-    nib.save(series.mask_volume(mask, template, profile.protocol.thickness),
-             folder / "masks" / f"{stem}.nii.gz")
+    nib.save(mask_nifti, folder / "masks" / f"{stem}.nii.gz")
     return template, f"images/{stem}", f"masks/{stem}.nii.gz"
 
 

@@ -11,6 +11,7 @@ vessel moving, and a nodule is a lobulated ball. Labels follow ``simulations.ana
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -254,17 +255,21 @@ class _Slice:
     def d(self, shape: Ellipse | None) -> np.ndarray:
         return self.far if shape is None else shape.distance(self.x, self.y)
 
+    @functools.cached_property
     def below_domes(self) -> np.ndarray:
+        """Under either hemidiaphragm (computed once: most structures are cut by it)."""
         return union(*(self.d(dome.below(self.z)) for dome in self.torso.domes))
 
+    @functools.cached_property
     def cavity(self) -> np.ndarray:
+        """Inside the chest and abdominal wall."""
         t = self.torso
         return self.d(_shrunk(t.body, t.fat_mm + t.wall_mm))
 
     def heart(self, grow: float = 0.0) -> np.ndarray:
         section = self.torso.heart.section(self.z)
         shape = None if section is None else _grown(section, grow)
-        return minus(self.d(shape), self.below_domes())
+        return minus(self.d(shape), self.below_domes)
 
     def above_heart(self) -> bool:
         heart = self.torso.heart
@@ -272,9 +277,9 @@ class _Slice:
 
     def lung(self, side: int) -> np.ndarray:
         t = self.torso
-        fields = [self.d(_lung_ellipse(t, side, self.z)), self.cavity()]
+        fields = [self.d(_lung_ellipse(t, side, self.z)), self.cavity]
         holes = [
-            self.below_domes(),
+            self.below_domes,
             self.heart(t.pericardial_mm + 3.0),
             self.d(_grown(t.aorta, 3.0)),
             self.d(_grown(t.spine, 4.0)),
@@ -291,9 +296,9 @@ class _Slice:
         taper = float(np.sqrt(min((self.z - t.liver_bottom) / 70.0, 1.0)))
         right = _shrunk(t.liver, (1.0 - taper) * min(t.liver.ax, t.liver.ay))
         lobe = self.d(t.left_lobe) if self.z > t.domes[1].top - 90 else self.far
-        below = self.below_domes()
+        below = self.below_domes
         return intersect(union(intersect(self.d(right), self.d(t.domes[0].below(self.z))),
-                               intersect(lobe, below)), self.cavity())
+                               intersect(lobe, below)), self.cavity)
 
     def ribs(self) -> np.ndarray:
         """Distance-like field of the rib cross-sections: arcs in the chest wall."""
@@ -343,8 +348,8 @@ def render_slice(
     body = at.d(t.body)
     canvas.paint(body, v.fat, label=BODY)
     canvas.paint(at.d(_shrunk(t.body, t.fat_mm)), v.soft)
-    cavity = at.cavity()
-    canvas.paint(intersect(cavity, at.below_domes()), tissues.abdomen)
+    cavity = at.cavity
+    canvas.paint(intersect(cavity, at.below_domes), tissues.abdomen)
     for organ, value in ((t.spleen, tissues.spleen), (t.stomach, v.soft)):
         canvas.paint(intersect(at.d(organ.section(z)), cavity), value)
     stomach = t.stomach.section(z)

@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -33,10 +34,13 @@ from simulations.synth import _CT_TISSUES, _XR_TISSUES, synthesize
 
 runner = CliRunner()
 BODY, RIGHT, LEFT, HEART, LIVER, LESION = 1, 2, 3, 4, 5, 6
-ANATOMY_2D = {"sites": 5, "images_per_site": 12, "seed": 3, "test_images": 12,
-              "masks": "anatomy"}
-VOLUMES = {"sites": 2, "images_per_site": 10, "seed": 4, "test_images": 10, "masks": "anatomy",
-           "dims": 3}
+ANATOMY_2D: dict[str, Any] = {
+    "sites": 5, "images_per_site": 12, "seed": 3, "test_images": 12, "masks": "anatomy",
+}
+VOLUMES: dict[str, Any] = {
+    "sites": 2, "images_per_site": 10, "seed": 4, "test_images": 10, "masks": "anatomy",
+    "dims": 3,
+}
 
 
 def _rows(folder: Path) -> list[dict[str, str]]:
@@ -59,14 +63,14 @@ def _digest(out: Path) -> dict[str, str]:
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five sites (CT, MR, DX, CT, CR) of 2D images with anatomical label maps."""
     out = tmp_path_factory.mktemp("anatomy") / "2d"
-    synthesize(out, **ANATOMY_2D)  # type: ignore[arg-type]
+    synthesize(out, **ANATOMY_2D)
     return out
 
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("anatomy") / "3d"
-    synthesize(out, **VOLUMES)  # type: ignore[arg-type]
+    synthesize(out, **VOLUMES)
     return out
 
 
@@ -308,12 +312,12 @@ def test_volumes_with_lesion_masks(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_files(images: Path, volumes: Path, tmp_path: Path) -> None:
-    synthesize(tmp_path / "2d", **ANATOMY_2D)  # type: ignore[arg-type]
+    synthesize(tmp_path / "2d", **ANATOMY_2D)
     assert _digest(tmp_path / "2d") == _digest(images)
-    synthesize(tmp_path / "3d", **VOLUMES)  # type: ignore[arg-type]
+    synthesize(tmp_path / "3d", **VOLUMES)
     assert _digest(tmp_path / "3d") == _digest(volumes)
     other = {**ANATOMY_2D, "seed": 4, "sites": 1}
-    synthesize(tmp_path / "other", **other)  # type: ignore[arg-type]
+    synthesize(tmp_path / "other", **other)
     mask = "sites/hospital-01/masks/img_0001.nii.gz"
     assert _digest(tmp_path / "other")[mask] != _digest(images)[mask]
 
