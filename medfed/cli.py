@@ -148,6 +148,11 @@ def synth(
         f"held-out test set: {summary.test_images} images "
         f"({summary.test_positives / summary.test_images:.0%} lesions) in {out_dir / 'test'}"
     )
+    if masks == "anatomy":
+        from simulations.anatomy import NUM_CLASSES
+
+        out.print(f"masks: label maps of {NUM_CLASSES} classes (--num-classes {NUM_CLASSES}), "
+                  f"listed in {out_dir / 'dataset_info.json'}")
     out.print(f"next: medfed check-data {out_dir / 'sites' / summary.sites[0]}")
 
 

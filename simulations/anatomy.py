@@ -51,6 +51,7 @@ BACKGROUND, BODY, RIGHT_LUNG, LEFT_LUNG, HEART, LIVER, LESION = range(7)
 NUM_CLASSES = len(LABELS)
 LESION_ONLY: dict[int, str] = {0: "background", 1: "lesion"}
 _PLACEMENT_TRIES = 40
+_SMALLEST_MM = 0.5  # a nodule never shrinks below this, whatever min_radius says
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def place_lesion(
             x, y = candidate(reach * radius)
             if lung_distance(x, y) <= -reach * radius:
                 return Lesion(x, y, radius, harmonics, contrast)
-        if radius <= min_radius:
+        if radius <= max(min_radius, _SMALLEST_MM):
             return None
         # Lung bases and apices are thin: a big mass does not fit there, a smaller one does.
         radius = max(min_radius, 0.8 * radius)

@@ -12,7 +12,7 @@ lung behind the heart is not visible as lung). Labels follow ``simulations.anato
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -106,9 +106,10 @@ def sample_film(rng: np.random.Generator, *, lesion: bool, min_radius: float) ->
         at = _Fields(film, np.asarray(x, dtype=float), np.asarray(y, dtype=float))
         return float(np.minimum(at.lung(0), at.lung(1)))
 
-    # min_radius is below a pixel's size and lung fields are wide: a nodule always fits.
     placed = place_lesion(rng, candidate, distance, min_radius)
-    return Film(**{**film.__dict__, "lesion": placed})
+    if placed is None:  # lung fields are wide and min_radius is about a pixel: cannot happen
+        raise RuntimeError("no place in the sampled lung fields holds a nodule")
+    return replace(film, lesion=placed)
 
 
 class _Fields:

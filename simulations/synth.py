@@ -756,6 +756,8 @@ def _dataset(
     if profile.modality == "CT":
         ds.KVP = int(rng.choice([100, 120]))
         ds.ConvolutionKernel = "B30f" if scanner.blur_mm > 1.0 else "B60f"
+        if profile.organs is not None and profile.organs.enhanced:
+            ds.ContrastBolusAgent = "Iohexol 350 mg/ml"
     elif profile.modality == "MR":
         ds.MagneticFieldStrength = 3.0 if "Vida" in profile.model else 1.5
         ds.ScanningSequence = "GR" if scanner.tissues.fat > 0.9 else "SE"
