@@ -109,11 +109,24 @@ def synth(
         typer.Option(help="Lesion share of the held-out test set, in (0, 1), e.g. 0.2 to test "
                           "at another prevalence than training's.", show_default="0.5"),
     ] = None,
+    masks: Annotated[
+        str,
+        typer.Option(help="What the NIfTI masks hold: 'lesion' (1 in the lung nodule) or "
+                          "'anatomy' (label maps: 0 background, 1 body, 2 right lung, 3 left "
+                          "lung, 4 heart, 5 liver, 6 lesion; listed in DIR/dataset_info.json)."),
+    ] = "lesion",
+    dims: Annotated[
+        int,
+        typer.Option(help="2: one image per DICOM file; 3: one axial CT or MR volume per "
+                          "patient (a DICOM series folder per labels.csv row, 32-48 slices of "
+                          "64-96 pixels, 3-5 mm apart) with a 3D NIfTI mask."),
+    ] = 2,
 ) -> None:
-    """Write synthetic hospitals: DICOM images, NIfTI lesion masks, labels.csv per site.
+    """Write synthetic hospitals: DICOM images, NIfTI masks, labels.csv per site.
 
     Hard layouts for developing against: --site-sizes, --one-class-sites, --label-alpha and
-    --test-prevalence (see simulations/scenarios/hard.toml).
+    --test-prevalence (see simulations/scenarios/hard.toml). Segmentation of anatomy:
+    --masks anatomy, in 2D or --dims 3.
     """
     from simulations.synth import synthesize
 
@@ -124,7 +137,7 @@ def synth(
             out_dir, sites=n_sites, images_per_site=images_per_site, seed=seed,
             test_images=test_images, overwrite=force, labelled_fraction=labelled_fraction,
             site_sizes=sizes, one_class_sites=one_class_sites, label_alpha=label_alpha,
-            test_prevalence=test_prevalence,
+            test_prevalence=test_prevalence, masks=masks, dims=dims,
         )
     )
     table = Table("site", "images", "lesion share", title=f"Synthetic hospitals in {out_dir}")
@@ -135,6 +148,11 @@ def synth(
         f"held-out test set: {summary.test_images} images "
         f"({summary.test_positives / summary.test_images:.0%} lesions) in {out_dir / 'test'}"
     )
+    if masks == "anatomy":
+        from simulations.anatomy import NUM_CLASSES
+
+        out.print(f"masks: label maps of {NUM_CLASSES} classes (--num-classes {NUM_CLASSES}), "
+                  f"listed in {out_dir / 'dataset_info.json'}")
     out.print(f"next: medfed check-data {out_dir / 'sites' / summary.sites[0]}")
 
 

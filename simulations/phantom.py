@@ -88,14 +88,17 @@ class Ellipse:
 
     def coverage(self, x: np.ndarray, y: np.ndarray, edge: float) -> np.ndarray:
         """Fraction of each pixel inside the ellipse, ramping over ``edge`` mm at the border."""
+        return np.clip(0.5 - self.distance(x, y) / edge, 0.0, 1.0)
+
+    def distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Signed distance to the border in mm (first order): < 0 inside, > 0 outside."""
         c, s = np.cos(self.angle), np.sin(self.angle)
         u = c * (x - self.cx) + s * (y - self.cy)
         v = -s * (x - self.cx) + c * (y - self.cy)
         rho = np.sqrt((u / self.ax) ** 2 + (v / self.ay) ** 2)
         # First-order signed distance to the border: (rho - 1) / |grad rho|.
         grad = np.sqrt((u / self.ax**2) ** 2 + (v / self.ay**2) ** 2) / np.maximum(rho, 1e-6)
-        dist = (rho - 1.0) / np.maximum(grad, 1e-6)
-        return np.clip(0.5 - dist / edge, 0.0, 1.0)
+        return (rho - 1.0) / np.maximum(grad, 1e-6)
 
     def sample_inside(self, rng: np.random.Generator, margin: float) -> tuple[float, float]:
         """Return a uniform random point at least ~``margin`` mm inside the border."""
@@ -259,7 +262,7 @@ def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: flo
         u(-0.5, -0.1),
     )
     spine = Ellipse(cx + u(-3, 3), 0.0, _jitter(rng, 24, 0.15), 400.0)
-    vessels = tuple(v for lung in lungs for v in _frontal_vessels(rng, lung, cx))
+    vessels = tuple(v for lung in lungs for v in frontal_vessels(rng, lung, cx))
     spacing = _jitter(rng, 24, 0.1)
     ribs = tuple(
         (top + 8 + i * spacing + u(-3, 3), _jitter(rng, 0.006, 0.3), side, _jitter(rng, 5, 0.2))
@@ -270,7 +273,8 @@ def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: flo
     return Phantom("frontal", body, 0.0, lungs, heart, spine, (), vessels, ribs, lesion)
 
 
-def _frontal_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> list[Ellipse]:
+def frontal_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> list[Ellipse]:
+    """Vessel shadows of a frontal view in ``lung``, the spine at ``midline``."""
     # Lung markings radiate from the hilum and thin out towards the periphery.
     hx = lung.cx - np.sign(lung.cx - midline) * 0.55 * lung.ax
     hy = lung.cy + rng.uniform(-0.1, 0.15) * lung.ay
@@ -314,22 +318,34 @@ def acquire(
     if phantom.lesion is not None:
         ys, xs = grid.axes()
         mask = phantom.lesion.outline(xs[None, :], ys[:, None]) <= 0.0
+    return scan(image, body, scanner, rng), mask
+
+
+def scan(
+    image: np.ndarray, body: np.ndarray, scanner: Scanner, rng: np.random.Generator
+) -> np.ndarray:
+    """Return what ``scanner`` records of a noise-free ``image``, as float32.
+
+    Texture inside ``body`` (its coverage), shading, blur and noise, in that order.
+    """
+    grid = scanner.grid
     ps = np.asarray(grid.spacing)
     if scanner.texture > 0:
         field = ndimage.gaussian_filter(rng.standard_normal(image.shape), 2.5 / ps)
         image += scanner.texture * body * field / max(float(field.std()), 1e-6)
     if scanner.bias > 0:
-        image *= _shading(grid, scanner.bias, rng)
+        image *= shading(grid, scanner.bias, rng)
     image = ndimage.gaussian_filter(image, scanner.blur_mm / ps)
     noise = rng.standard_normal(image.shape) * scanner.noise
     if scanner.rician:
         image = np.hypot(image + noise, rng.standard_normal(image.shape) * scanner.noise)
     else:
         image = image + noise
-    return image.astype(np.float32), mask
+    return image.astype(np.float32)
 
 
-def _shading(grid: Grid, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+def shading(grid: Grid, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth multiplicative ramp of ``amplitude`` across the field of view, random direction."""
     ys, xs = grid.axes()
     t = rng.uniform(0, 2 * np.pi)
     span = max(grid.rows * grid.spacing[0], grid.cols * grid.spacing[1]) / 2
@@ -406,10 +422,21 @@ def _union(shapes: tuple[Ellipse, ...], xs: np.ndarray, ys: np.ndarray, edge: fl
 
 def _ribs(phantom: Phantom, xs: np.ndarray, ys: np.ndarray, edge: float) -> np.ndarray:
     """Coverage of the rib shadows of a frontal view: arcs curving down away from the spine."""
+    return rib_shadows(phantom.ribs, phantom.spine.cx, phantom.lungs, xs, ys, edge)
+
+
+def rib_shadows(
+    ribs: tuple[tuple[float, float, float, float], ...],
+    mid: float,
+    lungs: tuple[Ellipse, ...],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    edge: float,
+) -> np.ndarray:
+    """Coverage of rib shadows (y0, curvature, side, half-width) beside the spine at ``mid``."""
     out = np.zeros((ys.size, xs.size))
-    mid = phantom.spine.cx
-    reach = max(abs(lung.cx - mid) + lung.ax for lung in phantom.lungs) + 10
-    for y0, curvature, side, half in phantom.ribs:
+    reach = max(abs(lung.cx - mid) + lung.ax for lung in lungs) + 10
+    for y0, curvature, side, half in ribs:
         lateral = (xs - mid) * side
         arc = y0 + curvature * np.clip(lateral, 0, None) ** 2
         cover = np.clip(0.5 - (np.abs(ys[:, None] - arc[None, :]) - half) / edge, 0.0, 1.0)

@@ -8,6 +8,7 @@ No public dataset can be downloaded here, so this is every user's default data. 
     ...
     out/test/labels.csv                      held-out patients, every split is "test"
     out/identifiers.json                     every fake PatientName / PatientID written
+    out/dataset_info.json                    what labels and mask values mean (num_classes)
 
 Each DICOM holds one 2D image; label 1 means a lung nodule is present. Each mask is a uint8 NIfTI
 of shape ``(Rows, Columns)`` (2D, rows along axis 0 exactly as ``pixel_array``), 1 inside the
@@ -28,6 +29,14 @@ is subtle (small and faint, below what a 64-pixel input resolves), which caps th
 below 1. Calibrated with ``medfed central`` (15 epochs, 64-pixel input) on four 160-image sites:
 held-out AUC 0.928, 0.915 and 0.902 for seeds 0, 1 and 2.
 
+Anatomy (``masks="anatomy"``, off by default): the images come from the anatomical phantoms
+(``simulations.torso`` for axial slices at random levels, ``simulations.film`` for PA films) and
+each mask is a label map of ``simulations.anatomy.LABELS``. Volumes (``dims=3``): every site is CT
+or MR, each row of labels.csv is a DICOM series folder (``images/vol_0001/slice_001.dcm``...) of
+one patient's axial volume, its mask a 3D NIfTI on the series' grid (see
+``simulations.series``). Both draw from their own random streams: the default output is the
+same as before either existed.
+
 Hard layouts (all off by default; the default output is unchanged): ``site_sizes`` gives each
 site's image count (tiny referral clinics of 20-80 images beside large hospitals);
 ``label_alpha`` draws each site's lesion share from Beta(alpha, alpha), the two-class Dirichlet
@@ -44,7 +53,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -66,6 +75,8 @@ from pydicom.uid import (
 )
 
 from common.outputs import note, prepare
+from simulations import series
+from simulations.anatomy import LABELS, LESION, LESION_ONLY, AnatomyTissues, organ_tissues
 from simulations.phantom import (
     Grid,
     Scanner,
@@ -74,11 +85,19 @@ from simulations.phantom import (
     min_lesion_radius,
     sample_phantom,
 )
+from simulations.scans import VolumeProtocol, anatomical_image, anatomical_volume
 
 SITE_SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 PREVALENCE_RANGE = (0.15, 0.60)
 SIZE_FACTOR_RANGE = (0.5, 1.5)
 MIN_IMAGES = 10
+MASK_KINDS = ("lesion", "anatomy")
+DIMS = (2, 3)
+# Volumes (--dims 3): slices per volume, slice spacing (mm) and in-plane pixels per side, per
+# site; modest, so that training on them stays feasible on CPUs.
+VOLUME_SLICES = (32, 48)
+VOLUME_THICKNESS_MM = (3.0, 5.0)
+VOLUME_SIDES = (64, 80, 96)
 
 # (modality, photometric interpretation, transfer syntax) of site i is _ARCHETYPES[i % 5].
 _ARCHETYPES: tuple[tuple[str, str, UID], ...] = (
@@ -87,6 +106,14 @@ _ARCHETYPES: tuple[tuple[str, str, UID], ...] = (
     ("DX", "MONOCHROME1", JPEGLSLossless),
     ("CT", "MONOCHROME2", JPEG2000Lossless),
     ("CR", "MONOCHROME2", RLELossless),
+)
+# Volumes are axial: radiography sites become MR and CT sites.
+_VOLUME_ARCHETYPES: tuple[tuple[str, str, UID], ...] = (
+    ("CT", "MONOCHROME2", ExplicitVRLittleEndian),
+    ("MR", "MONOCHROME2", RLELossless),
+    ("MR", "MONOCHROME2", JPEGLSLossless),
+    ("CT", "MONOCHROME2", JPEG2000Lossless),
+    ("CT", "MONOCHROME2", RLELossless),
 )
 _SOP_CLASS = {
     "CT": CTImageStorage,
@@ -176,6 +203,8 @@ class SiteProfile:
     prevalence: float
     n_images: int
     station: str
+    organs: AnatomyTissues | None = None  # anatomical phantoms (--masks anatomy, --dims 3)
+    protocol: VolumeProtocol | None = None  # volumes (--dims 3)
 
 
 def synthesize(
@@ -191,6 +220,8 @@ def synthesize(
     one_class_sites: int = 0,
     label_alpha: float | None = None,
     test_prevalence: float | None = None,
+    masks: str = "lesion",
+    dims: int = 2,
 ) -> SynthSummary:
     """Write ``sites`` synthetic hospital folders and a held-out test folder under ``out``.
 
@@ -209,6 +240,10 @@ def synthesize(
         label_alpha: each mixed site's lesion share ~ Beta(alpha, alpha) (small alpha: sites
             dominated by one class; every mixed site keeps at least one image of each class).
         test_prevalence: lesion share of ``out/test`` (default 0.5).
+        masks: "lesion" (0/1 lesion masks on the lesion phantoms) or "anatomy" (label maps of
+            ``simulations.anatomy.LABELS`` on the anatomical phantoms).
+        dims: 2 (one image per DICOM file) or 3 (one axial volume per patient: a DICOM series
+            folder per row, a 3D NIfTI mask; every site is CT or MR).
 
     Raises:
         ValueError: an argument is out of range (the message names its CLI flag).
@@ -226,26 +261,32 @@ def synthesize(
     n_test = max(200, 2 * images_per_site) if test_images is None else test_images
     if n_test < MIN_IMAGES:
         raise ValueError(f"--test-images must be >= {MIN_IMAGES}, got {n_test}")
+    if masks not in MASK_KINDS:
+        raise ValueError(f"--masks must be one of {', '.join(MASK_KINDS)}, got {masks!r}")
+    if dims not in DIMS:
+        raise ValueError(f"--dims must be 2 (images) or 3 (volumes), got {dims}")
     layout = _hard_layout(sites, site_sizes, one_class_sites, label_alpha, test_prevalence, n_test)
     out = Path(out)
     _prepare(out, overwrite)
 
-    profiles = _site_profiles(sites, images_per_site, seed, layout)
+    style = _Style(masks, dims)
+    profiles = _site_profiles(sites, images_per_site, seed, layout, style)
     identifiers: dict[str, dict[str, list[str]]] = {}
     for profile in profiles:
         labels = _site_labels(profile, seed)
         splits = _stratified_splits(labels, _rng(seed, 2, profile.index))
         jobs = [(profile, int(y), s) for y, s in zip(labels, splits, strict=True)]
         identifiers[profile.name] = _write_folder(
-            out / "sites" / profile.name, jobs, seed, labelled_fraction, profile.index
+            out / "sites" / profile.name, jobs, seed, labelled_fraction, profile.index, style
         )
     rng = _rng(seed, 3)
     test_labels = rng.permutation(np.arange(n_test) < layout.test_positives)
     scanners = rng.integers(len(profiles), size=n_test)
     test_jobs = [(profiles[int(i)], int(y), "test") for i, y in zip(scanners, test_labels,
                                                                     strict=True)]
-    identifiers["test"] = _write_folder(out / "test", test_jobs, seed, 1.0, 0)
+    identifiers["test"] = _write_folder(out / "test", test_jobs, seed, 1.0, 0, style)
     (out / "identifiers.json").write_text(json.dumps(identifiers, indent=1) + "\n")
+    _write_info(out, style, seed, profiles, n_test, layout.test_positives)
 
     return SynthSummary(
         out=out,
@@ -255,6 +296,52 @@ def synthesize(
         positives={p.name: round(p.prevalence, 4) for p in profiles},
         test_positives=layout.test_positives,
     )
+
+
+INFO_FILE = "dataset_info.json"
+
+
+@dataclass(frozen=True)
+class _Style:
+    """What every image of one synthesis is: its mask kind and dimensions."""
+
+    masks: str = "lesion"
+    dims: int = 2
+
+    @property
+    def anatomical(self) -> bool:
+        """Whether images come from the anatomical phantoms (``simulations.torso``, ``film``)."""
+        return self.masks == "anatomy" or self.dims == 3
+
+    def mask_labels(self) -> dict[int, str]:
+        """The values the masks hold and what each means."""
+        return LABELS if self.masks == "anatomy" else LESION_ONLY
+
+
+def _write_info(
+    out: Path, style: _Style, seed: int, profiles: list[SiteProfile], n_test: int,
+    test_positives: int,
+) -> None:
+    """OUT/dataset_info.json: what the masks' values mean (``num_classes``) and what is where."""
+    mask_labels = style.mask_labels()
+    info = {
+        "generator": "medfed synth",
+        "seed": seed,
+        "masks": style.masks,
+        "dims": style.dims,
+        "images": "one DICOM series folder per volume" if style.dims == 3
+        else "one DICOM file per image",
+        "labels": {"0": "no lung nodule", "1": "lung nodule"},
+        "mask_labels": {str(k): name for k, name in mask_labels.items()},
+        # classes a segmentation model needs, background included
+        "num_classes": len(mask_labels),
+        "folders": {
+            **{p.name: {"modality": p.modality, "images": p.n_images,
+                        "lesions": int(_site_labels(p, seed).sum())} for p in profiles},
+            "test": {"images": n_test, "lesions": test_positives},
+        },
+    }
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 
 @dataclass(frozen=True)
@@ -313,7 +400,7 @@ def _hard_layout(
 
 
 # what synthesize writes in `out`: --force deletes only these, and only when medfed wrote them
-SYNTH_OUTPUTS = ("sites", "test", "identifiers.json")
+SYNTH_OUTPUTS = ("sites", "test", "identifiers.json", INFO_FILE)
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -338,8 +425,11 @@ def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarra
 
 
 def _site_profiles(
-    n_sites: int, images_per_site: int, seed: int, layout: _Layout | None = None
+    n_sites: int, images_per_site: int, seed: int, layout: _Layout | None = None,
+    style: _Style | None = None,
 ) -> list[SiteProfile]:
+    style = style or _Style()
+    archetypes = _VOLUME_ARCHETYPES if style.dims == 3 else _ARCHETYPES
     rng = _rng(seed, 0)
     prevalence = _spread(rng, n_sites, *PREVALENCE_RANGE)
     factor = _spread(rng, n_sites, *SIZE_FACTOR_RANGE)
@@ -356,12 +446,39 @@ def _site_profiles(
             n = n if layout.sizes is None else layout.sizes[i]
             only = layout.one_class[i]
             p = p if only is None else float(only)
-        profiles.append(_site_profile(i + 1, _rng(seed, 1, i + 1), p, n))
+        profile = _site_profile(i + 1, _rng(seed, 1, i + 1), p, n, archetypes)
+        if style.anatomical:
+            # their own streams: the lesion phantoms' sites stay as they were
+            organs = organ_tissues(profile.modality, profile.scanner.tissues,
+                                   _rng(seed, 7, i + 1))
+            profile = replace(profile, organs=organs)
+        if style.dims == 3:
+            profile = _volume_site(profile, _rng(seed, 8, i + 1))
+        profiles.append(profile)
     return profiles
 
 
-def _site_profile(index: int, rng: np.random.Generator, prevalence: float, n: int) -> SiteProfile:
-    modality, photometric, syntax = _ARCHETYPES[(index - 1) % len(_ARCHETYPES)]
+def _volume_site(profile: SiteProfile, rng: np.random.Generator) -> SiteProfile:
+    """The site's volume protocol: a coarser in-plane grid, its slice count and spacing."""
+    scanner = profile.scanner
+    cols = int(rng.choice(VOLUME_SIDES))
+    fov = scanner.grid.cols * scanner.grid.spacing[1]
+    rows = cols if scanner.grid.rows == scanner.grid.cols else int(
+        round(cols * scanner.grid.rows / scanner.grid.cols / 8) * 8
+    )
+    grid = Grid(rows, cols, (fov / cols, fov / cols))
+    protocol = VolumeProtocol(
+        int(rng.integers(VOLUME_SLICES[0], VOLUME_SLICES[1] + 1)),
+        float(rng.choice(np.arange(VOLUME_THICKNESS_MM[0], VOLUME_THICKNESS_MM[1] + 0.1, 0.5))),
+    )
+    return replace(profile, scanner=replace(scanner, grid=grid), protocol=protocol)
+
+
+def _site_profile(
+    index: int, rng: np.random.Generator, prevalence: float, n: int,
+    archetypes: tuple[tuple[str, str, UID], ...] = _ARCHETYPES,
+) -> SiteProfile:
+    modality, photometric, syntax = archetypes[(index - 1) % len(archetypes)]
     if syntax.is_compressed and not get_encoder(syntax).is_available:
         # A missing optional codec must not stop the synthesis; the data stay valid DICOM.
         syntax = ExplicitVRLittleEndian
@@ -454,27 +571,24 @@ def _stratified_splits(labels: np.ndarray, rng: np.random.Generator) -> list[str
 
 def _write_folder(
     folder: Path, jobs: list[tuple[SiteProfile, int, str]], seed: int, labelled_fraction: float,
-    site_index: int,
+    site_index: int, style: _Style | None = None,
 ) -> dict[str, list[str]]:
     """Write images, masks and labels.csv for one folder; return its fake identifiers."""
+    style = style or _Style()
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
     ids: dict[str, list[str]] = {"patient_names": [], "patient_ids": [], "accession_numbers": []}
     rows = []
     for n, (profile, label, split) in enumerate(jobs, start=1):
-        stem = f"img_{n:04d}"
         rng = _rng(seed, 4, site_index, n)
-        scanner = profile.scanner
-        phantom = sample_phantom(rng, scanner.view, lesion=bool(label),
-                                 min_radius=min_lesion_radius(scanner.grid))
-        image, mask = acquire(phantom, scanner, rng)
-        ds = _dataset(profile, _encode(profile, image), rng, seed, site_index, n)
-        ds.save_as(folder / "images" / f"{stem}.dcm", enforce_file_format=True)
-        nib.save(_mask_nifti(mask, ds), folder / "masks" / f"{stem}.nii.gz")
+        write = _write_volume if style.dims == 3 else _write_image
+        ds, image_path, mask_path = write(
+            folder, profile, bool(label), rng, (seed, site_index, n), style
+        )
         # a separate stream, so the images are the same whatever the labelled fraction
         blank = split == "train" and _rng(seed, 5, site_index, n).random() >= labelled_fraction
         written = "" if blank else label
-        rows.append((f"images/{stem}.dcm", written, f"masks/{stem}.nii.gz", split))
+        rows.append((image_path, written, mask_path, split))
         ids["patient_names"].append(str(ds.PatientName))
         ids["patient_ids"].append(ds.PatientID)
         ids["accession_numbers"].append(ds.AccessionNumber)
@@ -483,6 +597,61 @@ def _write_folder(
         writer.writerow(("path", "label", "mask", "split"))
         writer.writerows(rows)
     return ids
+
+
+_Case = tuple[int, int, int]  # (seed, site index, image number): what a file's UIDs derive from
+
+
+def _write_image(
+    folder: Path, profile: SiteProfile, lesion: bool, rng: np.random.Generator, case: _Case,
+    style: _Style,
+) -> tuple[Dataset, str, str]:
+    """Write one 2D image and its mask; return its header and both paths in labels.csv."""
+    stem = f"img_{case[2]:04d}"
+    scanner = profile.scanner
+    min_radius = min_lesion_radius(scanner.grid)
+    if style.anatomical:
+        assert profile.organs is not None  # set by _site_profiles for anatomical styles
+        image, labels = anatomical_image(scanner, profile.organs, rng, lesion=lesion,
+                                         min_radius=min_radius)
+        mask = labels if style.masks == "anatomy" else labels == LESION
+    else:
+        phantom = sample_phantom(rng, scanner.view, lesion=lesion, min_radius=min_radius)
+        image, mask = acquire(phantom, scanner, rng)
+    ds = _dataset(profile, _encode(profile, image), rng, *case)
+    ds.save_as(folder / "images" / f"{stem}.dcm", enforce_file_format=True)
+    nib.save(_mask_nifti(mask, ds), folder / "masks" / f"{stem}.nii.gz")
+    return ds, f"images/{stem}.dcm", f"masks/{stem}.nii.gz"
+
+
+def _write_volume(
+    folder: Path, profile: SiteProfile, lesion: bool, rng: np.random.Generator, case: _Case,
+    style: _Style,
+) -> tuple[Dataset, str, str]:
+    """Write one volume as a DICOM series folder and its 3D mask.
+
+    Returns the series' header (without pixels) and both paths in labels.csv.
+    """
+    stem = f"vol_{case[2]:04d}"
+    scanner = profile.scanner
+    assert profile.organs is not None and profile.protocol is not None  # set for --dims 3
+    image, labels, levels = anatomical_volume(
+        scanner, profile.organs, profile.protocol, rng, lesion=lesion,
+        min_radius=min_lesion_radius(scanner.grid),
+    )
+    mask = labels if style.masks == "anatomy" else (labels == LESION).astype(np.uint8)
+    stored = _encode(profile, image)
+    template = _dataset(profile, stored[0], rng, *case, store=False)
+    mask_nifti = series.mask_volume(mask, template, profile.protocol.thickness)
+    seed, site_index, n = case
+    series.write_series(
+        folder / "images" / stem, template, stored, levels - levels[0],
+        profile.protocol.thickness,
+        store=lambda ds, pixels: set_pixels(ds, profile, pixels),
+        uid=lambda kind: _uid(seed, site_index, n, kind),
+    )
+    nib.save(mask_nifti, folder / "masks" / f"{stem}.nii.gz")
+    return template, f"images/{stem}", f"masks/{stem}.nii.gz"
 
 
 def _encode(profile: SiteProfile, image: np.ndarray) -> np.ndarray:
@@ -499,6 +668,11 @@ def _encode(profile: SiteProfile, image: np.ndarray) -> np.ndarray:
     return stored.astype(np.int16 if profile.signed else np.uint16)
 
 
+def _uid(seed: int, site_index: int, n: int, kind: str) -> UID:
+    # Deterministic entropy: the same seed writes the same UIDs, different seeds never clash.
+    return generate_uid(entropy_srcs=["medfed-synth", str(seed), str(site_index), str(n), kind])
+
+
 def _dataset(
     profile: SiteProfile,
     pixels: np.ndarray,
@@ -506,10 +680,13 @@ def _dataset(
     seed: int,
     site_index: int,
     n: int,
+    *,
+    store: bool = True,
 ) -> Dataset:
+    """The DICOM header of image ``n`` (and its ``pixels``, unless not ``store``)."""
+
     def uid(kind: str) -> UID:
-        # Deterministic entropy: the same seed writes the same UIDs, different seeds never clash.
-        return generate_uid(entropy_srcs=["medfed-synth", str(seed), str(site_index), str(n), kind])
+        return _uid(seed, site_index, n, kind)
 
     scanner = profile.scanner
     sop_class = _SOP_CLASS[profile.modality]
@@ -579,6 +756,8 @@ def _dataset(
     if profile.modality == "CT":
         ds.KVP = int(rng.choice([100, 120]))
         ds.ConvolutionKernel = "B30f" if scanner.blur_mm > 1.0 else "B60f"
+        if profile.organs is not None and profile.organs.enhanced:
+            ds.ContrastBolusAgent = "Iohexol 350 mg/ml"
     elif profile.modality == "MR":
         ds.MagneticFieldStrength = 3.0 if "Vida" in profile.model else 1.5
         ds.ScanningSequence = "GR" if scanner.tissues.fat > 0.9 else "SE"
@@ -592,12 +771,17 @@ def _dataset(
         ds.RescaleType = "HU"
     if profile.window is not None:
         ds.WindowCenter, ds.WindowWidth = profile.window
+    if store:
+        set_pixels(ds, profile, pixels)
+    return ds
 
+
+def set_pixels(ds: Dataset, profile: SiteProfile, pixels: np.ndarray) -> None:
+    """Store ``pixels`` (as `_encode` returns them) in ``ds`` in the site's transfer syntax."""
     if profile.transfer_syntax == ExplicitVRLittleEndian:
         ds.PixelData = pixels.tobytes()
     else:
         ds.compress(profile.transfer_syntax, pixels, generate_instance_uid=False)
-    return ds
 
 
 def _mask_nifti(mask: np.ndarray, ds: Dataset) -> nib.Nifti1Image:
