@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import RunConfig
+
 from common.procs import descendants, flower_environment
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
@@ -27,7 +29,8 @@ def _app_config() -> dict:
 def test_the_app_defaults_are_the_demo_recipe() -> None:
     makefile = (ROOT / "Makefile").read_text()
     demo = makefile[makefile.index("$(BIN)/medfed simulate"):]
-    config = _app_config()
+    # as the app parses it: a batch size of 0 is the task's (64 for the demo's classifier)
+    config = RunConfig.from_mapping(_app_config(), strict=False).to_mapping()
     for flag, key in [("--rounds", "rounds"), ("--batch-size", "batch-size"), ("--lr", "lr")]:
         value = re.search(rf"{flag} (\S+)", demo)
         assert value, flag
