@@ -277,8 +277,8 @@ class RunConfig:
             need(
                 self.network_size() % 2**depth == 0,
                 "patch_size" if self.patch_size else "image_size",
-                f"must divide by 2**{depth} = {2**depth} under --dims 3 (the U-Net halves each "
-                f"training patch {depth} times); pick a multiple of {2**depth}",
+                f"must divide by {2**depth} under --dims 3 (a depth-{depth} U-Net halves each "
+                f"training patch {depth} time(s)); pick a multiple of {2**depth}",
             )
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
