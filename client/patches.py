@@ -97,9 +97,10 @@ def patched(
     def loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         images, masks = batch
         if model.training and any(extent > size for extent in masks.shape[1:]):
+            # the draws stay on the CPU: each is read once, as a Python number
             draws = patch_draws(len(images), generator)
             images, masks = crop_patches(
-                images, masks, size, draws.to(images.device), foreground_rate=foreground_rate
+                images, masks, size, draws, foreground_rate=foreground_rate
             )
         return loss_fn(model, [images, masks])
 
