@@ -158,6 +158,12 @@ class RunConfig:
     # the planner (models.unet.planned_shape: from the image size and whether DP-SGD trains)
     net_width: int = 0
     net_depth: int = 0
+    # segment only: 2 trains on slices (every slice of a volume is one sample); 3 trains on
+    # volumes, each resampled to an --image-size cube (common.volumes), on random patches of
+    # --patch-size voxels (client.patches), and predicts whole volumes with a sliding window
+    dims: int = 2
+    # --dims 3 only: the training patch's edge in voxels; 0 plans it (`planned_patch`)
+    patch_size: int = 0
     # classify only: the operating point's sensitivity on the sites' validation data; 0 picks
     # the threshold of Youden's J (sensitivity + specificity - 1 at its largest)
     target_sensitivity: float = 0.0
@@ -251,11 +257,38 @@ class RunConfig:
             "net_width" if self.net_width else "net_depth",
             "shapes the U-Net: use it with --task segment",
         )
+        need(self.dims in (2, 3), "dims", "must be 2 (images, slices) or 3 (volumes)")
         need(
-            self.net_depth == 0 or self.image_size % 2**self.net_depth == 0, "net_depth",
-            f"halves --image-size {self.image_size} that many times, which must stay whole: "
-            "lower it or pick a power-of-two --image-size",
+            self.dims == 2 or self.task == "segment", "dims",
+            "trains a U-Net on whole volumes: use it with --task segment (other tasks read "
+            "a volume slice by slice)",
         )
+        need(self.patch_size >= 0, "patch_size", "must be >= 0 voxels (0: planned)")
+        need(
+            self.patch_size == 0 or self.dims == 3, "patch_size",
+            "crops training patches out of volumes: use it with --dims 3",
+        )
+        need(
+            self.patch_size <= self.image_size, "patch_size",
+            f"must fit in the --image-size {self.image_size} volume; lower it (or 0: planned)",
+        )
+        size, what = (
+            (self.network_size(), "--patch-size") if self.dims == 3 else
+            (self.image_size, "--image-size")
+        )
+        need(
+            self.net_depth == 0 or size % 2**self.net_depth == 0, "net_depth",
+            f"halves {what} {size} that many times, which must stay whole: "
+            f"lower it or pick a power-of-two {what}",
+        )
+        if self.dims == 3:
+            _, depth = self._unet_shape()
+            need(
+                self.network_size() % 2**depth == 0,
+                "patch_size" if self.patch_size else "image_size",
+                f"must divide by {2**depth} under --dims 3 (a depth-{depth} U-Net halves each "
+                f"training patch {depth} time(s)); pick a multiple of {2**depth}",
+            )
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(self.lr > 0, "lr", "must be > 0")
@@ -346,6 +379,24 @@ class RunConfig:
                 "--target-epsilon (or --delta), or train without DP (--no-dp)"
             )
 
+    def patch(self) -> int:
+        """The training patch's edge in voxels under --dims 3 (given or planned); 0 in 2D."""
+        if self.dims != 3:
+            return 0
+        from common.seg_plan import planned_patch
+
+        return self.patch_size or planned_patch(self.image_size)
+
+    def network_size(self) -> int:
+        """The spatial edge the network is built for: the patch in 3D, the image otherwise."""
+        return self.patch() or self.image_size
+
+    def _unet_shape(self) -> tuple[int, int]:
+        from common.seg_plan import planned_shape
+
+        width, depth = planned_shape(self.network_size(), dp=self.dp)
+        return self.net_width or width, self.net_depth or depth
+
     def network_args(self) -> dict[str, Any]:
         """`models.build_model`'s arguments for this run's network (the U-Net's shape planned)."""
         args: dict[str, Any] = {
@@ -353,10 +404,8 @@ class RunConfig:
             "image_size": self.image_size,
         }
         if self.model == "unet":
-            from common.seg_plan import planned_shape
-
-            width, depth = planned_shape(self.image_size, dp=self.dp)
-            args.update(width=self.net_width or width, depth=self.net_depth or depth)
+            width, depth = self._unet_shape()
+            args.update(width=width, depth=depth, dims=self.dims, image_size=self.network_size())
         return args
 
     def steps_per_round(self, num_examples: int) -> int:

@@ -55,6 +55,21 @@ def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
     return WIDTH, depth
 
 
+# --dims 3: a volume up to this edge trains whole (a 64-voxel cube of a width-16 U-Net fits a
+# CPU's memory at a small batch); a larger one trains on patches of half its edge, which still
+# see a structure with context (nnU-Net's 3D patches are a fraction of the median volume).
+WHOLE_VOLUME_MAX = 64
+# a planned patch is a multiple of this, so that a U-Net of depth up to 4 halves it evenly
+_PATCH_MULTIPLE = 16
+
+
+def planned_patch(image_size: int) -> int:
+    """The training patch's edge for --image-size cubes: the whole volume up to 64 voxels."""
+    if image_size <= WHOLE_VOLUME_MAX:
+        return image_size
+    return max(_PATCH_MULTIPLE, image_size // 2 // _PATCH_MULTIPLE * _PATCH_MULTIPLE)
+
+
 def pooled_shares(fingerprints: Mapping[str, Fingerprint]) -> list[float] | None:
     """Each label's share of the federation's pixels (background first).
 
@@ -92,15 +107,22 @@ def plan_run(
             f"the masks hold labels up to {labels}; --num-classes {cfg.num_classes} could not "
             "train on them"
         )
-    width, depth = planned_shape(planned.image_size, dp=planned.dp)
+    size = planned.network_size()
+    width, depth = planned_shape(size, dp=planned.dp)
     choices["net-width"] = planned.net_width or width
     choices["net-depth"] = planned.net_depth or depth
     reasons["net-width"] = "given" if planned.net_width else (
         "every level's arithmetic grows with the square of the width (a site's CPU)"
     )
     reasons["net-depth"] = "given" if planned.net_depth else (
-        f"pool {planned.image_size} px down to {planned.image_size // 2**depth} px"
+        f"pool {size} px down to {size // 2**depth} px"
     )
+    if planned.dims == 3:
+        choices["patch-size"] = size
+        reasons["patch-size"] = "given" if planned.patch_size else (
+            "the whole volume" if size == planned.image_size
+            else f"half the {planned.image_size}-voxel volume"
+        )
     sizes = [fp.train_images for fp in fingerprints.values()]
     pooled = {
         "sites": len(fingerprints),

@@ -159,6 +159,18 @@ NetDepth = Annotated[
     _option(help="With --task segment: the U-Net's down-sampling steps.",
             shown="(planned from --image-size and DP)"),
 ]
+Dims = Annotated[
+    int | None,
+    _option(help="With --task segment: 2 trains on 2D images and on each slice of a volume; 3 "
+                 "trains a 3D U-Net on whole volumes (each resampled to an --image-size cube), "
+                 "on random patches, and predicts with a sliding window.",
+            shown=_default("dims")),
+]
+PatchSize = Annotated[
+    int | None,
+    _option(help="With --dims 3: the edge of the random training patches, in voxels.",
+            shown="(planned: the whole volume up to --image-size 64, else half of it)"),
+]
 TargetSensitivity = Annotated[
     float | None,
     _option(help="With --task classify (2 classes): pick the operating threshold that reaches "

@@ -14,11 +14,13 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from client.augment import augmented_pairs
+from client.patches import SlidingWindow, patched
 from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
 from client.train import LossFn, TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.segmentation import overlap_metrics, surface_metrics
 from common.sites import SiteRef
+from common.volumes import volume_samples
 
 # Dice's denominator guard. The numerator has none (nnU-Net's choice): a class absent from a
 # sample's mask then scores a constant Dice of 0 with no gradient, so only cross-entropy teaches
@@ -52,8 +54,13 @@ def segmentation_loss(*, batch_dice: bool) -> LossFn:
 
 
 def masked_samples(site: SiteRef, cfg: RunConfig, split: str) -> Samples:
-    """Images (N, C, H, W) float32 and masks (N, H, W) int64 of the rows of `split` with a mask."""
+    """Images (N, C, H, W) float32 and masks (N, H, W) int64 of the rows of `split` with a mask.
+
+    Under --dims 3 one sample per volume: (N, C, D, H, W) and (N, D, H, W) (common.volumes).
+    """
     data = site_data(site, preprocess(cfg), cfg.seed, masks=True)
+    if cfg.dims == 3:
+        return volume_samples([(data, split)], cfg)
     images, masks = [], []
     for loaded in data.iter_rows(split):
         if loaded.mask is None:
@@ -75,27 +82,43 @@ def masked_samples(site: SiteRef, cfg: RunConfig, split: str) -> Samples:
     return np.concatenate(images), mask_array
 
 
+# volumes scored per forward pass (a 2D batch of 64 images of 64 px holds fewer pixels than 4
+# volumes of 64 voxels)
+VOLUME_BATCH = 4
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Predicted class per pixel, (N, H, W) int64."""
-    model.to(device).eval()
-    return batched(lambda x: model(x).argmax(dim=1), images, device).astype(np.int64)
+def predict(
+    model: nn.Module, images: np.ndarray, device: torch.device, *, patch: int = 0
+) -> np.ndarray:
+    """Predicted class per pixel, (N, H, W) int64 ((N, D, H, W) for volumes).
+
+    patch: the edge a volume model trained on; larger volumes are predicted with a sliding
+        window of it (client.patches); 0: whole images.
+    """
+    model = SlidingWindow(model, patch).to(device).eval()
+    chunk = 128 if images.ndim <= 4 else VOLUME_BATCH
+    return batched(lambda x: model(x).argmax(dim=1), images, device, chunk).astype(np.int64)
 
 
 def segmentation_scores(
     model: nn.Module, images: np.ndarray, masks: np.ndarray, num_classes: int,
-    device: torch.device,
+    device: torch.device, *, patch: int = 0,
 ) -> dict[str, float]:
-    """Loss, pooled Dice and IoU (overall and per class), mean HD95 (pixels) and NSD."""
-    model.to(device).eval()
+    """Loss, pooled Dice and IoU (overall and per class), mean HD95 (pixels) and NSD.
+
+    patch: as `predict`'s; the loss is then the sliding window's too.
+    """
+    windowed = SlidingWindow(model, patch).to(device).eval()
     losses = []
     loss_fn = segmentation_loss(batch_dice=False)
+    chunk = 64 if images.ndim <= 4 else VOLUME_BATCH
     with torch.no_grad():
-        for i in range(0, len(images), 64):
-            x = torch.as_tensor(images[i : i + 64], dtype=torch.float32).to(device)
-            y = torch.as_tensor(masks[i : i + 64]).to(device)
-            losses.append(float(loss_fn(model, [x, y])) * len(x))
-    predicted = predict(model, images, device)
+        for i in range(0, len(images), chunk):
+            x = torch.as_tensor(images[i : i + chunk], dtype=torch.float32).to(device)
+            y = torch.as_tensor(masks[i : i + chunk]).to(device)
+            losses.append(float(loss_fn(windowed, [x, y])) * len(x))
+    predicted = predict(model, images, device, patch=patch)
     scores = overlap_metrics(predicted, masks, num_classes)
     scores.update(surface_metrics(predicted, masks, num_classes))
     scores["loss"] = sum(losses) / len(images) if len(images) else float("nan")
@@ -124,8 +147,11 @@ class SegmentTask:
         """Dice + cross-entropy training, DP-SGD when `fit_.privacy` is set."""
         dataset = tensor_dataset(*samples, dtypes=(torch.float32, torch.long))
         loss = segmentation_loss(batch_dice=fit_.privacy is None)
+        generator = torch.Generator().manual_seed(fit_.seed)
         if cfg.augment:
-            loss = augmented_pairs(loss, torch.Generator().manual_seed(fit_.seed))
+            loss = augmented_pairs(loss, generator)
+        if cfg.dims == 3:  # crop first, then augment the patch
+            loss = patched(loss, cfg.patch(), generator)
         return fit_.run(model, dataset, loss)
 
     def evaluate(
@@ -133,5 +159,7 @@ class SegmentTask:
     ) -> dict[str, float]:
         """Loss, Dice, IoU, HD95 and NSD (the per-class scores stay local)."""
         images, masks = samples
-        scores = segmentation_scores(model, images, masks, cfg.num_classes, device)
+        scores = segmentation_scores(
+            model, images, masks, cfg.num_classes, device, patch=cfg.patch()
+        )
         return {k: v for k, v in scores.items() if k in self.metrics}

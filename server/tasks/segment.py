@@ -11,6 +11,7 @@ import torch
 from client.tasks.segment import predict, segmentation_scores
 from client.train import resolve_device
 from common.config import RunConfig
+from common.volumes import fullest_slices, volume_samples
 from server.heldout import held_out
 from server.tasks.base import DefaultSteps, Evaluator, StateDict, build
 from server.tasks.figures import overlays
@@ -20,7 +21,9 @@ SHOWN = 8
 
 
 def masked_held_out(cfg: RunConfig, site_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out images with a mask, and their masks (N, H, W)."""
+    """Held-out images with a mask, and their masks (N, H, W); volumes under --dims 3."""
+    if cfg.dims == 3:
+        return volume_samples(held_out(cfg, site_dirs, masks=True), cfg)
     images, masks = [], []
     for data, split in held_out(cfg, site_dirs, masks=True):
         for loaded in data.iter_rows(split):
@@ -45,7 +48,9 @@ class SegmentCentral(DefaultSteps):
         def evaluate(state: StateDict) -> dict[str, float]:
             model = build(cfg)
             model.load_state_dict(state)
-            scores = segmentation_scores(model, images, masks, cfg.num_classes, device)
+            scores = segmentation_scores(
+                model, images, masks, cfg.num_classes, device, patch=cfg.patch()
+            )
             return {**scores, "num-examples": float(len(images))}
 
         return evaluate
@@ -62,7 +67,9 @@ class SegmentCentral(DefaultSteps):
         with_structure = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
         without = np.flatnonzero(~masks.reshape(len(masks), -1).any(axis=1))
         shown = np.concatenate([with_structure[: SHOWN - 2], without[:2]])[:SHOWN]
-        predicted = predict(model, images[shown], torch.device("cpu"))
-        overlays(run_dir / OVERLAYS, images[shown], masks[shown], predicted,
-                 "Held-out images: global U-Net")
+        images, masks = images[shown], masks[shown]
+        predicted = predict(model, images, torch.device("cpu"), patch=cfg.patch())
+        if cfg.dims == 3:  # a volume is shown by its slice with the most structure
+            images, masks, predicted = fullest_slices(images, masks, predicted)
+        overlays(run_dir / OVERLAYS, images, masks, predicted, "Held-out images: global U-Net")
         return {}
