@@ -191,9 +191,13 @@ class RunConfig:
             # frozen: resolving the default once here keeps every reader on the same network
             object.__setattr__(self, "model", TASK_MODELS[self.task][0])
         if self.batch_size == 0 and self.image_size >= 1:
-            from common.seg_plan import planned_batch
+            from common.seg_plan import planned_batch, planned_patch
 
-            batch = planned_batch(self.image_size) if self.task == "segment" else DEFAULT_BATCH
+            batch = DEFAULT_BATCH
+            if self.task == "segment":  # a volume's batch holds its training patches' voxels
+                edge = (self.patch_size or planned_patch(self.image_size)
+                        if self.dims == 3 else self.image_size)
+                batch = planned_batch(max(edge, 1), 3 if self.dims == 3 else 2)
             object.__setattr__(self, "batch_size", batch)
         need(
             self.model in TASK_MODELS[self.task], "model",

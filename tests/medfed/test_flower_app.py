@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from common.config import RunConfig
-
 from common.procs import descendants, flower_environment
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
