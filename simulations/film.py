@@ -30,7 +30,7 @@ from simulations.anatomy import (
     place_lesion,
     union,
 )
-from simulations.phantom import Ellipse, Grid, Lesion, frontal_vessels, rib_shadows
+from simulations.phantom import Ellipse, Grid, Lesion, frontal_frame, rib_shadows
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,7 @@ def sample_film(rng: np.random.Generator, *, lesion: bool, min_radius: float) ->
                      _jitter(rng, 16, 0.3))
     heart = Ellipse(cx + _jitter(rng, 35, 0.3), left_top - _jitter(rng, 45, 0.2),
                     _jitter(rng, 70, 0.12), _jitter(rng, 55, 0.12), u(-0.5, -0.1))
-    spine = Ellipse(cx + u(-3, 3), 0.0, _jitter(rng, 24, 0.15), 400.0)
-    vessels = tuple(v for lung in lungs for v in frontal_vessels(rng, lung, cx))
-    spacing = _jitter(rng, 24, 0.1)
-    ribs = tuple(
-        (top + 8 + i * spacing + u(-3, 3), _jitter(rng, 0.006, 0.3), side, _jitter(rng, 5, 0.2))
-        for side in (-1.0, 1.0)
-        for i in range(9)
-    )
+    spine, vessels, ribs = frontal_frame(rng, lungs, cx, top)
     film = Film(body, (lungs[0], lungs[1]), mediastinum, (domes[0], domes[1]), left_lobe,
                 bubble, heart, spine, vessels, ribs)
     if not lesion:

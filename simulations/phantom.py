@@ -261,6 +261,20 @@ def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: flo
         _jitter(rng, 50, 0.15),
         u(-0.5, -0.1),
     )
+    spine, vessels, ribs = frontal_frame(rng, lungs, cx, top)
+    lesion = _sample_lesion(rng, lungs, min_radius) if with_lesion else None
+    return Phantom("frontal", body, 0.0, lungs, heart, spine, (), vessels, ribs, lesion)
+
+
+def frontal_frame(
+    rng: np.random.Generator, lungs: tuple[Ellipse, ...], cx: float, top: float
+) -> tuple[Ellipse, tuple[Ellipse, ...], tuple[tuple[float, float, float, float], ...]]:
+    """A frontal film's spine, lung vessels and rib arcs.
+
+    Shared by the lesion and anatomy phantoms, and drawn in this order, so that either keeps
+    its images for a seed.
+    """
+    u = rng.uniform
     spine = Ellipse(cx + u(-3, 3), 0.0, _jitter(rng, 24, 0.15), 400.0)
     vessels = tuple(v for lung in lungs for v in frontal_vessels(rng, lung, cx))
     spacing = _jitter(rng, 24, 0.1)
@@ -269,8 +283,7 @@ def _sample_frontal(rng: np.random.Generator, with_lesion: bool, min_radius: flo
         for side in (-1.0, 1.0)
         for i in range(9)
     )
-    lesion = _sample_lesion(rng, lungs, min_radius) if with_lesion else None
-    return Phantom("frontal", body, 0.0, lungs, heart, spine, (), vessels, ribs, lesion)
+    return spine, vessels, ribs
 
 
 def frontal_vessels(rng: np.random.Generator, lung: Ellipse, midline: float) -> list[Ellipse]:
@@ -336,6 +349,11 @@ def scan(
     if scanner.bias > 0:
         image *= shading(grid, scanner.bias, rng)
     image = ndimage.gaussian_filter(image, scanner.blur_mm / ps)
+    return with_noise(image, scanner, rng)
+
+
+def with_noise(image: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """The scanner's acquisition noise on `image`: Gaussian, or Rician (MR magnitude), float32."""
     noise = rng.standard_normal(image.shape) * scanner.noise
     if scanner.rician:
         image = np.hypot(image + noise, rng.standard_normal(image.shape) * scanner.noise)

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from simulations.anatomy import AnatomyTissues
 from simulations.film import render_film, sample_film
-from simulations.phantom import Scanner, scan, shading
+from simulations.phantom import Scanner, scan, shading, with_noise
 from simulations.torso import AXIAL_LEVELS, render_slice, sample_torso, with_nodule
 
 # The lowest slice of a volume lies this far (mm) from the right dome's top, so that every
@@ -102,9 +102,4 @@ def _scan_volume(
         image = image * shading(grid, scanner.bias, rng)[None]
     # In-plane blur only: the slice profile is the slice thickness itself.
     image = ndimage.gaussian_filter(image, [0.0, *(scanner.blur_mm / sigma[1:])])
-    noise = rng.standard_normal(image.shape) * scanner.noise
-    if scanner.rician:
-        image = np.hypot(image + noise, rng.standard_normal(image.shape) * scanner.noise)
-    else:
-        image = image + noise
-    return image.astype(np.float32)
+    return with_noise(image, scanner, rng)

@@ -24,8 +24,8 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from common.data.errors import ImageError
-from common.data.geometry import check_mask_grid
-from common.data.image import read_raw
+from common.data.image import decode_mask, read_raw
+from common.data.preprocess import Preprocess
 from medfed.cli import EXIT_BAD_INPUT, app
 from simulations import anatomy, film, torso
 from simulations.anatomy import LABELS, organ_tissues
@@ -295,12 +295,14 @@ def test_a_mask_off_the_series_grid_is_refused(volumes: Path, tmp_path: Path) ->
     folder = volumes / "sites" / "hospital-01"
     row = _rows(folder)[0]
     mask = nib.load(folder / row["mask"])
-    check_mask_grid(folder / row["mask"], folder / row["path"])  # on the grid: no error
+    image = folder / row["path"]
+    like = read_raw(image).meta
+    decode_mask(folder / row["mask"], Preprocess(), like=like, image=image)  # on the grid
     moved = mask.affine.copy()
     moved[2, 3] += 2 * mask.header.get_zooms()[2]
     nib.save(nib.Nifti1Image(np.asarray(mask.dataobj), moved), tmp_path / "moved.nii.gz")
-    with pytest.raises(ImageError, match="grid"):
-        check_mask_grid(tmp_path / "moved.nii.gz", folder / row["path"])
+    with pytest.raises(ImageError):  # two slices off: it no longer covers its image
+        decode_mask(tmp_path / "moved.nii.gz", Preprocess(), like=like, image=image)
 
 
 def test_volumes_with_lesion_masks(tmp_path: Path) -> None:
