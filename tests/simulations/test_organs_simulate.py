@@ -12,9 +12,10 @@ from simulations.synth import synthesize
 
 pytestmark = pytest.mark.slow
 
-# Measured: 0.86 mean organ Dice after these 3 rounds (seed 1); the floor leaves room for noise
-# while a segmenter that does not learn the organs (Dice 0.00, the issue's finding) fails it.
-ORGAN_DICE_FLOOR = 0.70
+# Measured: mean organ Dice 0.77 after these 4 rounds at 32 px (body 0.91, lungs 0.84 and 0.75,
+# heart 0.78, liver 0.56); the floor leaves room for run-to-run noise, while a segmenter that
+# does not learn the organs (Dice 0.00 on real lungs, issue 17's finding) fails it.
+ORGAN_DICE_FLOOR = 0.65
 
 
 def test_phantom_organs_reach_a_dice_floor_and_the_plan_sets_the_classes(tmp_path: Path) -> None:
@@ -23,7 +24,7 @@ def test_phantom_organs_reach_a_dice_floor_and_the_plan_sets_the_classes(tmp_pat
     info = json.loads((tmp_path / "data" / "dataset_info.json").read_text())
     cfg = RunConfig(sites_dir=str(tmp_path / "data" / "sites"),
                     test_data=str(tmp_path / "data" / "test"), out=str(tmp_path / "run"),
-                    task="segment", dp=False, rounds=3, image_size=32)
+                    task="segment", dp=False, rounds=4, image_size=32)
     results = simulate(cfg)
     # no --num-classes: the fingerprint's labels set it
     assert results["config"]["num-classes"] == info["num_classes"] == 7
@@ -31,4 +32,4 @@ def test_phantom_organs_reach_a_dice_floor_and_the_plan_sets_the_classes(tmp_pat
     organs = [results["final"][f"dice-c{k}"] for k, name in info["mask_labels"].items()
               if name not in ("background", "lesion")]
     assert all(math.isfinite(v) for v in organs)
-    assert sum(organs) / len(organs) >= ORGAN_DICE_FLOOR
+    assert sum(organs) / len(organs) >= ORGAN_DICE_FLOOR, organs
