@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 
 # The deepest level of the U-Net sees image_size / 2**depth pixels: 8 without DP (nnU-Net pools
 # to 4-8); under DP-SGD, whose noise grows with the parameter count, 16 (two levels at 64 px,
-# 30k parameters at width 8, where three levels have 121k).
+# 30k parameters at width 8, where three levels have 121k), but never fewer than two levels
+# (one level at 32 px left phantom nodules at Dice 0.00 under DP, where two reach 0.8).
 _MIN_BOTTOM = 8
 _MIN_BOTTOM_DP = 16
+_MIN_LEVELS = 2
 _MAX_DEPTH = 5
 # First-level channels. Every level costs about the same arithmetic per image (half the pixels,
 # twice the channels), and width 16 costs four times width 8 at every level: on a site's CPU a
@@ -44,15 +46,18 @@ def planned_batch(image_size: int, dims: int = 2) -> int:
 
 def planned_shape(image_size: int, *, dp: bool) -> tuple[int, int]:
     """(width, depth) of the U-Net for `image_size` inputs, with or without DP-SGD."""
-    bottom = _MIN_BOTTOM_DP if dp else _MIN_BOTTOM
-    depth = 1
-    while (
-        depth < _MAX_DEPTH
-        and image_size % 2 ** (depth + 1) == 0
-        and image_size // 2 ** (depth + 1) >= bottom
-    ):
-        depth += 1
-    return WIDTH, depth
+    def deepest(bottom: int) -> int:
+        depth = 1
+        while (
+            depth < _MAX_DEPTH
+            and image_size % 2 ** (depth + 1) == 0
+            and image_size // 2 ** (depth + 1) >= bottom
+        ):
+            depth += 1
+        return depth
+
+    two_levels = min(_MIN_LEVELS, deepest(4))  # where the image allows a 4-pixel bottom
+    return WIDTH, max(deepest(_MIN_BOTTOM_DP if dp else _MIN_BOTTOM), two_levels)
 
 
 # --dims 3: a volume up to this edge trains whole (a 64-voxel cube of a width-16 U-Net fits a
@@ -87,14 +92,31 @@ def pooled_shares(fingerprints: Mapping[str, Fingerprint]) -> list[float] | None
     return [v / mass for v in total] if mass > 0 else None
 
 
+# A class whose pooled share is not above this (absent, or lost in a DP release's noise) starts
+# with this share: small, but a lesion is still found where the data shows one.
+_PRIOR_FLOOR = 1e-3
+
+
+def class_prior(shares: list[float] | None, num_classes: int) -> list[float] | None:
+    """The output layer's starting class shares: the pooled shares, floored and renormalised."""
+    if shares is None:
+        return None
+    padded = [*shares, *([0.0] * max(0, num_classes - len(shares)))][:num_classes]
+    floored = [max(v, _PRIOR_FLOOR) for v in padded]
+    total = sum(floored)
+    return [v / total for v in floored]
+
+
 def plan_run(
     cfg: RunConfig, fingerprints: Mapping[str, Fingerprint]
 ) -> tuple[RunConfig, dict[str, Any]]:
     """The run's settings after the sites' fingerprints, and the plan as results.json shows it.
 
     The planner only decides what the data decides: it raises --num-classes to cover every
-    label a site's masks hold (fewer classes could not train on them), and sizes the U-Net
-    from the image size where --net-width/--net-depth are left at 0 (`planned_shape`).
+    label a site's masks hold (fewer classes could not train on them), starts the output layer
+    at the pooled class shares (`class-prior`, the focal-loss prior initialisation, from the
+    data instead of a guess), and sizes the U-Net from the image size where --net-width and
+    --net-depth are left at 0 (`planned_shape`).
     """
     labels = max((fp.max_label for fp in fingerprints.values()), default=0)
     choices: dict[str, Any] = {}
@@ -124,7 +146,8 @@ def plan_run(
             else f"half the {planned.image_size}-voxel volume"
         )
     sizes = [fp.train_images for fp in fingerprints.values()]
-    pooled = {
+    shares = pooled_shares(fingerprints)
+    pooled: dict[str, Any] = {
         "sites": len(fingerprints),
         "train-images": sum(sizes),
         "smallest-site": min(sizes, default=0),
@@ -135,8 +158,13 @@ def plan_run(
         "median-spacing-mm": _median(
             [v for fp in fingerprints.values() for v in (fp.spacing_row, fp.spacing_col)]
         ),
-        "class-shares": pooled_shares(fingerprints),
+        "class-shares": shares,
     }
+    prior = class_prior(shares, planned.num_classes)
+    if prior is not None:
+        choices["class-prior"] = prior
+        reasons["class-prior"] = "the sites' pooled class shares" + (
+            " (noisy validation releases under DP)" if planned.dp else "")
     plan = {
         "fingerprints": {name: fp.to_json() for name, fp in sorted(fingerprints.items())},
         "pooled": pooled,

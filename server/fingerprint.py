@@ -9,8 +9,11 @@ and the sites' own checks say what is wrong when round 1 starts.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -66,3 +69,23 @@ def planned(grid: Grid, cfg: RunConfig) -> tuple[RunConfig, dict[str, Any] | Non
     for key, value in plan["choices"].items():
         log.info("plan: %s %s (%s)", key, value, plan["reasons"].get(key, ""))
     return new_cfg, plan
+
+
+# the U-Net's output layer (models.unet.UNet.head)
+HEAD_BIAS = "head.bias"
+
+
+def with_class_prior(
+    arrays: dict[str, np.ndarray], prior: Sequence[float] | None
+) -> dict[str, np.ndarray]:
+    """The initial weights with the output layer starting at the planned class shares.
+
+    Softmax of the bias is then the prior at every pixel before training (models.unet's
+    `class_prior`); arrays without that layer, or with another class count, are returned as
+    they are.
+    """
+    bias = arrays.get(HEAD_BIAS)
+    if prior is None or bias is None or bias.shape != (len(prior),):
+        return arrays
+    logs = np.array([math.log(p) for p in prior], dtype=bias.dtype)
+    return {**arrays, HEAD_BIAS: logs - logs.mean()}

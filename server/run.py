@@ -19,6 +19,7 @@ from common.outputs import note, writing
 from server.central import CentralEvaluator
 from server.central_dp import CentralPrivacy
 from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
+from server.fingerprint import with_class_prior
 from server.operating import OperatingPoints, previous_threshold
 from server.record import RunRecord
 from server.screening import ScreeningStrategy
@@ -77,7 +78,8 @@ def open_record(
     if not resume:
         record = RunRecord(run_dir, cfg)
         record.plan = plan
-        return record, initial_arrays(cfg), {}
+        prior = (plan or {}).get("choices", {}).get("class-prior")
+        return record, with_class_prior(initial_arrays(cfg), prior), {}
     record, start, saved_state = RunRecord.load_checkpoint(run_dir)
     record.cfg = cfg
     if record.last_round >= cfg.rounds:

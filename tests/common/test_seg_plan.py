@@ -53,7 +53,7 @@ def test_the_plan_records_the_pooled_fingerprint_and_the_unets_shape():
     assert plan["pooled"]["median-rows"] == 512.0
     assert plan["choices"]["net-width"], plan["choices"]["net-depth"] == planned_shape(64, dp=False)
     _, given = plan_run(RunConfig(task="segment", net_width=24, net_depth=3), {"a": _fp()})
-    assert given["choices"] == {"net-width": 24, "net-depth": 3}
+    assert given["choices"]["net-width"] == 24 and given["choices"]["net-depth"] == 3
     assert given["reasons"]["net-width"] == "given"
 
 
@@ -86,3 +86,25 @@ def test_a_segmentation_batch_holds_about_the_same_pixels_at_any_image_size():
     assert RunConfig().batch_size == 64  # classification keeps its batch
     cfg = RunConfig(task="segment", image_size=128)
     assert RunConfig.from_mapping(cfg.to_mapping()).batch_size == 4  # resolved once, carried
+
+
+def test_the_output_layer_starts_at_the_pooled_class_shares():
+    import numpy as np
+    import torch
+
+    from server.fingerprint import with_class_prior
+
+    cfg = RunConfig(task="segment", dp=False)
+    _, plan = plan_run(cfg, {"a": _fp(1, (98.0, 2.0)), "b": _fp(1, (49.0, 1.0))})
+    prior = plan["choices"]["class-prior"]
+    assert prior == pytest.approx([0.98, 0.02])
+    model = build_model("unet", **cfg.network_args())
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    started = with_class_prior(arrays, prior)
+    assert torch.softmax(torch.as_tensor(started["head.bias"]), 0).tolist() == pytest.approx(
+        [0.98, 0.02])
+    assert all(np.array_equal(arrays[k], started[k]) for k in arrays if k != "head.bias")
+    # a share lost in a DP release's noise still starts small, never at zero
+    _, noisy = plan_run(cfg.replace(dp=True), {"a": _fp(1, (30.0, -2.0))})
+    assert noisy["choices"]["class-prior"][1] == pytest.approx(1e-3, rel=0.01)
+    assert with_class_prior(arrays, [0.5, 0.3, 0.2]) is arrays  # another class count: untouched

@@ -54,7 +54,8 @@ def _check_fingerprint(results: dict, run_dir: Path) -> None:
 
     plan = results["plan"]
     assert sorted(plan["fingerprints"]) == ["hospital-01", "hospital-02"]
-    assert plan["choices"] == {"net-width": 8, "net-depth": 1}  # 16 px under DP-SGD
+    assert plan["choices"]["net-width"] == 8 and plan["choices"]["net-depth"] == 2  # 16 px
+    assert len(plan["choices"]["class-prior"]) == 2
     for site in ("hospital-01", "hospital-02"):
         trail = run_dir / "site-state" / site / "audit.jsonl"
         entries = [json.loads(line) for line in trail.read_text().splitlines()]
