@@ -155,7 +155,7 @@ class RunConfig:
     # image); measured on BreastMNIST to lift test AUC
     augment: bool = True
     # segment only: the U-Net's first-level channels and down-sampling steps; 0 leaves each to
-    # the planner (models.unet.planned_shape: from the image size and whether DP-SGD trains)
+    # the planner (common.seg_plan.planned_shape: from the image size and whether DP trains)
     net_width: int = 0
     net_depth: int = 0
     # segment only: 2 trains on slices (every slice of a volume is one sample); 3 trains on
