@@ -40,8 +40,13 @@ def _simulate(
             "--metrics-port", "0", "--force"]
     seconds = _run(argv, env)
     results = json.loads((out / "results.json").read_text())
-    shown = " ".join(a for a in argv[1:] if a not in ("--metrics-port", "0", "--force"))
-    return results, f"medfed {shown}", seconds
+    return results, _shown(argv), seconds
+
+
+def _shown(argv: list[str]) -> str:
+    """The command as a user in the repository would type it (relative paths, no bench flags)."""
+    text = " ".join(a.replace(f"{ROOT}/", "") for a in argv[1:])
+    return "medfed " + text.replace(" --metrics-port 0", "").replace(" --force", "")
 
 
 def _scores(results: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +72,7 @@ def organs(out: Path, *, sites: int, images: int, rounds: int, env: dict[str, st
     organ = [scores.get(f"dice-c{k}") for k, name in labels.items()
              if k != "0" and name not in ("background", "lesion")]
     finite = [v for v in organ if isinstance(v, float) and v == v]
-    return {"synth": "medfed " + " ".join(synth[1:]), "command": command, "seconds": seconds,
+    return {"synth": _shown(synth), "command": command, "seconds": seconds,
             "labels": labels, **scores, "dice_all_labels": scores["dice"],
             "dice": sum(finite) / len(finite) if finite else float("nan")}
 
@@ -80,7 +85,8 @@ def hippocampus(out: Path, *, rounds: int, env: dict[str, str]) -> dict[str, Any
     data = out / "hippocampus-data"
     if not (data / "sites").is_dir():
         _run([sys.executable, str(script), "hippocampus", "--out", str(data)], env)
-    part: dict[str, Any] = {"data": f"python {script.relative_to(ROOT.parent)} hippocampus",
+    part: dict[str, Any] = {"data": f"python ../{script.relative_to(ROOT.parent)} hippocampus "
+                                    f"--out {data.relative_to(ROOT)}",
                             "runs": {}}
     for name, flags in (("no-dp", ("--no-dp",)), ("dp", ())):
         results, command, seconds = _simulate(data, out / f"hippocampus-{name}", rounds, env,
