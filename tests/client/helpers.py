@@ -1,5 +1,7 @@
 """Tiny synthetic data the task tests share (CPU and CUDA)."""
 
+from typing import Any
+
 import numpy as np
 
 SIZE, N = 16, 32
@@ -19,3 +21,17 @@ def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         images[i, 0, r : r + 5, c : c + 5] += 0.7
         masks[i, r : r + 5, c : c + 5] = 1
     return images, masks, labels
+
+
+def clipped_norms(optimizer: Any) -> list[float]:
+    """Each sample's gradient norm after Opacus's clipping, read from a DPOptimizer's params.
+
+    For a spy on `DPOptimizer.clip_and_accumulate`: the norms it is about to accumulate.
+    """
+    import torch
+
+    per_sample = torch.stack(
+        [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in optimizer.params]
+    ).norm(dim=0)
+    factor = (optimizer.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
+    return (per_sample * factor).tolist()

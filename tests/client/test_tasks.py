@@ -9,7 +9,7 @@ from client.tasks.synthesize import AdversarialSteps, class_loss, mode_seeking_l
 from client.train import LocalTraining, fit_dp, tensor_dataset
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-from tests.client.helpers import SIZE, N, blobs
+from tests.client.helpers import SIZE, N, blobs, clipped_norms
 
 
 def _privacy(rounds=1, epochs=2, batch=8):
@@ -70,11 +70,7 @@ def test_gan_discriminator_per_sample_gradients_are_clipped(monkeypatch):
     original = DPOptimizer.clip_and_accumulate
 
     def spy(self):
-        per_sample = torch.stack(
-            [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in self.params]
-        ).norm(dim=0)
-        factor = (self.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
-        norms.extend((per_sample * factor).tolist())
+        norms.extend(clipped_norms(self))
         assert self.max_grad_norm == pytest.approx(0.05)
         return original(self)
 

@@ -9,6 +9,7 @@ from client.tasks import Fit, get_task
 from client.train import LocalTraining
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
+from tests.client.helpers import clipped_norms
 
 SIZE, PATCH, N = 16, 8, 12
 
@@ -44,11 +45,7 @@ def test_a_dp_sgd_round_on_volume_patches_is_clipped_per_sample_and_accounted(mo
     original = DPOptimizer.clip_and_accumulate
 
     def spy(self):
-        per_sample = torch.stack(
-            [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in self.params]
-        ).norm(dim=0)
-        factor = (self.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
-        norms.extend((per_sample * factor).tolist())
+        norms.extend(clipped_norms(self))
         shapes.extend(tuple(p.grad_sample.shape[1:]) for p in self.params[:1])
         return original(self)
 
