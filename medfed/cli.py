@@ -507,6 +507,76 @@ def _need_folder(out_dir: Path) -> None:
         )
 
 
+@app.command()
+def predict(
+    model: Annotated[
+        Path, typer.Argument(help="A finished run folder (with model.pt), or a model.pt.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(help="A site folder (labels.csv: predictions are also scored) or a folder "
+                          "of DICOM files, DICOM series folders or NIfTI files."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for predictions.csv and the maps and DICOM.")
+    ],
+    explain: Annotated[
+        bool,
+        typer.Option(help="Classifiers: Grad-CAM saliency maps (NIfTI) and DICOM Secondary "
+                          "Captures with the map overlaid; --no-explain writes scores only."),
+    ] = True,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 32,
+    force: Annotated[
+        bool, typer.Option(help="Replace the predictions already in --out.")
+    ] = False,
+) -> None:
+    """Apply a trained model to new images at the site; every output stays in --out.
+
+    Writes OUT/predictions.csv (one row per image or volume), NIfTI maps on each image's grid,
+    DICOM SEG (segmenters) or Secondary Captures (classifiers) that reference their source
+    study, OUT/metrics.json when --data has labels, and OUT/summary.json (what was skipped).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from client.predict.run import PREDICTIONS, clear_outputs
+    from client.predict.run import predict as run_predict
+
+    def check_out() -> None:
+        _need_folder(out_dir)
+        if (out_dir / PREDICTIONS).exists() and not force:
+            raise FileExistsError(
+                f"--out {out_dir} already holds {PREDICTIONS}; pass --force to replace it or "
+                "choose another folder"
+            )
+        if force:
+            clear_outputs(out_dir)
+
+    guard(check_out)
+    with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
+                  console=err, transient=False) as progress:
+        bar = progress.add_task("images", total=None)
+        summary = guard(lambda: run_predict(
+            model, data, out_dir, explain=explain, device=device, batch_size=batch_size,
+            on_start=lambda n: progress.update(bar, total=n),
+            advance=lambda n: progress.advance(bar, n),
+        ))
+    for skipped in summary.skipped:
+        err.print(f"[yellow]skipped:[/] {skipped['path']}: {skipped['reason']}",
+                  highlight=False)
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if summary.metrics is not None:
+        shown = ("auc", "sensitivity", "specificity", "dice", "hd95")
+        said = ", ".join(f"{k} {summary.metrics[k]:.3f}" for k in shown
+                         if isinstance(summary.metrics.get(k), float))
+        out.print(f"metrics: {said}")
+    out.print(f"{summary.predicted} images predicted, {len(summary.skipped)} skipped; "
+              f"results: {out_dir / PREDICTIONS}")
+
+
 @app.command("audit-privacy")
 def audit_privacy(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (with model.pt).")],

@@ -1,13 +1,14 @@
 #!/bin/sh
 # The Debian tools the tests drive (`make test-deps`): Prometheus and a headless Chromium (the
-# metrics tests), nginx (the deployment gateway tests). No test uses dicom3tools' dciodvfy.
+# metrics tests), nginx (the deployment gateway tests), dicom3tools' dciodvfy (the DICOM that
+# `medfed predict` writes is validated with it).
 #
 # As root it installs only what is missing, without recommends, with a temporary policy-rc.d
 # that exits 101 so that no package's postinst starts a service, and disables again the units
 # the new packages enabled; the policy file is removed (a previous one restored) afterwards,
 # on failure too. It ends by naming every package it installed. Not root: it says what to run.
 set -eu
-TOOLS="${MEDFED_TEST_TOOLS:-/usr/bin/prometheus:prometheus /usr/bin/chromium:chromium /usr/sbin/nginx:nginx-light}"
+TOOLS="${MEDFED_TEST_TOOLS:-/usr/bin/prometheus:prometheus /usr/bin/chromium:chromium /usr/sbin/nginx:nginx-light /usr/bin/dciodvfy:dicom3tools}"
 POLICY="${MEDFED_POLICY_RC:-/usr/sbin/policy-rc.d}"
 
 missing=""

@@ -251,6 +251,38 @@ def _meta(ds: Dataset, slices: int, skipped: tuple[Problem, ...] = ()) -> ImageM
 
 def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     """Read every file of a one-series folder, sort the slices in space and stack them."""
+    datasets, skipped = series_headers(folder, as_labels=as_labels)
+
+    volumes = []
+    window: tuple[float, float] | None = None
+    invert = False
+    for file, ds in datasets:
+        try:
+            frames, file_window, invert = _decode(ds, as_labels=as_labels)
+        # One broken slice would leave a gap in the volume; report the whole series.
+        except BaseException as e:
+            if not is_file_failure(e):
+                raise
+            raise ImageError(f"{file.name}: {as_image_error(e).reason}") from None
+        window = window or file_window
+        volumes.append(frames)
+    channels = Counter(v.shape[-1] for v in volumes)
+    if len(channels) > 1:
+        raise ImageError("series mixes grey and colour slices; re-export the series")
+    first = datasets[0][1]
+    pixels = np.concatenate(volumes)
+    return RawVolume(pixels, _meta(first, len(pixels), tuple(skipped)), window, invert)
+
+
+def series_headers(
+    folder: Path, *, as_labels: bool = False
+) -> tuple[list[tuple[Path, Dataset]], list[Problem]]:
+    """The DICOM files of a one-series folder in the order `read_dicom` stacks their slices.
+
+    Returns (file, dataset) pairs sorted in space and the files left out (not DICOM images).
+    Raises ImageError when the folder holds no image, several series or slices of two sizes.
+    `medfed predict` uses the order to point each predicted slice at its source instance.
+    """
     datasets: list[tuple[Path, Dataset]] = []
     skipped: list[Problem] = []
     # Dot files (.DS_Store, ._ resource forks) are OS litter, not data worth reporting.
@@ -278,26 +310,7 @@ def _read_series(folder: Path, *, as_labels: bool) -> RawVolume:
     if len(shapes) > 1:
         listed = ", ".join(f"{r}x{c} ({n} files)" for (r, c), n in shapes.most_common())
         raise ImageError(f"series slices differ in size: {listed}; re-export the series")
-
-    volumes = []
-    window: tuple[float, float] | None = None
-    invert = False
-    for file, ds in _sorted_slices(datasets):
-        try:
-            frames, file_window, invert = _decode(ds, as_labels=as_labels)
-        # One broken slice would leave a gap in the volume; report the whole series.
-        except BaseException as e:
-            if not is_file_failure(e):
-                raise
-            raise ImageError(f"{file.name}: {as_image_error(e).reason}") from None
-        window = window or file_window
-        volumes.append(frames)
-    channels = Counter(v.shape[-1] for v in volumes)
-    if len(channels) > 1:
-        raise ImageError("series mixes grey and colour slices; re-export the series")
-    first = datasets[0][1]
-    pixels = np.concatenate(volumes)
-    return RawVolume(pixels, _meta(first, len(pixels), tuple(skipped)), window, invert)
+    return _sorted_slices(datasets), skipped
 
 
 def _series_uid(ds: Dataset) -> str:
