@@ -64,6 +64,7 @@ class Loaded:
     item: Item
     image: LoadedImage
     mask: np.ndarray | None = None  # (S, n, n) int64
+    note: str | None = None  # why a listed mask was not used
 
 
 @dataclass
@@ -117,6 +118,7 @@ def predict(
         summary.skipped += failures
         if batch:
             writer.write(batch)
+            summary.warnings += [loaded.note for loaded in batch if loaded.note]
         if advance is not None:
             advance(len(batch) + len(failures))
     summary.predicted = writer.count
@@ -199,11 +201,18 @@ def _load(item: Item, pre: Preprocess, *, masks: bool, dims: int) -> Loaded:
             f"{len(image.pixels)} slice: this model segments volumes (--dims 3); pass DICOM "
             "series folders or 3D NIfTI files"
         )
-    mask = None
+    mask, note = None, None
     if masks and item.mask is not None:
-        decoded = decode_mask(item.mask, pre, like=image.meta, image=item.path)[0]
-        mask = decoded[:, 0].astype(np.int64)
-    return Loaded(item, image, mask)
+        # a broken mask costs the image its score, not its prediction
+        try:
+            decoded = decode_mask(item.mask, pre, like=image.meta, image=item.path)[0]
+            mask = decoded[:, 0].astype(np.int64)
+        except BaseException as exc:
+            if not is_file_failure(exc):
+                raise
+            note = (f"{item.name}: its mask cannot be used ({as_image_error(exc).reason}); "
+                    "predicted, not scored")
+    return Loaded(item, image, mask, note)
 
 
 def _class_names(data: Path, cfg_classes: int, key: str) -> dict[int, str]:

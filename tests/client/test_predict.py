@@ -45,7 +45,7 @@ DCIODVFY = "/usr/bin/dciodvfy"
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
-    synthesize(out, sites=1, images_per_site=8, test_images=10, seed=4)
+    synthesize(out, sites=1, images_per_site=10, test_images=10, seed=4)
     return out
 
 
@@ -347,3 +347,16 @@ def test_the_command_refuses_a_crafted_model_with_exit_2(tmp_path: Path, phantom
     )
     assert done.returncode == 2
     assert "refused to load" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_broken_mask_costs_its_score_not_its_prediction(tmp_path: Path, phantoms: Path) -> None:
+    data = tmp_path / "test"
+    shutil.copytree(phantoms / "test", data)
+    first = next(csv.DictReader((data / "labels.csv").open()))
+    (data / first["mask"]).write_bytes(b"not a mask")
+    out = tmp_path / "out"
+    summary = predict(saved_run(tmp_path / "run", task="segment", model="unet"), data, out)
+    assert summary.predicted == 10 and not summary.skipped
+    assert any(first["path"] in warning and "not scored" in warning
+               for warning in summary.warnings)
+    assert json.loads((out / "metrics.json").read_text())["images"] == 9
