@@ -108,7 +108,8 @@ def write_seg(
     planes = _check_labels(labels, headers, classes, where)
     _check_geometry(headers, where)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=model, family=codes.cid7162.ArtificialIntelligence, version=version
+        name=model[:_LO_MAX], family=codes.cid7162.ArtificialIntelligence,
+        version=version[:_LO_MAX],
     )
     segments = [_segment(number, classes[number], algorithm) for number in sorted(classes)]
     try:
@@ -176,7 +177,7 @@ def _segment(
 def _series_name(sources: Sequence[Dataset]) -> str:
     first = sources[0]
     series = first.get("SeriesInstanceUID", "without a Series Instance UID")
-    files = [str(Path(ds.filename).name) for ds in sources[:2] if getattr(ds, "filename", None)]
+    files = [_file(ds) for ds in sources[:2] if _filename(ds)]
     shown = ", ".join(files) + (" ..." if len(sources) > 2 and files else "")
     return f"series {series}" + (f" ({shown})" if shown else "")
 
@@ -188,8 +189,8 @@ def _header(ds: Dataset) -> Dataset:
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, "")
-    if getattr(ds, "filename", None):
-        header.filename = ds.filename
+    if _filename(ds):
+        header.filename = _filename(ds)
     return header
 
 
@@ -210,7 +211,7 @@ def _check_series(headers: Sequence[Dataset], where: str) -> None:
                     f"{first.get(keyword)}; one SEG covers instances of one series on one grid, "
                     "so pass these instances separately"
                 )
-    if len(headers) > 1 and any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in headers):
+    if len(headers) > 1 and any("NumberOfFrames" in ds for ds in headers):
         raise ValueError(f"{where}: several instances and at least one is multi-frame; pass a "
                          "multi-frame instance alone")
 
@@ -219,8 +220,9 @@ def _check_labels(
     labels: np.ndarray, headers: Sequence[Dataset], classes: Mapping[int, str], where: str
 ) -> np.ndarray:
     numbers = sorted(classes)
-    if numbers != list(range(1, len(numbers) + 1)):
-        raise ValueError(f"classes must be labelled 1..K (0 is background), got {numbers}")
+    if not numbers or numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(f"classes must name the foreground classes 1..K (0 is background), "
+                         f"got {numbers}")
     frames = len(headers) if len(headers) > 1 else int(headers[0].get("NumberOfFrames") or 1)
     shape = (frames, int(headers[0].Rows), int(headers[0].Columns))
     if not isinstance(labels, np.ndarray) or labels.shape != shape:
@@ -234,7 +236,7 @@ def _check_labels(
     if unknown:
         raise ValueError(f"{where}: labels hold {unknown}, not among the classes {numbers} "
                          "(or 0, background)")
-    return labels.astype(np.uint8)
+    return labels.astype(np.uint8 if numbers[-1] <= np.iinfo(np.uint8).max else np.uint16)
 
 
 def _check_geometry(headers: Sequence[Dataset], where: str) -> None:
@@ -250,8 +252,9 @@ def _check_geometry(headers: Sequence[Dataset], where: str) -> None:
         # a projection radiograph has none and is segmented as one unpositioned image.
         positioned = False
     if positioned:
-        # A multi-frame instance keeps these per frame, where highdicom looks them up itself.
-        for ds in (ds for ds in headers if int(ds.get("NumberOfFrames") or 1) == 1):
+        # An enhanced (multi-frame) instance keeps these in its functional groups, where
+        # highdicom looks them up itself.
+        for ds in (ds for ds in headers if "SharedFunctionalGroupsSequence" not in ds):
             for keyword in _PLACED_BY:
                 if ds.get(keyword) in (None, ""):
                     raise ValueError(
@@ -269,8 +272,13 @@ def _check_geometry(headers: Sequence[Dataset], where: str) -> None:
             )
 
 
+def _filename(ds: Dataset) -> str | None:
+    name = getattr(ds, "filename", None)  # a path for a file read from disk, else None/buffer
+    return str(name) if isinstance(name, str | Path) and str(name) else None
+
+
 def _file(ds: Dataset) -> str:
-    name = getattr(ds, "filename", None)
+    name = _filename(ds)
     return Path(name).name if name else f"instance {ds.get('SOPInstanceUID', '?')}"
 
 

@@ -271,6 +271,16 @@ def test_seg_of_a_radiograph_without_geometry_or_patient_details(tmp_path: Path)
         assert dciodvfy_errors(path) == []
 
 
+def test_labels_above_255_are_not_wrapped(tmp_path: Path) -> None:
+    source = radiograph()
+    labels = np.zeros((1, 40, 48), np.uint16)
+    labels[0, :10, :10] = 300
+    labels[0, 20:, 20:] = 44  # 300 would read as 44 in uint8
+    path = write_seg([source], labels, {k: f"class {k}" for k in range(1, 301)}, tmp_path,
+                     version="r1")
+    assert np.array_equal(read_labels(path, [source]), labels)
+
+
 @needs_dciodvfy
 def test_series_segs_pass_dciodvfy(volume, tmp_path: Path) -> None:
     slices, labels = volume
@@ -332,6 +342,7 @@ def test_slices_of_different_sizes_are_refused(volume) -> None:
     (np.full((1, 40, 48), 3, np.uint8), {1: "lesion"}, r"labels hold \[3\]"),
     (np.zeros((1, 40, 48), np.float32), {1: "lesion"}, "integer class indices"),
     (np.zeros((1, 40, 48), np.uint8), {1: "body", 3: "lesion"}, r"1..K"),
+    (np.zeros((1, 40, 48), np.uint8), {}, r"1..K"),
 ])
 def test_labels_that_do_not_fit_are_refused(labels, classes, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -375,6 +386,22 @@ def test_secondary_capture_is_derived_in_the_source_study(phantoms, kind: str,
         assert dciodvfy_errors(path) == []
 
 
+@pytest.mark.parametrize(("cosines", "expected"), [
+    ([1, 0, 0, 0, 1, 0], ["L", "P"]),                  # axial, as the phantoms are
+    ([0.8660254, 0.5, 0, -0.5, 0.8660254, 0], ["LP", "PR"]),  # rotated 30 degrees in plane
+    ([0, 1, 0, 0, 0, -1], ["P", "F"]),                 # sagittal
+])
+def test_secondary_capture_states_the_rows_and_columns_directions(
+    phantoms, cosines: list[float], expected: list[str], tmp_path: Path
+) -> None:
+    source = pydicom.dcmread(phantoms["hospital-01-CT"])
+    source.ImageOrientationPatient = cosines
+    path = write_secondary_capture(source, picture(source), tmp_path, description="x")
+    assert pydicom.dcmread(path).PatientOrientation == expected
+    if shutil.which(DCIODVFY):
+        assert dciodvfy_errors(path) == []
+
+
 def test_secondary_captures_of_one_call_share_a_series(phantoms, tmp_path: Path) -> None:
     series = hd.UID()
     paths = [
@@ -398,6 +425,7 @@ def test_secondary_capture_of_a_bare_radiograph(tmp_path: Path) -> None:
     sc = pydicom.dcmread(path)
     assert np.array_equal(sc.pixel_array, rgb)
     assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientOrientation == ""  # the source says nothing about it
     if shutil.which(DCIODVFY):
         assert dciodvfy_errors(path) == []
 
