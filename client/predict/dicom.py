@@ -189,6 +189,10 @@ def _header(ds: Dataset) -> Dataset:
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, "")
+    if header.PatientSex not in ("M", "F", "O", ""):
+        # archives hold "U" and the like; highdicom takes only the enumerated values, and an
+        # empty value is the standard's "unknown"
+        header.PatientSex = ""
     if _filename(ds):
         header.filename = _filename(ds)
     return header
@@ -328,24 +332,10 @@ def write_secondary_capture(
         if not header.get(keyword):
             raise ValueError(f"{where} has no {keyword}; a Secondary Capture references its "
                              "source by it")
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=np.ascontiguousarray(rgb),
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid or hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        # highdicom takes one letter per axis and no "unknown"; the source's own (possibly
-        # oblique, "LP") or an empty orientation replaces this below
-        patient_orientation=("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=description[:_LO_MAX],
-        software_versions=_software_version(),
-    )
+    try:
+        sc = _sc_image(header, rgb, series_uid, series_number, instance_number, description)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"{where}: cannot derive a Secondary Capture from it: {e}") from e
     row, column = _patient_orientation(header)
     sc.PatientOrientation = [row, column] if row and column else []
     if rgb.shape[:2] == (header.get("Rows"), header.get("Columns")) and header.get(
@@ -367,6 +357,30 @@ def write_secondary_capture(
     path = out_dir / f"sc-{header.SOPInstanceUID}.dcm"
     sc.save_as(path, enforce_file_format=True)
     return path
+
+
+def _sc_image(
+    header: Dataset, rgb: np.ndarray, series_uid: str | None, series_number: int,
+    instance_number: int, description: str,
+) -> hd.sc.SCImage:
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        # highdicom takes one letter per axis and no "unknown"; the source's own (possibly
+        # oblique, "LP") or an empty orientation replaces this below
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=description[:_LO_MAX],
+        software_versions=_software_version(),
+    )
 
 
 def _copy_laterality(source: Dataset, sc: Dataset) -> None:

@@ -271,6 +271,14 @@ def test_seg_of_a_radiograph_without_geometry_or_patient_details(tmp_path: Path)
         assert dciodvfy_errors(path) == []
 
 
+def test_a_sex_outside_the_standard_values_is_written_as_unknown(tmp_path: Path) -> None:
+    source = radiograph(PatientSex="U")  # seen in archives; DICOM enumerates M, F, O
+    seg = write_seg([source], np.zeros((1, 40, 48), np.uint8), {1: "lesion"}, tmp_path,
+                    version="r1")
+    sc = write_secondary_capture(source, picture(source), tmp_path, description="x")
+    assert pydicom.dcmread(seg).PatientSex == pydicom.dcmread(sc).PatientSex == ""
+
+
 def test_labels_above_255_are_not_wrapped(tmp_path: Path) -> None:
     source = radiograph()
     labels = np.zeros((1, 40, 48), np.uint16)
