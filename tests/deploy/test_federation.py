@@ -205,6 +205,16 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
     federation.runs.append(run_id)
     # the operator's files are the aggregator's, byte for byte
     assert (server_copy / run_id / "model.pt").read_bytes() == (run_dir / "model.pt").read_bytes()
+    # the run's end: every hospital scored the final model on its own test split (results
+    # .json `cross_site`), and the model card came back to the operator with the results
+    cross = results["cross_site"]
+    assert sorted(cross["sites"]) == SITES and cross["failed"] == {}
+    assert {v["split"] for v in cross["sites"].values()} == {"test"}
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["sites"] == SITES
+    assert card["performance"]["cross_site"]["sites"] == cross["sites"]
+    assert ((server_copy / run_id / "model_card.html").read_bytes()
+            == (run_dir / "model_card.html").read_bytes())
     for name in SITES:
         assert f"registered site {name}" in federation.server.text()  # type: ignore[union-attr]
     # each hospital signs its audit trail with its kit's key, and the trail holds every head

@@ -125,6 +125,13 @@ def test_every_site_scores_the_final_model_on_its_test_split_and_resume_redoes_i
         assert last["configs"]["evaluation"] == {"split": split}
         assert not set(HIST_KEYS) & set(last["metrics"])
 
+    # the model card beside it names every site with results.json's numbers
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["sites"] == ["site-a", "site-b", "site-c"]
+    assert card["performance"]["cross_site"]["sites"] == cross["sites"]
+    assert card["training"]["privacy"]["sites"] == results["privacy"]
+    assert "site-b" in (run_dir / "model_card.html").read_text()
+
     # a resumed run evaluates its new final model again at its end
     resumed = simulate(resume_config(run_dir, {"rounds": 2}), resume=True)
     assert resumed["cross_site"]["round"] == 2
