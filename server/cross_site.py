@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
+from common.apps import parse_app_refusal
+from common.audit_head import HEAD_RECORD, ChainHead, HeadError
 from common.config import RunConfig
 from common.cross_site import (
     HIGHER_IS_BETTER,
@@ -35,6 +38,8 @@ from common.cross_site import (
     REPLY_SPLIT,
     SPLIT_KEY,
 )
+from common.policy import parse_run_refusal
+from common.privacy import parse_refusal
 from server.federation import _SITE_IN_REASON, _site_text
 from server.operating import THRESHOLD_KEY
 from server.record import RunRecord
@@ -87,16 +92,40 @@ def _config(cfg: RunConfig, record: RunRecord) -> ConfigRecord:
 
 
 def _failure_reason(reply: Message) -> tuple[str | None, str]:
-    """The site a failed reply names ("site NAME: ..."), if any, and its reason."""
+    """The site a failed reply names, if any, and its reason (a refusal by policy says so)."""
     reason = str(reply.error.reason or f"error code {reply.error.code}")
+    refusal = parse_refusal(reason) or parse_app_refusal(reason) or parse_run_refusal(reason)
+    if refusal is not None:  # the site's policy (budget, app approval, run check), as rounds
+        text, name = refusal
+        return name, f"refused: {text}"
     named = _SITE_IN_REASON.search(reason)
     return (named.group(1) if named else None), _site_text(reason)
 
 
+@dataclass
+class Replies:
+    """What the sites answered: metrics, failures, and the audit heads their replies carried."""
+
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    # each answering site's signed audit-trail head (common.audit_head), as JSON: the
+    # aggregator witnesses this reply too (`medfed site audit --witness results.json`)
+    audit_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _head(record: ConfigRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    try:
+        return ChainHead.from_record(record).to_json()
+    except HeadError as exc:
+        return {"seq": -1, "error": str(exc)}
+
+
 def read_replies(
     replies: Iterable[Message], nodes: Iterable[int], seen: Iterable[str] = ()
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Each answering site's metrics (with `split`), and each failure's reason by site.
+) -> Replies:
+    """Each answering site's metrics (with `split`) and audit head, each failure's reason.
 
     Args:
         nodes: the node ids asked; one that sent no reply is a failure under its id.
@@ -104,8 +133,8 @@ def read_replies(
             listed as not answering.
 
     """
-    sites: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
+    out = Replies()
+    sites, failed = out.sites, out.failed
     answered: set[int] = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -116,6 +145,9 @@ def read_replies(
             continue
         site = reply.content.config_records.get("site")
         name = str(site.get("name", f"node-{node}")) if site is not None else f"node-{node}"
+        head = _head(reply.content.config_records.get(HEAD_RECORD))
+        if head is not None:
+            out.audit_heads[name] = head
         metrics = reply.content.metric_records.get("metrics")
         if metrics is None:
             failed[name] = "the reply carried no metrics"
@@ -137,7 +169,7 @@ def read_replies(
             "no answer: not connected at the end of the run"
             + (f", or one of {', '.join(unnamed)}" if unnamed else "")
         )
-    return sites, failed
+    return out
 
 
 def cross_site(grid: Grid, cfg: RunConfig, record: RunRecord) -> dict[str, Any]:
@@ -165,8 +197,9 @@ def cross_site(grid: Grid, cfg: RunConfig, record: RunRecord) -> dict[str, Any]:
     log.info("cross-site: the final model (round %d) to %d sites, each on its test split",
              record.last_round, len(nodes))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-    sites, failed = read_replies(replies, nodes, record.sites_seen)
-    for name, reason in sorted(failed.items()):
+    got = read_replies(replies, nodes, record.sites_seen)
+    for name, reason in sorted(got.failed.items()):
         log.warning("cross-site: %s: %s", name, reason)
-    return {**base, "requested_split": "test", "sites": dict(sorted(sites.items())),
-            "summary": summarize(sites), "failed": failed}
+    return {**base, "requested_split": "test", "sites": dict(sorted(got.sites.items())),
+            "summary": summarize(got.sites), "failed": got.failed,
+            "audit_heads": got.audit_heads}

@@ -234,7 +234,7 @@ def _limitations(card: dict[str, Any], results: dict[str, Any], cfg: RunConfig) 
         out.append("Trained without differential privacy: nothing bounds what the model "
                    "reveals about the sites' training images.")
     perf = card["performance"]
-    if perf["source"] != "central":
+    if outcome.get("trained", False) and perf["source"] != "central":
         out.append("There is no central test set: the headline figures are on the sites' "
                    "validation splits, which the run also used to choose its operating point, "
                    "so they are optimistic; the cross-site figures on the sites' test splits "
@@ -421,8 +421,9 @@ def _performance_html(card: dict[str, Any]) -> str:
     cross = perf["cross_site"]
     final = perf["final"]
     shown = [k for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    body = (f"<h3>Global model ({_esc(perf['source'] or 'not evaluated')} evaluation)</h3>"
-            + _table(["metric", "value"], [[k, final[k]] for k in shown]))
+    body = (f"<h3>Global model ({_esc(perf['source'])} evaluation)</h3>"
+            + _table(["metric", "value"], [[k, final[k]] for k in shown])
+            if perf["source"] else "<h3>Global model: not evaluated</h3>")
     if perf["calibration"]:
         body += "<h3>Calibration</h3>" + _facts(list(perf["calibration"].items()))
     if perf["operating_point"]:
@@ -432,7 +433,8 @@ def _performance_html(card: dict[str, Any]) -> str:
     body += (f"<h3>Per site: the final model (round {_cell(cross['round'])}) on each site's own "
              "held-out split</h3>")
     if cross["skipped"]:
-        body += f"<p>Not evaluated: {_esc(cross['skipped'])}</p>"
+        return _section("performance", "Performance",
+                        body + f"<p>Not evaluated: {_esc(cross['skipped'])}</p>")
     rows = [[site, (cross["sites"].get(site) or {}).get("split"),
              (cross["sites"].get(site) or {}).get("num-examples"),
              *((cross["sites"].get(site) or {}).get(m) for m in metrics)]

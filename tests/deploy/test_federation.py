@@ -228,7 +228,8 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
             capture_output=True, text=True, timeout=120,
         )
         assert audit.returncode == 0, audit.stdout + audit.stderr
-        assert "the 2 heads the aggregator witnessed are in it" in " ".join(audit.stdout.split())
+        # one per round, and the reply to the closing cross-site evaluation
+        assert "the 3 heads the aggregator witnessed are in it" in " ".join(audit.stdout.split())
         assert not (federation.root / name / "audit.key").exists()
 
     # the aggregator's exporter follows deployed runs: rounds and each site's epsilon

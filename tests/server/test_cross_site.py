@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.simulation import run_simulation
@@ -21,7 +22,7 @@ from common.cross_site import SPLIT_KEY
 from common.operating import HIST_KEYS
 from common.sites import site_refs
 from server.app import make_server_app
-from server.cross_site import summarize
+from server.cross_site import read_replies, summarize
 from simulations.runner import resume_config, simulate
 from tests.simulations.conftest import write_easy_site
 
@@ -82,6 +83,32 @@ def test_summary_worst_is_the_min_of_a_score_and_the_max_of_an_error():
 
 def test_summary_of_a_metric_no_site_defines_is_absent():
     assert summarize({"a": {"auc": math.nan}, "b": {"auc": math.nan}}) == {}
+
+
+def _asked(node: int) -> Message:
+    return Message(RecordDict({}), dst_node_id=node, message_type=MessageType.EVALUATE)
+
+
+def test_replies_become_sites_and_failures_with_their_reasons():
+    metrics = MetricRecord({"auc": 0.8, "loss": 0.4, "num-examples": 12})
+    ok = Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"name": "a"}),
+                             "evaluation": ConfigRecord({"split": "test"})}),
+                 reply_to=_asked(1))
+    # Flower wraps a site's exception in its own text; the site's part is kept
+    broken = Message(Error(0, "ClientAppException: <class 'client.app.SiteFailure'>:<'site b: "
+                              "evaluate failed (OSError)'>"), reply_to=_asked(2))
+    refused = Message(Error(0, "privacy budget refused: site c has spent epsilon 8 of 8"),
+                      reply_to=_asked(3))
+    got = read_replies([ok, broken, refused], [1, 2, 3, 4], seen=["a", "b", "c", "d"])
+    sites, failed = got.sites, got.failed
+    assert sites == {"a": {"auc": 0.8, "loss": 0.4, "num-examples": 12, "split": "test"}}
+    assert failed["b"] == "site b: evaluate failed (OSError)"
+    assert failed["c"].startswith("refused: privacy budget refused: site c")
+    # node 4 never answered; d, seen in the rounds, is not named by any reply
+    assert failed["node-4"] == "no reply before the round timeout"
+    assert failed["d"].startswith("no answer: not connected at the end of the run, or one of "
+                                  "node-4")
+    assert set(failed) == {"b", "c", "node-4", "d"}
 
 
 # --- end to end ----------------------------------------------------------------------------------
