@@ -369,6 +369,10 @@ def test_a_run_completes_when_a_site_dies_mid_run(federation: Federation) -> Non
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert sorted(results["rounds"][0]["participants"]) == SITES
     assert sorted(results["rounds"][-1]["participants"]) == ["hospital-a", "hospital-b"]
+    # the dead hospital cannot score the final model: named, the run still succeeded
+    assert sorted(results["cross_site"]["sites"]) == ["hospital-a", "hospital-b"]
+    assert results["cross_site"]["failed"] == {
+        "hospital-c": "no answer: not connected at the end of the run"}
 
 
 def test_a_restarted_server_keeps_runs_and_sites(federation: Federation) -> None:
