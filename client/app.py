@@ -57,6 +57,8 @@ from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
+from common.cross_site import REPLY_RECORD, REPLY_SPLIT, SPLIT_KEY
+from common.cross_site import SPLITS as EVALUATION_SPLITS
 from common.data import Preprocess, SiteData
 from common.fingerprint import FINGERPRINT
 from common.fingerprint import LIST_KEYS as FINGERPRINT_LISTS
@@ -241,6 +243,7 @@ GUARD = OutboundGuard(
         "fitres.metrics": _LEGACY_METRICS, "evaluateres.metrics": _LEGACY_METRICS,
         "fitres.status": frozenset({"code", "message"}),
         "evaluateres.status": frozenset({"code", "message"}),
+        REPLY_RECORD: frozenset({REPLY_SPLIT}),  # the split a cross-site evaluation scored
     },
     allow_nan=True,
     opaque_configs={RECORD_KEY_CONFIGS: SECAGG_REPLY_KEYS, HEAD_RECORD: RECORD_KEYS},
@@ -552,13 +555,22 @@ def make_client_app(
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
         task = get_task(cfg.task)
-        samples = task.load(site, cfg, "val", load)
+        config = msg.content.config_records["config"]
+        # the run's end asks for the held-out test split (server.cross_site); rounds for val
+        asked = config.get(SPLIT_KEY)
+        split = "val" if asked is None else str(asked)
+        if split not in EVALUATION_SPLITS:
+            raise ValueError(f"site {site.name}: the aggregator asked to evaluate split "
+                             f"{split!r}; a site evaluates {' or '.join(EVALUATION_SPLITS)}")
+        samples = task.load(site, cfg, split, load)
+        if split == "test" and len(samples[0]) == 0:  # no test rows here: say val was scored
+            split = "val"
+            samples = task.load(site, cfg, split, load)
         n = len(samples[0])
         if n == 0:
             raise ValueError(f"site {site.name} has no readable validation images for --task "
                              f"{cfg.task}")
         model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
-        config = msg.content.config_records["config"]
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         started = time.perf_counter()
         histograms = None
@@ -588,6 +600,11 @@ def make_client_app(
         released = False
         if cfg.secure_agg:  # its legacy replies carry scalars only (client.secure): spend nothing
             histograms = None
+        if asked is not None:
+            # the cross-site evaluation sends the scalars each round's evaluation sends, and no
+            # histogram: under DP they are one accounted release of the validation split per
+            # run, and a test split's would be a release no budget planned
+            histograms = None
         if histograms is not None:
             shared, val_epsilon = _shared_histograms(
                 context, cfg, site, histograms, server_round, task.releases(cfg)
@@ -601,6 +618,8 @@ def make_client_app(
         content = RecordDict(
             {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )
+        if asked is not None:
+            content[REPLY_RECORD] = ConfigRecord({REPLY_SPLIT: split})
         run_key = cfg.run_key or str(context.run_id)
         if released and _privacy_path(site, run_key).is_file():
             # the validation split's new spend, beside the training's (results.json privacy)

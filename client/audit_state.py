@@ -270,16 +270,21 @@ def _check_ends_in(trail: Path, hashes: list[str], head: ChainHead) -> None:
         )
 
 
-def _witnessed(witness: Path, site: str) -> list[tuple[int, Any]]:
-    """(round, head as JSON) for each round of a results.json that recorded the site's head."""
+def _witnessed(witness: Path, site: str) -> list[tuple[str, Any]]:
+    """(where, head as JSON) for each head of the site a results.json recorded.
+
+    One per round, and the reply to the run's closing cross-site evaluation (server.cross_site).
+    """
     try:
         results = json.loads(witness.read_text())
         rounds = results["rounds"]
-        return [
-            (int(r["round"]), r["audit_heads"][site]) for r in rounds
+        seen = [
+            (f"round {int(r['round'])}", r["audit_heads"][site]) for r in rounds
             if site in (r.get("audit_heads") or {})
         ]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        closing = ((results.get("cross_site") or {}).get("audit_heads") or {}).get(site)
+        return seen + ([("the cross-site evaluation", closing)] if closing else [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NotSiteState(
             f"--witness {witness}: not a run's results.json ({type(exc).__name__}: {exc})"
         ) from None
@@ -292,8 +297,8 @@ def _check_witness(witness: Path, site: str, head: ChainHead, hashes: list[str])
             f"--witness {witness}: records no audit head of site {site!r} (another run's "
             "results, a run this site took no part in, or pass the site's name with --site)"
         )
-    for number, raw in seen:
-        where = f"--witness {witness}, round {number}"
+    for label, raw in seen:
+        where = f"--witness {witness}, {label}"
         try:
             witnessed = ChainHead.from_json(raw, where=where)
         except HeadError as exc:

@@ -13,8 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from server import artifacts
+from server.cross_site import cross_site
 from server.exporter import MetricsSettings, serve_metrics
 from server.fingerprint import planned
+from server.model_card import CARD_HTML, CARD_JSON, write_model_card
+from server.record import RunRecord
 from server.run import ProgressFn, RoundUpdate, run_federation
 from server.secure import run_secure_federation
 from server.superlink import STATE_ENV
@@ -60,6 +63,7 @@ def make_server_app(
                     grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round,
                     plan=plan,
                 )
+            _close_run(grid, run_cfg, record)
             _log_outcome(record.outcome())
 
         if cfg is not None:
@@ -75,7 +79,8 @@ def make_server_app(
             run_cfg = run_cfg.replace(out=str(run_dir), run_key=str(context.run_id), sites_dir="")
             flwr_log.info("medfed run %s: results in %s on the aggregator", context.run_id, run_dir)
             federate(run_cfg, _log_round)
-            artifacts.publish(run_dir, artifacts.emit_to(flwr_log))
+            artifacts.publish(run_dir, artifacts.emit_to(flwr_log),
+                              (*artifacts.FILES, CARD_JSON, CARD_HTML))
             return
         with serve_metrics(settings, flag="metrics-port") as server:
             if server is None:
@@ -97,6 +102,22 @@ def make_server_app(
             _log_results(run_cfg)
 
     return app
+
+
+def _close_run(grid: Grid, cfg: RunConfig, record: RunRecord) -> None:
+    """The run's end: the final model at every site (results.json `cross_site`), the card.
+
+    The run's result is already written (results.json, model.pt): whatever happens in the
+    cross-site evaluation is recorded in its section and changes neither that nor the outcome.
+    """
+    try:
+        record.cross_site = cross_site(grid, cfg, record)
+    except Exception as exc:  # a site's failure is in `failed`; this is the aggregator's own
+        flwr_log.warning("medfed cross-site evaluation failed: %s: %s", type(exc).__name__, exc)
+        record.cross_site = {"model": "final", "round": record.last_round,
+                             "skipped": f"the evaluation failed ({type(exc).__name__}: {exc})"}
+    record.write_results()
+    write_model_card(record.run_dir)
 
 
 def _log_outcome(outcome: dict[str, Any]) -> None:
@@ -131,8 +152,8 @@ def _log_results(cfg: RunConfig) -> None:
     # working directory is the local SuperLink's, so a relative --out is shown resolved)
     run_dir = Path(cfg.out).resolve()
     flwr_log.info(
-        "medfed results: %s (results.json, metrics.png, model.pt; `medfed report %s` writes the "
-        "HTML report)", run_dir, run_dir,
+        "medfed results: %s (results.json, metrics.png, model.pt, model_card.html; `medfed "
+        "report %s` writes the HTML report)", run_dir, run_dir,
     )
 
 

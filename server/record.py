@@ -3,13 +3,16 @@
 Layout of RUN_DIR:
     results.json        config, per-round metrics, final metrics, each site's privacy spend
                         (and `central_privacy`: the aggregator's user-level DP, when on), and
-                        `outcome`: whether the model trained and why not (see `RunRecord.outcome`)
+                        `outcome`: whether the model trained and why not (see `RunRecord.outcome`),
+                        `cross_site`: the final model scored at every site on its own test split
+                        (server.cross_site)
     model.pt            final global model (state dict + what is needed to rebuild the network,
                         and for a binary classifier `threshold`: call an image positive when
                         P(class 1) >= threshold, the run's operating point); not written when
                         no round of the run trained a site
     .medfed-run.json    what medfed wrote here (common.outputs): all `--force` may delete
     metrics.png         global metrics per round
+    model_card.json/.html  the model card (server.model_card), written after results.json
     checkpoint/         state.json (round, config, record so far), arrays.npz, strategy.npz
 """
 
@@ -118,6 +121,10 @@ class RunRecord:
         # a segmentation run's plan: the sites' data fingerprints and what they decided
         # (server.fingerprint); None when nothing was planned
         self.plan: dict[str, Any] | None = None
+        # the final model's arrays, once the run finished (the cross-site evaluation's model)
+        self.final_arrays: dict[str, np.ndarray] | None = None
+        # results.json `cross_site` (server.cross_site), filled in at the run's end
+        self.cross_site: dict[str, Any] | None = None
 
     @property
     def last_round(self) -> int:
@@ -296,6 +303,7 @@ class RunRecord:
             ),
             "artifacts": {"model": MODEL, "plot": PLOT, "checkpoint": CHECKPOINT},
             **({"plan": self.plan} if self.plan is not None else {}),
+            **({"cross_site": self.cross_site} if self.cross_site is not None else {}),
         }
 
     def write_results(self) -> Path:
@@ -387,6 +395,7 @@ class RunRecord:
         No model.pt when no round trained a site: its arrays are the initial model's, and a
         model file of them would pass for a result (results.json's `outcome` says why).
         """
+        self.final_arrays = arrays
         if self.trained:
             self.save_model(arrays)
         self.plot()

@@ -237,7 +237,15 @@ class VirtualSites(Sequence[SiteRef]):
     def labelled(
         self, site: SiteRef, pre: Preprocess, seed: int, split: str
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The labelled samples of `split` ("train" or "val") that site `site` holds."""
+        """The labelled samples of `split` ("train" or "val") that site `site` holds.
+
+        None of `test`: the pool's test split is the central test set, so a virtual site asked
+        for its own (the run's cross-site evaluation, server.cross_site) has no rows there and
+        scores its validation split instead.
+        """
+        if split == "test":
+            empty = pooled(self.pool, pre, seed, self.spec)["val"]
+            return empty.images[:0], empty.labels[:0]
         if split not in SHARED_SPLITS:
             raise ValueError(
                 f"virtual sites hold {' and '.join(SHARED_SPLITS)} only, not {split!r}"

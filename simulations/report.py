@@ -14,18 +14,23 @@ import html
 import io
 import json
 import math
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from common.metrics import RATE_METRICS
 
 REPORT = "report.html"
+# the run's model card beside results.json (server.model_card.CARD_HTML; not imported here,
+# which would load torch for a report)
+MODEL_CARD = "model_card.html"
 # Above this many sites, per-site curves become heatmaps and bands, tables list worst and best.
 LINE_SITES = 12
 TABLE_SITES = 40
@@ -847,8 +852,13 @@ img{max-width:100%} .note{color:#555} .warn{color:#a33;font-weight:600}
 """
 
 
-def render_report(results: dict[str, Any], *, title: str = "") -> str:
-    """The whole report as one HTML document."""
+def render_report(results: dict[str, Any], *, title: str = "", model_card: str = "") -> str:
+    """The whole report as one HTML document.
+
+    Args:
+        model_card: the link to the run's model card, relative to the report ("": none).
+
+    """
     sites = site_names(results)
     status, finished = run_status(results)
     name = title or results["config"].get("out", "medfed run")
@@ -877,6 +887,8 @@ def render_report(results: dict[str, Any], *, title: str = "") -> str:
                      ("participation", "participation"), ("privacy", "privacy"),
                      ("fairness", "fairness"), ("failures", "failures"), ("bytes", "bytes")]
     )
+    if model_card:
+        nav += f'<a href="{_esc(model_card)}">model card</a>'
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -896,7 +908,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         raise ReportError(f"--out {path} is a folder; pass a file name such as {path / REPORT}")
     if not path.parent.is_dir():
         raise ReportError(f"--out {path}: folder {path.parent} does not exist; create it first")
-    document = render_report(results, title=str(run_dir))
+    card = run_dir / MODEL_CARD
+    document = render_report(
+        results, title=str(run_dir),
+        model_card=quote(os.path.relpath(card, path.parent)) if card.is_file() else "",
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(document, encoding="utf-8")
     tmp.replace(path)

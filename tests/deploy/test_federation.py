@@ -205,6 +205,16 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
     federation.runs.append(run_id)
     # the operator's files are the aggregator's, byte for byte
     assert (server_copy / run_id / "model.pt").read_bytes() == (run_dir / "model.pt").read_bytes()
+    # the run's end: every hospital scored the final model on its own test split (results
+    # .json `cross_site`), and the model card came back to the operator with the results
+    cross = results["cross_site"]
+    assert sorted(cross["sites"]) == SITES and cross["failed"] == {}
+    assert {v["split"] for v in cross["sites"].values()} == {"test"}
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["sites"] == SITES
+    assert card["performance"]["cross_site"]["sites"] == cross["sites"]
+    assert ((server_copy / run_id / "model_card.html").read_bytes()
+            == (run_dir / "model_card.html").read_bytes())
     for name in SITES:
         assert f"registered site {name}" in federation.server.text()  # type: ignore[union-attr]
     # each hospital signs its audit trail with its kit's key, and the trail holds every head
@@ -218,7 +228,8 @@ def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:
             capture_output=True, text=True, timeout=120,
         )
         assert audit.returncode == 0, audit.stdout + audit.stderr
-        assert "the 2 heads the aggregator witnessed are in it" in " ".join(audit.stdout.split())
+        # one per round, and the reply to the closing cross-site evaluation
+        assert "the 3 heads the aggregator witnessed are in it" in " ".join(audit.stdout.split())
         assert not (federation.root / name / "audit.key").exists()
 
     # the aggregator's exporter follows deployed runs: rounds and each site's epsilon
@@ -358,6 +369,10 @@ def test_a_run_completes_when_a_site_dies_mid_run(federation: Federation) -> Non
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert sorted(results["rounds"][0]["participants"]) == SITES
     assert sorted(results["rounds"][-1]["participants"]) == ["hospital-a", "hospital-b"]
+    # the dead hospital cannot score the final model: named, the run still succeeded
+    assert sorted(results["cross_site"]["sites"]) == ["hospital-a", "hospital-b"]
+    assert results["cross_site"]["failed"] == {
+        "hospital-c": "no answer: not connected at the end of the run"}
 
 
 def test_a_restarted_server_keeps_runs_and_sites(federation: Federation) -> None:

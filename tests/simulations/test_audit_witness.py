@@ -37,30 +37,36 @@ def test_results_record_each_sites_head_and_the_trail_verifies_against_them(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = run_dir / "results.json"
-    heads = json.loads(results.read_text())["rounds"][0]["audit_heads"]
+    recorded = json.loads(results.read_text())
+    heads = recorded["rounds"][0]["audit_heads"]
+    closing = recorded["cross_site"]["audit_heads"]
     sites = sorted(p.name for p in (data / "sites").iterdir() if p.is_dir())
-    assert sorted(heads) == sites
+    assert sorted(heads) == sites and sorted(closing) == sites
     for site in sites:
         state = run_dir / "site-state" / site
         witnessed = ChainHead.from_json(heads[site], where="results.json")
         # the round's latest reply is the evaluation: the trail's second entry, signed
         assert witnessed.seq == 1 and witnessed.signature_ok()
+        # the run's closing cross-site evaluation is the third, witnessed too
+        last = ChainHead.from_json(closing[site], where="results.json")
+        assert last.seq == 2 and last.signature_ok()
         entries = [json.loads(line) for line in (state / TRAIL).read_text().splitlines()]
-        assert [e["message_type"] for e in entries] == ["train", "evaluate"]
-        assert entries[1]["hash"] == witnessed.hash
+        assert [e["message_type"] for e in entries] == ["train", "evaluate", "evaluate"]
+        assert entries[1]["hash"] == witnessed.hash and entries[2]["hash"] == last.hash
         code, output = _verify("--state", str(state), "--witness", str(results))
         assert code == 0, output
-        assert "the 1 heads the aggregator witnessed are in it" in output
+        assert "the 2 heads the aggregator witnessed are in it" in output
 
     # the last entry cut and the head re-signed with the state's own key: consistent in
     # itself, but not with what the aggregator saw
     state = run_dir / "site-state" / sites[0]
     kept = (state / TRAIL).read_text().splitlines()[:-1]
     (state / TRAIL).write_text("\n".join(kept) + "\n")
-    resigned = ChainHead.sign(load_signing_key(state / KEY), seq=0,
+    resigned = ChainHead.sign(load_signing_key(state / KEY), seq=1,
                               hash_hex=json.loads(kept[-1])["hash"])
     (state / HEAD).write_text(json.dumps(resigned.to_json()))
     assert _verify("--state", str(state))[0] == 0
     code, output = _verify("--state", str(state), "--witness", str(results))
     assert code == 1, output
-    assert "witnessed entry 1, but the trail ends at entry 0: entries were cut" in output
+    assert "the cross-site evaluation: the aggregator witnessed entry 2, but the trail ends " \
+        "at entry 1: entries were cut" in output

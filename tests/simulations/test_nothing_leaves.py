@@ -60,9 +60,11 @@ def test_no_patient_identifier_leaves_and_every_reply_is_audited(tmp_path: Path)
     for site in sorted(results["privacy"]):
         trail = run_dir / "site-state" / site / "audit.jsonl"
         result = verify(trail)
-        assert result.ok and result.entries == 4, result  # 2 rounds x (train + evaluate)
+        # 2 rounds x (train + evaluate), then the run's closing cross-site evaluation
+        assert result.ok and result.entries == 5, result
         entries = [json.loads(line) for line in trail.read_text().splitlines()]
-        assert [e["message_type"] for e in entries] == ["train", "evaluate"] * 2
+        assert [e["message_type"] for e in entries] == ["train", "evaluate"] * 2 + ["evaluate"]
+        assert entries[-1]["configs"]["evaluation"] == {"split": "test"}
         assert entries[0]["configs"]["site"] == {"name": site}
         assert entries[0]["metrics"]["epsilon"] == pytest.approx(
             results["rounds"][0]["privacy"][site]["epsilon"]

@@ -105,5 +105,9 @@ def test_virtual_sites_share_one_decoded_pool(tmp_path: Path):
     assert pooled.cache_info().misses == 1
     whole = pooled(pool, pre, 0, sites.spec)
     assert total == {split: len(whole[split].labels) for split in total}
+    # the pool's test split is the central test set: a virtual site holds none of it (the
+    # cross-site evaluation then scores its validation split)
+    images, labels = sites.labelled(sites[0], pre, 0, "test")
+    assert images.shape == (0, 1, 16, 16) and labels.shape == (0,)
     with pytest.raises(ValueError, match="train and val"):
-        sites.labelled(sites[0], pre, 0, "test")
+        sites.labelled(sites[0], pre, 0, "all")

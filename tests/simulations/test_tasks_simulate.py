@@ -40,6 +40,12 @@ def test_task_federation_writes_outputs_metrics_and_privacy(hospitals, tmp_path,
     for site in ("hospital-01", "hospital-02"):
         assert results["privacy"][site]["dp"] is True
         assert 0 < results["privacy"][site]["epsilon"] <= 8 + 1e-6
+    # every task's final model is scored at every site at the run's end (server.cross_site)
+    cross = results["cross_site"]
+    assert sorted(cross["sites"]) == ["hospital-01", "hospital-02"] and cross["failed"] == {}
+    assert all(v["num-examples"] > 0 and "loss" in v for v in cross["sites"].values())
+    card = json.loads((tmp_path / task / "model_card.json").read_text())
+    assert card["performance"]["cross_site"]["sites"] == cross["sites"]
     if task == "segment":
         _check_fingerprint(results, tmp_path / task)
     if task == "autoencode":
