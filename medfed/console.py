@@ -107,6 +107,8 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
     if (run_dir / "model.pt").is_file() and outcome.get("trained", True):
         out.print(f"model:   {run_dir / 'model.pt'}")
     out.print(f"plot:    {run_dir / 'metrics.png'}")
+    if (run_dir / "model_card.html").is_file():
+        out.print(f"card:    {run_dir / 'model_card.html'}")
     for warning in results.get("warnings") or []:  # a degenerate model: said, not an error
         err.print(f"[bold yellow]warning:[/] [yellow]{escape(warning)}[/]", highlight=False)
     return _print_outcome(outcome, run_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.outputs import note, prepare
+from server.model_card import CARD_HTML, CARD_JSON
 from server.record import CHECKPOINT, MODEL, PLOT, RESULTS, RunRecord, checkpoint_state
 from server.run import ProgressFn
 from simulations.faults import FAULTS_FILE
@@ -58,7 +59,10 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 
 # Everything a simulation writes directly in RUN_DIR (the tasks' pictures are noted as written).
-RUN_OUTPUTS = (RESULTS, CHECKPOINT, MODEL, PLOT, REPORT, SITE_STATE, SCENARIO_FILE, FAULTS_FILE)
+RUN_OUTPUTS = (
+    RESULTS, CHECKPOINT, MODEL, PLOT, REPORT, CARD_JSON, CARD_HTML, SITE_STATE, SCENARIO_FILE,
+    FAULTS_FILE,
+)
 
 
 def _is_older_run(run_dir: Path) -> bool:
