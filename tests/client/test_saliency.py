@@ -87,7 +87,7 @@ def train(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int) -> CNN
 @pytest.fixture(scope="module")
 def phantoms() -> dict[str, np.ndarray]:
     train_x, _, train_y = ct_phantoms(300, seed=0)
-    test_x, test_masks, test_y = ct_phantoms(160, seed=1)
+    test_x, test_masks, test_y = ct_phantoms(240, seed=1)
     lesion = test_y == 1
     return {"train_x": train_x, "train_y": train_y, "x": test_x[lesion],
             "masks": test_masks[lesion]}
@@ -100,11 +100,17 @@ def trained(phantoms: dict[str, np.ndarray]) -> CNNClassifier:
 
 
 def test_trained_classifier_points_at_the_lesion(phantoms, trained):
-    """Issue 21: the maximum lies within 2 px of the lesion for >= 70% of the lesion images."""
-    torch.set_num_threads(1)
+    """Issue 21: the maximum lies within 2 px of the lesion for >= 70% of the lesion images.
+
+    The share the classifier calls positive bounds any explanation (about 75% here: subtle
+    nodules go unseen); of those, the map must find nearly all.
+    """
     maps = saliency_maps(trained, phantoms["x"], CPU)
-    rate = pointing_hits(maps, phantoms["masks"]).mean()
-    assert rate >= 0.7, f"pointing game {rate:.2f} on {len(maps)} lesion images"
+    hits = pointing_hits(maps, phantoms["masks"])
+    assert hits.mean() >= 0.7, f"pointing game {hits.mean():.2f} on {len(maps)} lesion images"
+    with torch.no_grad():
+        called = trained(torch.from_numpy(phantoms["x"])).softmax(1)[:, 1].numpy() > 0.5
+    assert hits[called].mean() >= 0.9, f"{hits[called].mean():.2f} of the lesions it calls"
 
 
 def test_the_hit_rate_comes_from_training(phantoms, trained):
@@ -113,8 +119,10 @@ def test_the_hit_rate_comes_from_training(phantoms, trained):
     too coarse for a nodule: also lower."""
     x, masks = phantoms["x"], phantoms["masks"]
     trained_rate = pointing_hits(saliency_maps(trained, x, CPU), masks).mean()
-    torch.manual_seed(0)
-    untrained_rate = pointing_hits(saliency_maps(CNNClassifier(), x, CPU), masks).mean()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = CNNClassifier()
+    untrained_rate = pointing_hits(saliency_maps(untrained, x, CPU), masks).mean()
     assert untrained_rate <= trained_rate - 0.2, (untrained_rate, trained_rate)
 
     # MONAI leaves its hooks on the model it is given (and flips the map by default): a copy
@@ -206,8 +214,10 @@ def test_per_image_targets_and_batches(phantoms, trained):
 def test_no_evidence_gives_a_zero_map():
     """A model whose score does not depend on the image has nothing to show: all 0."""
     model = CNNClassifier(image_size=32)
+    linear = model.head[1]
+    assert isinstance(linear, nn.Linear)
     with torch.no_grad():
-        model.head[1].weight.zero_()
+        linear.weight.zero_()
     maps = saliency_maps(model, np.random.rand(2, 1, 32, 32).astype(np.float32), CPU)
     assert not maps.any()
     assert saliency_maps(model, np.zeros((0, 1, 32, 32), np.float32), CPU).shape == (0, 32, 32)
