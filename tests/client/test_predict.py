@@ -222,7 +222,7 @@ def test_classifier_predictions_saliency_and_secondary_captures(
         assert capture.StudyInstanceUID == source.StudyInstanceUID
         assert capture.SeriesInstanceUID != source.SeriesInstanceUID
         assert "DERIVED" in capture.ImageType
-        assert row["score"][:4] in capture.SeriesDescription
+        assert f"{float(row['score']):.2f} {row['decision']}" in capture.SeriesDescription
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == len(labels) and 0.0 <= metrics["auc"] <= 1.0
 
