@@ -19,6 +19,9 @@ from common.data.labels import LABELS_FILE, read_labels
 from common.data.nifti import is_nifti
 from common.data.sniff import has_dicm_marker
 
+# written by `medfed predict` into its --out: a folder holding it is output, never input
+OUTPUT_MARK = ".medfed-predict"
+
 
 @dataclass(frozen=True)
 class Item:
@@ -43,9 +46,12 @@ class Inputs:
     ignored: list[str]
 
 
-def find_inputs(data: Path) -> Inputs:
+def find_inputs(data: Path, *, skip: Path | None = None) -> Inputs:
     """The images of `data`: a site folder's rows in labels.csv order, or a walked plain folder.
 
+    skip: a folder inside `data` not to walk (predict's own --out). Folders an earlier predict
+    wrote (marked with OUTPUT_MARK) are not walked either: their maps are NIfTI files and their
+    SEGs DICOM, and predicting on them would be predicting on predictions.
     Raises FileNotFoundError naming --data when it is not a folder or holds no image.
     """
     if not data.is_dir():
@@ -62,7 +68,7 @@ def find_inputs(data: Path) -> Inputs:
         ]
         return Inputs(items, labelled=any(r.label is not None or r.mask for r in rows),
                       ignored=[])
-    items, ignored = _walk(data)
+    items, ignored = _walk(data, None if skip is None else skip.resolve())
     if not items:
         raise FileNotFoundError(
             f"--data {data}: no DICOM or NIfTI image found ({len(ignored)} other files); pass a "
@@ -71,13 +77,18 @@ def find_inputs(data: Path) -> Inputs:
     return Inputs(items, labelled=False, ignored=ignored)
 
 
-def _walk(root: Path) -> tuple[list[Item], list[str]]:
+def _walk(root: Path, skip: Path | None) -> tuple[list[Item], list[str]]:
     dicom: dict[Path, list[Path]] = defaultdict(list)
     items: list[Item] = []
     ignored: list[str] = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        if any((folder / OUTPUT_MARK).is_file() for folder in path.parents
+               if folder.is_relative_to(root)):
             continue
         if is_nifti(path):
             # an Analyze pair is one image: its header names it

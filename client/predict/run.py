@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 
 from client.patches import SlidingWindow
 from client.predict.grid import depth_to_source, to_source, write_map
-from client.predict.inputs import Inputs, Item, find_inputs
+from client.predict.inputs import OUTPUT_MARK, Inputs, Item, find_inputs
 from client.predict.model import Predictor, load_predictor
 from client.train import resolve_device
 from common.data.dicom import series_headers
@@ -105,10 +105,11 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     predictor = load_predictor(model_or_run)
-    inputs = find_inputs(data)
+    inputs = find_inputs(data, skip=out)
     torch_device = resolve_device(device)
     predictor.model.to(torch_device)
     out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARK).write_text("medfed predict outputs: not read as input by later calls\n")
     writer = _writer_for(predictor, inputs, data, out, explain=explain, device=torch_device)
     summary = Summary(model=str(predictor.source), task=predictor.cfg.task,
                       ignored=len(inputs.ignored))
@@ -139,7 +140,9 @@ def predict(
 
 
 # what a predict call writes into --out; `--force` removes these and nothing else
-OUTPUTS = (PREDICTIONS, METRICS, SUMMARY, "saliency", "masks", "probabilities", "dicom")
+OUTPUTS = (
+    PREDICTIONS, METRICS, SUMMARY, "saliency", "masks", "probabilities", "dicom", OUTPUT_MARK,
+)
 
 
 def clear_outputs(out: Path) -> None:

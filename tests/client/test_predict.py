@@ -360,3 +360,16 @@ def test_a_broken_mask_costs_its_score_not_its_prediction(tmp_path: Path, phanto
     assert any(first["path"] in warning and "not scored" in warning
                for warning in summary.warnings)
     assert json.loads((out / "metrics.json").read_text())["images"] == 9
+
+
+def test_outputs_inside_the_data_folder_are_not_read_as_inputs(
+    tmp_path: Path, phantoms: Path
+) -> None:
+    data = tmp_path / "plain"
+    data.mkdir()
+    for i, image in enumerate(sorted((phantoms / "test" / "images").iterdir())[:2]):
+        shutil.copy(image, data / f"{i}.dcm")
+    run = saved_run(tmp_path / "run", task="segment", model="unet")
+    predict(run, data, data / "out")
+    again = predict(run, data, data / "out2")
+    assert again.predicted == 2 and not again.skipped
