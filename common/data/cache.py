@@ -1,7 +1,7 @@
 """Disk cache of decoded images, so epochs and federated rounds never re-decode DICOM.
 
 One file per (absolute path, size, mtime, Preprocess, loader VERSION), named by a sha256 key.
-Writes are atomic (common.atomic: temporary file, fsync, rename) because several client
+Writes are atomic (common.atomic: temporary file, then rename) because several client
 processes may share one cache; an unreadable entry is simply decoded again. Nothing is ever
 written into the site folder, which hospitals often mount read-only.
 """
@@ -111,7 +111,9 @@ class ImageCache:
         file = self._file(key)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(file, "wb") as f:
+            # not durable: a torn entry after a power cut is a miss, and an fsync per image
+            # would cost more than writing it
+            with atomic_open(file, "wb", durable=False) as f:
                 np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta.to_dict())),
                          note=np.array(note))
         except OSError as e:

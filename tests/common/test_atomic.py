@@ -174,6 +174,23 @@ def test_a_folder_that_cannot_be_fsynced_is_skipped(
     assert (tmp_path / "a.json").read_text() == "{}"
 
 
+def test_a_cache_write_skips_the_fsyncs_and_is_still_atomic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    target = tmp_path / "entry.npz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_open(target, "wb", durable=False) as fh:
+        fh.write(b"half")
+        raise RuntimeError("stopped")
+    assert target.read_bytes() == b"old"
+    with atomic_open(target, "wb", durable=False) as fh:
+        fh.write(b"new")
+    assert target.read_bytes() == b"new" and synced == []
+    assert _leftovers(tmp_path, target) == []
+
+
 # --- permissions ---------------------------------------------------------------------------------
 
 
