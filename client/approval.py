@@ -36,6 +36,7 @@ from typing import Any
 
 from client.policy import RunRefused, check_task, message_configs
 from common.apps import APP_REFUSAL_MARK, AppBundle
+from common.atomic import write_text
 from common.kit import KitError, SiteKit
 from common.policy import RUN_REFUSAL_MARK
 
@@ -177,12 +178,10 @@ def write_launchers(folder: Path, kit_dir: Path) -> Path:
     entry = shlex.quote("from client.approval import main; main()")
     scripts[CLIENTAPP_COMMAND] = f'exec {python} -c {entry} --kit {kit} -- "$@"\n'
     for command, body in scripts.items():
-        path = folder / command
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
+        write_text(
+            folder / command,
             "#!/bin/sh\n# Written by `medfed site` (client/approval.py): Flower's SuperExec "
-            "starts this.\n" + body
+            "starts this.\n" + body,
+            permissions=0o755,
         )
-        tmp.chmod(0o755)
-        tmp.replace(path)
     return folder

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client import progress
 from client.approval import LAUNCHER_DIR
 from client.audit import AuditLog, verify
+from common.atomic import write_bytes, write_text
 from common.audit_head import (
     ChainHead,
     HeadError,
@@ -61,15 +60,10 @@ def signing_key(state_dir: Path, key_path: Path | None) -> ec.EllipticCurvePriva
     if not path.is_file():
         state_dir.mkdir(parents=True, exist_ok=True)
         _, private = new_signing_key()
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".audit-key-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(private)
         try:
-            os.link(tmp, path)  # atomic, and fails if another process made one meanwhile
+            write_bytes(path, private, exclusive=True)
         except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+            pass  # another process made one meanwhile: its key is the site's
     return load_signing_key(path)
 
 
@@ -86,22 +80,13 @@ def append_signed(
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (state_dir / PIN).exists():
-                _write_atomic(state_dir / PIN, public_line(key) + "\n")
+                write_text(state_dir / PIN, public_line(key) + "\n")
             record = AuditLog(state_dir / TRAIL).append(entry)
             head = ChainHead.sign(key, seq=int(record["seq"]), hash_hex=str(record["hash"]))
-            _write_atomic(state_dir / HEAD, json.dumps(head.to_json(), indent=2) + "\n")
+            write_text(state_dir / HEAD, json.dumps(head.to_json(), indent=2) + "\n")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return head
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --- checking -----------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from common.atomic import atomic_open
 from common.data.labels import read_labels
 
 log = logging.getLogger(__name__)
@@ -107,10 +106,8 @@ class ContentHashes:
     def _save(self, values: dict[str, str]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hashes-", suffix=".json")
-            with os.fdopen(fd, "w") as fh:
+            with atomic_open(self.path) as fh:
                 json.dump(values, fh)
-            os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("could not keep the content-hash cache %s (%s); images will be "
                         "hashed again next round", self.path, exc)

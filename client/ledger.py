@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from client.content import ContentHashes, dataset_keys
+from common.atomic import atomic_open
 from common.privacy import REFUSAL_MARK, Step, epsilon_of
 
 ACCOUNTANT = "rdp"  # the ledger composes in RDP whatever accountant each run reported with
@@ -297,12 +297,8 @@ class PrivacyLedger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, book: Book) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".ledger-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
+        with atomic_open(self.path) as fh:
             json.dump(book.to_json(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
 
     def _migrate_legacy(self, book: Book) -> None:
         """Fold an earlier medfed's per-path ledgers into the book, charged on their images.

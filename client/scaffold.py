@@ -9,7 +9,6 @@ delta c_i that leaves the site are post-processing: no privacy cost beyond the t
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from client.train import StepHooks
+from common.atomic import atomic_open
 
 # Opacus's GradSampleModule names parameters `_module.<name>`
 _OPACUS_PREFIX = "_module."
@@ -105,7 +105,6 @@ def load_control(path: Path) -> dict[str, np.ndarray]:
 def save_control(path: Path, control: Mapping[str, np.ndarray]) -> None:
     """Write c_i atomically (a crash mid-write leaves the previous round's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        arrays: dict[str, Any] = dict(control)
-        np.savez(tmp, **arrays)
-    Path(tmp.name).replace(path)
+    arrays: dict[str, Any] = dict(control)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import tomli_w
 
 from common.apps import check_fab_hash
+from common.atomic import write_text
 from common.certs import load_public_key
 from common.config import ConfigError, check_budget
 from common.policy import PolicyError, RunPolicy
@@ -414,11 +414,7 @@ class SiteKit:
 
 def _replace_kit_file(kit_dir: Path, values: dict[str, Any]) -> None:
     """Write a kit's medfed-kit.toml atomically: a running site reads it at every task."""
-    fd, tmp = tempfile.mkstemp(dir=kit_dir, prefix=".medfed-kit-", suffix=".toml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(tomli_w.dumps(values))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, kit_dir / KIT_FILE)
+    write_text(kit_dir / KIT_FILE, tomli_w.dumps(values), permissions=0o644)
 
 
 def _rewrite_apps(kit_dir: Path, apps: tuple[ApprovedApp, ...]) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from common.atomic import atomic_open
 
 MANIFEST = ".medfed-run.json"
 
@@ -82,11 +82,8 @@ def _safe(name: str) -> bool:
 
 def _write(folder: Path, entries: Iterable[str]) -> None:
     path = folder / MANIFEST
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{MANIFEST}-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"written-by": "medfed", "entries": sorted(set(entries))}, fh, indent=1)
-        os.replace(tmp, path)
+    with writing(path), atomic_open(path) as fh:  # its temporary name starts with MANIFEST
+        json.dump({"written-by": "medfed", "entries": sorted(set(entries))}, fh, indent=1)
 
 
 def note(folder: Path, *paths: Path | str) -> None:

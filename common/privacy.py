@@ -13,10 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from common.atomic import atomic_open
 from common.config import batches_per_epoch
 
 # (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
@@ -260,12 +259,8 @@ class PrivacyState:
     def save(self, path: Path) -> None:
         """Write atomically so a crash mid-write never loses the spent budget."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".privacy-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
+        with atomic_open(path) as fh:
             json.dump(asdict(self), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> PrivacyState:

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from common.atomic import UMASK, write_text
 from common.config import RunConfig
 from common.cross_site import HIGHER_IS_BETTER
 from common.data.errors import DataError
@@ -339,8 +340,6 @@ def write_model_card(run_dir: Path) -> tuple[Path, Path]:
     json_path, html_path = run_dir / CARD_JSON, run_dir / CARD_HTML
     write_json(json_path, card)
     note(run_dir, json_path, html_path)
-    tmp = html_path.with_name(f".{html_path.name}.tmp")
     with writing(html_path):
-        tmp.write_text(render(card), encoding="utf-8")
-        tmp.replace(html_path)
+        write_text(html_path, render(card), permissions=UMASK)
     return json_path, html_path

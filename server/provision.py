@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import tempfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.atomic import write_bytes
 from common.certs import (
     Authority,
     SiteKeyPair,
@@ -238,11 +238,7 @@ def _control_address(kits: Path) -> str:
 
 def _write_crl(server: ServerKit, crl: x509.CertificateRevocationList) -> None:
     # atomically: the running gateway reloads the file as soon as it changes
-    fd, tmp = tempfile.mkstemp(dir=server.path, prefix=".operators-", suffix=".crl")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(crl_pem(crl))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, server.operators_crl)
+    write_bytes(server.operators_crl, crl_pem(crl), permissions=0o644)
 
 
 def _revoked_serials(server: ServerKit) -> list[tuple[int, dt.datetime]]:

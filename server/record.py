@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from common.atomic import atomic_open
 from common.config import RunConfig
 from common.metrics import RATE_METRICS
 from common.operating import warnings_for
@@ -71,14 +71,8 @@ def write_json(path: Path, data: Any, *, then: str = "") -> None:
     """
     with writing(path, then=then):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(json_clean(data), fh, indent=2, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # a half-written temp file only takes space
-            raise
+        with atomic_open(path) as fh:
+            json.dump(json_clean(data), fh, indent=2, allow_nan=False)
 
 
 class CheckpointError(ValueError):
@@ -329,8 +323,11 @@ class RunRecord:
         try:
             with writing(final, then=f"continue with --resume {self.run_dir} (the last "
                          "checkpoint is intact)"):
-                np.savez(tmp / "arrays.npz", allow_pickle=False, **arrays)
-                np.savez(tmp / "strategy.npz", allow_pickle=False, **strategy_state)
+                # through common.atomic for its fsync: the folder swap below is only as
+                # whole as what is on disk under it
+                for name, content in (("arrays.npz", arrays), ("strategy.npz", strategy_state)):
+                    with atomic_open(tmp / name, "wb") as fh:
+                        np.savez(fh, allow_pickle=False, **content)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint stays whole
             raise

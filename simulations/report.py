@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from common.atomic import UMASK, write_text
 from common.metrics import RATE_METRICS
 
 REPORT = "report.html"
@@ -913,7 +914,5 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         results, title=str(run_dir),
         model_card=quote(os.path.relpath(card, path.parent)) if card.is_file() else "",
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, document, permissions=UMASK)
     return path

@@ -1,9 +1,9 @@
 """Disk cache of decoded images, so epochs and federated rounds never re-decode DICOM.
 
 One file per (absolute path, size, mtime, Preprocess, loader VERSION), named by a sha256 key.
-Writes are atomic (temporary file + os.replace) because several client processes may share
-one cache; an unreadable entry is simply decoded again. Nothing is ever written into the
-site folder, which hospitals often mount read-only.
+Writes are atomic (common.atomic: temporary file, then rename) because several client
+processes may share one cache; an unreadable entry is simply decoded again. Nothing is ever
+written into the site folder, which hospitals often mount read-only.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import atomic_open
 from common.data.image import LoadedImage, decode_mask, load_image
 from common.data.preprocess import Preprocess
 from common.data.volume import ImageMeta
@@ -108,17 +109,14 @@ class ImageCache:
         if key is None:
             return
         file = self._file(key)
-        tmp: str | None = None
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".npz")
-            with os.fdopen(fd, "wb") as f:
+            # not durable: a torn entry after a power cut is a miss, and an fsync per image
+            # would cost more than writing it
+            with atomic_open(file, "wb", durable=False) as f:
                 np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta.to_dict())),
                          note=np.array(note))
-            os.replace(tmp, file)
         except OSError as e:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             if not self._warned:
                 self._warned = True
                 log.warning(

@@ -333,7 +333,7 @@ def test_a_read_only_kit_says_where_to_edit_it(
         raise OSError(errno.EROFS, "Read-only file system")
 
     # a kit mounted from a Kubernetes Secret (a test as root could write through chmod 500)
-    monkeypatch.setattr(common.kit.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(common.kit, "write_text", read_only)
     done = CliRunner().invoke(
         cli, ["site", "approve", "--kit", str(site_kit), "--fab-hash", "a" * 64]
     )
