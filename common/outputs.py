@@ -155,10 +155,15 @@ def prepare(
             f"{'it' if len(theirs) == 1 else 'them'} away, or choose another folder. "
             "Nothing was deleted"
         )
-    for name in ours:
+    remove(folder, ours)
+    _write(folder, [])
+
+
+def remove(folder: Path, names: Iterable[str]) -> None:
+    """Delete these top-level entries of `folder` (files, links, whole folders) where present."""
+    for name in names:
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    _write(folder, [])

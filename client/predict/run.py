@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from common.data.nifti import is_nifti
 from common.data.normalize import normalise, to_channels
 from common.data.preprocess import Preprocess
 from common.metrics import classification_metrics
+from common.outputs import remove
 from common.segmentation import overlap_metrics, surface_metrics
 from common.volumes import MIN_SLICES, resample_depth
 
@@ -146,13 +146,12 @@ OUTPUTS = (
 
 
 def clear_outputs(out: Path) -> None:
-    """Remove an earlier predict call's outputs from `out` (other files stay)."""
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    """Remove an earlier predict call's outputs from `out` (other files stay).
+
+    Not the run-folder manifest's `--force` (common.outputs.prepare): pointed at a run folder
+    by mistake, that would delete the run; this deletes predict's own names only.
+    """
+    remove(out, OUTPUTS)
 
 
 def _write_json(path: Path, data: Any) -> None:

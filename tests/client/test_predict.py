@@ -95,6 +95,23 @@ def ct_slice(path: Path, *, framed: bool = True, rows: int = 40, cols: int = 56)
     return path
 
 
+def plain_folder(folder: Path, phantoms: Path, count: int) -> Path:
+    """The first `count` phantom test images as a plain folder (no labels.csv)."""
+    folder.mkdir()
+    for i, image in enumerate(sorted((phantoms / "test" / "images").iterdir())[:count]):
+        shutil.copy(image, folder / f"{i}.dcm")
+    return folder
+
+
+def referenced(seg: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs a SEG references."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+
+
 # --- the source grid --------------------------------------------------------------------------
 
 
@@ -238,10 +255,7 @@ def test_scores_only_without_explain(tmp_path: Path, phantoms: Path) -> None:
 def test_unreadable_files_are_named_and_the_rest_predicted(
     tmp_path: Path, phantoms: Path
 ) -> None:
-    data = tmp_path / "plain"
-    data.mkdir()
-    for i, image in enumerate(sorted((phantoms / "test" / "images").iterdir())[:3]):
-        shutil.copy(image, data / f"{i}.dcm")
+    data = plain_folder(tmp_path / "plain", phantoms, 3)
     (data / "broken.dcm").write_bytes(b"DICM but not really")
     truncated = (data / "0.dcm").read_bytes()
     (data / "truncated.dcm").write_bytes(truncated[: len(truncated) // 3])
@@ -270,12 +284,7 @@ def test_segmenter_writes_masks_probabilities_and_a_seg_per_series(
         assert mask.shape == (1, source.Rows, source.Columns)
         seg = hd.seg.segread(out / row["dicom"])
         assert seg.StudyInstanceUID == source.StudyInstanceUID
-        referenced = {
-            item.ReferencedSOPInstanceUID
-            for series in seg.ReferencedSeriesSequence
-            for item in series.ReferencedInstanceSequence
-        }
-        assert referenced == {source.SOPInstanceUID}
+        assert referenced(seg) == {source.SOPInstanceUID}
         frames = seg.get_pixels_by_source_instance(
             [source.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True,
         )
@@ -294,12 +303,7 @@ def test_a_series_folder_becomes_one_seg_over_its_slices(tmp_path: Path, volumes
     (row,) = list(csv.DictReader((out / "predictions.csv").open()))
     seg = hd.seg.segread(out / row["dicom"])
     slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted((data / "ct").iterdir())]
-    referenced = {
-        item.ReferencedSOPInstanceUID
-        for series_item in seg.ReferencedSeriesSequence
-        for item in series_item.ReferencedInstanceSequence
-    }
-    assert referenced == {ds.SOPInstanceUID for ds in slices}
+    assert referenced(seg) == {ds.SOPInstanceUID for ds in slices}
     mask = np.swapaxes(np.asarray(nib.load(out / row["mask"]).dataobj), 0, 2)
     assert mask.shape == (len(slices), slices[0].Rows, slices[0].Columns)
 
@@ -365,11 +369,18 @@ def test_a_broken_mask_costs_its_score_not_its_prediction(tmp_path: Path, phanto
 def test_outputs_inside_the_data_folder_are_not_read_as_inputs(
     tmp_path: Path, phantoms: Path
 ) -> None:
-    data = tmp_path / "plain"
-    data.mkdir()
-    for i, image in enumerate(sorted((phantoms / "test" / "images").iterdir())[:2]):
-        shutil.copy(image, data / f"{i}.dcm")
+    data = plain_folder(tmp_path / "plain", phantoms, 2)
     run = saved_run(tmp_path / "run", task="segment", model="unet")
     predict(run, data, data / "out")
     again = predict(run, data, data / "out2")
     assert again.predicted == 2 and not again.skipped
+
+
+def test_force_clears_predict_outputs_only(tmp_path: Path, phantoms: Path) -> None:
+    from client.predict.run import clear_outputs
+
+    out = tmp_path / "out"
+    predict(saved_run(tmp_path / "run"), plain_folder(tmp_path / "plain", phantoms, 2), out)
+    (out / "my-notes.txt").write_text("the radiologist's")
+    clear_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == ["my-notes.txt"]
