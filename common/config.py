@@ -154,6 +154,9 @@ class RunConfig:
     # intensity-jittered (client.augment; classify also flips, segment moves the mask with its
     # image); measured on BreastMNIST to lift test AUC
     augment: bool = True
+    # after the last round, the final model scored once more at every site on its own test
+    # split (results.json `cross_site`, server.cross_site); off saves that message exchange
+    cross_site: bool = True
     # segment only: the U-Net's first-level channels and down-sampling steps; 0 leaves each to
     # the planner (common.seg_plan.planned_shape: from the image size and whether DP trains)
     net_width: int = 0

@@ -149,6 +149,13 @@ Augment = Annotated[
                  "intensity jitter of each training image (classify also flips; segment moves "
                  "the mask with its image).", shown=_default("augment")),
 ]
+CrossSite = Annotated[
+    bool | None,
+    _option("--cross-site/--no-cross-site",
+            help="After the last round, every site scores the final model on its own test "
+                 "split (results.json cross_site, the model card's per-site table).",
+            shown=_default("cross_site")),
+]
 NetWidth = Annotated[
     int | None,
     _option(help="With --task segment: channels of the U-Net's first level (each deeper level "

@@ -110,12 +110,18 @@ def _close_run(grid: Grid, cfg: RunConfig, record: RunRecord) -> None:
     The run's result is already written (results.json, model.pt): whatever happens in the
     cross-site evaluation is recorded in its section and changes neither that nor the outcome.
     """
-    try:
-        record.cross_site = cross_site(grid, cfg, record)
-    except Exception as exc:  # a site's failure is in `failed`; this is the aggregator's own
-        flwr_log.warning("medfed cross-site evaluation failed: %s: %s", type(exc).__name__, exc)
-        record.cross_site = {"model": "final", "round": record.last_round,
-                             "skipped": f"the evaluation failed ({type(exc).__name__}: {exc})"}
+    skipped = None
+    if not cfg.cross_site:
+        skipped = "--no-cross-site: the run asked for no closing evaluation"
+    else:
+        try:
+            record.cross_site = cross_site(grid, cfg, record)
+        except Exception as exc:  # a site's failure is in `failed`; this is the aggregator's
+            flwr_log.warning("medfed cross-site evaluation failed: %s: %s",
+                             type(exc).__name__, exc)
+            skipped = f"the evaluation failed ({type(exc).__name__}: {exc})"
+    if skipped is not None:
+        record.cross_site = {"model": "final", "round": record.last_round, "skipped": skipped}
     record.write_results()
     write_model_card(record.run_dir)
 
