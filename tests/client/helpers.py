@@ -26,10 +26,13 @@ def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def clipped_norms(optimizer: Any) -> list[float]:
     """Each sample's gradient norm after Opacus's clipping, read from a DPOptimizer's params.
 
-    For a spy on `DPOptimizer.clip_and_accumulate`: the norms it is about to accumulate.
+    For a spy on `DPOptimizer.clip_and_accumulate`: the norms it is about to accumulate. Poisson
+    sampling can draw an empty batch (no per-sample gradients): that step clips nothing.
     """
     import torch
 
+    if any(len(p.grad_sample) == 0 for p in optimizer.params):
+        return []
     per_sample = torch.stack(
         [p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in optimizer.params]
     ).norm(dim=0)
