@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from common.atomic import atomic_open
 
@@ -167,3 +171,27 @@ def remove(folder: Path, names: Iterable[str]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def json_clean(value: Any) -> Any:
+    """NaN and infinities become null: results.json stays strict JSON any tool can read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_clean(value.item())
+    return value
+
+
+def write_json(path: Path, data: Any, *, then: str = "") -> None:
+    """Write JSON atomically (a reader never sees half a file).
+
+    Raises OutputError naming `path` and the fix when the disk is full or not writable.
+    """
+    with writing(path, then=then):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as fh:
+            json.dump(json_clean(data), fh, indent=2, allow_nan=False)

@@ -26,8 +26,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.outputs import json_clean
 from server.metrics import RunMetrics
-from server.record import json_clean
 
 DEFAULT_PORT = 9400
 DEFAULT_HOST = "127.0.0.1"

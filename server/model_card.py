@@ -30,9 +30,9 @@ from common.config import RunConfig
 from common.cross_site import HIGHER_IS_BETTER
 from common.data.errors import DataError
 from common.data.labels import SPLITS, read_labels
-from common.outputs import note, writing
+from common.outputs import note, write_json, writing
 from server.model_card_html import render
-from server.record import RESULTS, SITE_PLOT_METRIC, write_json
+from server.record import RESULTS, SITE_PLOT_METRIC
 
 CARD_JSON = "model_card.json"
 CARD_HTML = "model_card.html"

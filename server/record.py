@@ -34,7 +34,7 @@ from common.atomic import atomic_open
 from common.config import RunConfig
 from common.metrics import RATE_METRICS
 from common.operating import warnings_for
-from common.outputs import note, writing
+from common.outputs import note, write_json, writing
 from server.federation import RoundLog
 
 if TYPE_CHECKING:
@@ -49,30 +49,6 @@ SITE_PLOT_METRIC = {
     "classify": "auc", "segment": "dice", "autoencode": "anomaly-auroc",
     "synthesize": "d-accuracy",
 }
-
-
-def json_clean(value: Any) -> Any:
-    """NaN and infinities become null: results.json stays strict JSON any tool can read."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        return json_clean(value.item())
-    return value
-
-
-def write_json(path: Path, data: Any, *, then: str = "") -> None:
-    """Write JSON atomically (a reader never sees half a file).
-
-    Raises OutputError naming `path` and the fix when the disk is full or not writable.
-    """
-    with writing(path, then=then):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as fh:
-            json.dump(json_clean(data), fh, indent=2, allow_nan=False)
 
 
 class CheckpointError(ValueError):

@@ -16,10 +16,10 @@ import torch
 from client.train import LocalTraining, evaluate, resolve_device, train_local
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
+from common.outputs import write_json
 from common.sites import discover_sites
 from models import build_model
 from server.central import CentralEvaluator
-from server.record import write_json
 
 
 def pooled_training_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -38,12 +38,11 @@ from client.predict.model import Predictor, load_predictor
 from client.train import resolve_device
 from common.data.dicom import series_headers
 from common.data.errors import ImageError, as_image_error, is_file_failure
-from common.data.image import LoadedImage, decode_mask, load_image, read_raw
+from common.data.image import LoadedImage, decode_mask, grey_slices, load_image
 from common.data.nifti import is_nifti
-from common.data.normalize import normalise, to_channels
 from common.data.preprocess import Preprocess
 from common.metrics import classification_metrics
-from common.outputs import remove
+from common.outputs import remove, write_json
 from common.segmentation import overlap_metrics, surface_metrics
 from common.volumes import MIN_SLICES, resample_depth
 
@@ -133,9 +132,9 @@ def predict(
     summary.outputs = writer.outputs()
     summary.metrics = writer.metrics()
     if summary.metrics is not None:
-        _write_json(out / METRICS, summary.metrics)
+        write_json(out / METRICS, summary.metrics)
         summary.outputs["metrics"] = METRICS
-    _write_json(out / SUMMARY, summary.to_dict())
+    write_json(out / SUMMARY, summary.to_dict())
     return summary
 
 
@@ -152,19 +151,6 @@ def clear_outputs(out: Path) -> None:
     by mistake, that would delete the run; this deletes predict's own names only.
     """
     remove(out, OUTPUTS)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    path.write_text(json.dumps(clean(data), indent=1) + "\n")
 
 
 def _batches(
@@ -250,14 +236,6 @@ def _source_datasets(item: Item) -> list[Dataset] | None:
     if item.path.is_dir():
         return [ds for _, ds in series_headers(item.path)[0]]
     return [pydicom.dcmread(item.path)]
-
-
-def _grey_slices(item: Item) -> np.ndarray:
-    """The image as grey (S, R, C) in [0, 1] on its own grid, for overlays."""
-    raw = read_raw(item.path)
-    pixels = normalise(raw.pixels, modality=raw.meta.modality, window=raw.window,
-                       invert=raw.invert)
-    return to_channels(pixels, 1)[..., 0]
 
 
 class _Writer:
@@ -400,7 +378,7 @@ class _ClassifyWriter(_Writer):
 
         target = 1 if self.classes == 2 else int(p.argmax())
         index = int(probs[:, target].argmax())  # the slice that speaks most for the class
-        grey = _grey_slices(item)[index]
+        grey = grey_slices(item.path)[index]
         source = sources[index] if len(sources) == len(probs) else sources[0]
         decision = self._decision(p)
         if self.classes == 2:

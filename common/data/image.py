@@ -136,14 +136,17 @@ def decode_mask(
     else:
         check_shape(grid.shape, like)
     if image is not None and judgeable(grid):  # an empty mask costs no second decode
-        check_mask_content(_grey(image), grid, mask=str(path), against=str(image))
+        check_mask_content(grey_slices(image), grid, mask=str(path), against=str(image))
     labels = grid[select_slices(len(grid), pre.slices), None]
     labels = resize(pad_to_square(labels), pre.image_size, labels=True)
     return np.rint(labels).astype(np.uint8), raw.meta, placement
 
 
-def _grey(image: Path) -> np.ndarray:
-    """The image as grey (S, R, C) in [0, 1], as the model sees it before resizing."""
+def grey_slices(image: Path) -> np.ndarray:
+    """The image as grey (S, R, C) in [0, 1], as the model sees it before resizing.
+
+    Also what `medfed predict` overlays its saliency maps on.
+    """
     raw = read_raw(image)
     pixels = normalise(raw.pixels, modality=raw.meta.modality, window=raw.window,
                        invert=raw.invert)
