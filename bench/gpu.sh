@@ -30,7 +30,7 @@ trap cleanup EXIT
 
 echo "== CUDA tests"
 tests_ok=0
-"$PY" -m pytest -q -p no:cacheprovider tests/client/test_cuda.py >"$OUT/test_cuda.log" 2>&1 || tests_ok=$?
+"$PY" -m pytest -q -p no:cacheprovider tests/training/test_cuda.py >"$OUT/test_cuda.log" 2>&1 || tests_ok=$?
 tail -3 "$OUT/test_cuda.log"
 
 echo "== DP-SGD step: CNN 64 px, batch 32 (median of 5)"

@@ -76,10 +76,10 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     import torch
 
-    from client.train import LocalTraining, train_local, train_local_dp
     from common.data import Preprocess, SiteData
     from common.privacy import PrivacyState
     from common.sites import discover_sites
+    from common.training.loop import LocalTraining, train_local, train_local_dp
     from models import build_model
 
     imported = time.perf_counter()

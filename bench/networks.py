@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import grad_sample  # noqa: F401  (medfed's convolution sampler, as sites use it)
+from common.training import grad_sample  # noqa: F401  (medfed's convolution sampler, as sites use it)
 from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@
 DATA is a folder of hospitals as `../shared/data/make_sites.py` writes them (`DATA/sites/*`,
 `DATA/test`). Each recipe trains in this process with the sites' own code: ClassifyTask.train
 (logit adjustment, augmentation, DP-SGD through Opacus) for every site of every round, FedAvg's
-examples-weighted mean, and for SCAFFOLD client.scaffold.DriftCorrection at the sites with the
-aggregator's update of c (server.scaffold's rule, every site taking part). No Flower and no
+examples-weighted mean, and for SCAFFOLD common.training.scaffold.DriftCorrection at the sites
+with the aggregator's update of c (server.scaffold's rule, every site taking part). No Flower and no
 Ray: a recipe costs seconds per round instead of the simulation's start-up, so several seeds
 fit. `medfed simulate` runs the same training and the same aggregation; bench/run.py's
 BreastMNIST rows are those end-to-end runs.
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from client.scaffold import DriftCorrection
-from client.tasks.base import Fit, preprocess
-from client.tasks.classify import ClassifyTask
-from client.train import LocalTraining
 from common.config import RunConfig
 from common.data import SiteData
 from common.privacy import PrivacyState
 from common.sites import discover_sites
+from common.training.loop import LocalTraining
+from common.training.scaffold import DriftCorrection
+from common.training.tasks.base import Fit, preprocess
+from common.training.tasks.classify import ClassifyTask
 from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -230,8 +230,8 @@ def dp_overhead(mode: Mode, device_name: str = "cpu") -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from client.train import LocalTraining, train_local, train_local_dp
     from common.privacy import PrivacyState
+    from common.training.loop import LocalTraining, train_local, train_local_dp
     from models import build_model
 
     # Opacus warns about secure RNG and RDP orders on every call: known, and not what is timed

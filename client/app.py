@@ -42,7 +42,6 @@ from client.audit_state import TRAIL, append_signed, signing_key
 from client.fingerprint import site_fingerprint
 from client.ledger import BudgetRefused, PrivacyLedger
 from client.policy import RunRefused, check_deployed_message
-from client.scaffold import DriftCorrection, control_path, load_control, save_control
 from client.secure import (
     NORM_BIT,
     SECAGG_REPLY_KEYS,
@@ -50,10 +49,6 @@ from client.secure import (
     is_secure_stage,
     legacy_mod,
 )
-from client.tasks import TASKS, Fit, SplitLoader, get_task
-from client.tasks.base import Task, network, preprocess, site_data
-from client.tasks.classify import CLASS_COUNTS, Scored
-from client.train import LocalTraining, resolve_device
 from common import logs
 from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
@@ -74,6 +69,11 @@ from common.privacy import (
 from common.scaffold import split_control, with_control
 from common.secure import PRIVACY_PREFIX, SITE_NAME
 from common.sites import SiteRef, discover_sites
+from common.training.loop import LocalTraining, resolve_device
+from common.training.scaffold import DriftCorrection, control_path, load_control, save_control
+from common.training.tasks import TASKS, Fit, SplitLoader, get_task
+from common.training.tasks.base import Task, network, preprocess, site_data
+from common.training.tasks.classify import CLASS_COUNTS, Scored
 
 log = logging.getLogger("medfed.client")
 

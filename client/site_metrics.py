@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from client import progress
+from common.metrics_endpoint import MetricsSettings
 from common.ports import PortTaken, free_port_after
 
 log = logging.getLogger("medfed.site")
@@ -158,8 +159,6 @@ class SiteCollector(Collector):
 
 def serve_site_metrics(collector: SiteCollector, *, host: str, port: int) -> Callable[[], None]:
     """Serve /metrics for `collector` on host:port; returns a function that stops it."""
-    from server.exporter import MetricsSettings
-
     MetricsSettings(port=port, host=host)  # the same checks and messages as the aggregator's
     registry = CollectorRegistry()
     registry.register(collector)

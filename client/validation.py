@@ -5,7 +5,7 @@ run's (noise, sample rate, steps) and nothing else. Two statistics of the site's
 images also leave it, each once per run with Gaussian noise (L2 sensitivity 1: one image moves
 one count by one):
 
-- its class counts, the class prior of logit adjustment (client.tasks.classify), released
+- its class counts, the class prior of logit adjustment (common.training.tasks.classify), released
   before the site's first training round;
 - its per-class histograms of validation scores (common.operating), from which the aggregator
   chooses the operating point, released in the final round.

@@ -142,7 +142,7 @@ class RunConfig:
     # the head trains (with --init-encoder: a linear probe of the pretrained encoder; under
     # DP-SGD only the head's gradients are then clipped and noised)
     encoder_lr_scale: float = 1.0
-    # autoencode only: weight of the spot term (client.tasks.autoencode), which teaches the
+    # autoencode only: weight of the spot term (common.training.tasks.autoencode), which teaches the
     # encoder where lesions are, for --init-encoder; 0 (default): reconstruction only, the
     # better anomaly detector under DP-SGD
     spot_weight: float = 0.0
@@ -151,8 +151,8 @@ class RunConfig:
     # global model that everyone has that class; on balanced sites it changes nothing.
     logit_adjust: float = 1.0
     # classify and segment: each training image randomly rotated, scaled, shifted and
-    # intensity-jittered (client.augment; classify also flips, segment moves the mask with its
-    # image); measured on BreastMNIST to lift test AUC
+    # intensity-jittered (common.training.augment; classify also flips, segment moves the mask
+    # with its image); measured on BreastMNIST to lift test AUC
     augment: bool = True
     # after the last round, the final model scored once more at every site on its own test
     # split (results.json `cross_site`, server.cross_site); off saves that message exchange
@@ -163,7 +163,8 @@ class RunConfig:
     net_depth: int = 0
     # segment only: 2 trains on slices (every slice of a volume is one sample); 3 trains on
     # volumes, each resampled to an --image-size cube (common.volumes), on random patches of
-    # --patch-size voxels (client.patches), and predicts whole volumes with a sliding window
+    # --patch-size voxels (common.training.patches), and predicts whole volumes with a sliding
+    # window
     dims: int = 2
     # --dims 3 only: the training patch's edge in voxels; 0 plans it (`planned_patch`)
     patch_size: int = 0

@@ -6,7 +6,8 @@ things medfed has decided deliberately, once per round and in words that suggest
 
 - "Secure RNG turned off": Opacus's secure mode needs torchcsprng, which is unmaintained. medfed
   seeds each round's noise generator from the operating system's entropy instead
-  (client/train.py), so the aggregator, which knows the run's seed, cannot regenerate the noise.
+  (common/training/loop.py), so the aggregator, which knows the run's seed, cannot regenerate
+  the noise.
 - "Optimal order is the largest/smallest alpha": the RDP accountant's bound is loosest at the
   ends of its alpha range. At the epsilons medfed plans for (about 1 to 10) the reported epsilon
   is still an upper bound, only not the tightest; the guarantee holds.
@@ -33,7 +34,8 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
     (
         r"Secure RNG turned off",
         "Opacus's 'Secure RNG turned off' warning is silenced: medfed seeds DP-SGD noise from the "
-        "operating system's entropy each round (client/train.py), so no one who knows the run's "
+        "operating system's entropy each round (common/training/loop.py), so no one who knows the "
+        "run's "
         "seed can regenerate it",
     ),
     (

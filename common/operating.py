@@ -43,8 +43,9 @@ THRESHOLDS: np.ndarray = 1.0 / (1.0 + np.exp(-_INNER_LOGITS))
 HIST_KEYS = ("score-hist-0", "score-hist-1")
 # The release name in a site's privacy plan (common.privacy.PrivacyState.release).
 RELEASE = "val-scores"
-# The Gaussian noise on each count of a site's histograms in a DP run (client.tasks.classify
-# releases them with it; the aggregator needs it to tell a class from noise).
+# The Gaussian noise on each count of a site's histograms in a DP run
+# (common.training.tasks.classify releases them with it; the aggregator needs it to tell a
+# class from noise).
 HISTOGRAM_NOISE = 2.0
 # Default threshold before any operating point is chosen: argmax of two classes.
 DEFAULT_THRESHOLD = 0.5

@@ -9,7 +9,7 @@ leave rare structures out: exactly what a lesion classifier needs least. So the 
 feeds a spot head, a 1x1 convolution giving one map at the code's resolution, which the
 autoencoding task trains, with --spot-weight, to predict where the reconstruction misses a
 bright spot (a target computed from the image and its own reconstruction, no label;
-`client.tasks.autoencode`).
+`common.training.tasks.autoencode`).
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.train import evaluate, resolve_device
 from common.config import RunConfig
 from common.operating import DEFAULT_THRESHOLD
+from common.training.loop import evaluate, resolve_device
 from models import build_model
 from server.heldout import held_out
 

@@ -16,9 +16,8 @@ import errno
 import json
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -26,11 +25,11 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.metrics_endpoint import DEFAULT_HOST, MetricsPortError, MetricsSettings
 from common.outputs import json_clean
 from server.metrics import RunMetrics
 
 DEFAULT_PORT = 9400
-DEFAULT_HOST = "127.0.0.1"
 
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -38,42 +37,6 @@ _STATIC = {
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-
-
-class MetricsPortError(ValueError):
-    """The metrics port cannot be listened on; the message says which flag to change."""
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    """Where the exporter listens; port 0 turns it off."""
-
-    port: int = 0
-    host: str = DEFAULT_HOST
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise MetricsPortError(
-                f"metrics-port must be between 0 (off) and 65535, got {self.port!r}"
-            )
-        if not self.host:
-            raise MetricsPortError("metrics-host must not be empty; use e.g. 127.0.0.1")
-
-    @classmethod
-    def split_run_config(
-        cls, run_config: Mapping[str, Any]
-    ) -> tuple[MetricsSettings, dict[str, Any]]:
-        """Take `metrics-port`/`metrics-host` out of a Flower run config; returns the rest."""
-        rest = dict(run_config)
-        raw_port = rest.pop("metrics-port", 0)
-        host = str(rest.pop("metrics-host", DEFAULT_HOST))
-        try:
-            port = int(raw_port)
-        except (TypeError, ValueError):
-            raise MetricsPortError(
-                f"metrics-port must be a whole number (0 turns metrics off), got {raw_port!r}"
-            ) from None
-        return cls(port=port, host=host), rest
 
 
 def _asset(name: str) -> bytes:

@@ -1,4 +1,4 @@
-"""SCAFFOLD on Flower's FedAvg: the aggregator's half (common.scaffold, client.scaffold).
+"""SCAFFOLD on Flower's FedAvg: the aggregator's half (common.scaffold, common.training.scaffold).
 
 Flower 1.41 has no SCAFFOLD strategy. This one is FedAvg that also sends c (the mean of the
 sites' control variates) with the model and updates it from the sites' delta c_i, which

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.train import LocalTraining, evaluate, resolve_device, train_local
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.outputs import write_json
 from common.sites import discover_sites
+from common.training.loop import LocalTraining, evaluate, resolve_device, train_local
 from models import build_model
 from server.central import CentralEvaluator
 

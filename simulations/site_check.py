@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.tasks.base import preprocess
 from common.config import RunConfig
 from common.data import DataCard, DataError, check_site
 from common.data.card import TASK_NEEDS
+from common.training.tasks.base import preprocess
 
 
 def check_site_folders(cfg: RunConfig, folders: Sequence[Path]) -> list[DataCard]:

@@ -24,11 +24,8 @@ FORBIDDEN = "flwr"
 # (glob under the repository root, why these files must stay Flower-free)
 FLOWER_FREE = [
     ("models/**/*.py", "the networks: built and tested alone, used by every side"),
-    ("client/train.py", "the local training loops (plain, DP-SGD, FedProx hooks)"),
-    ("client/grad_sample.py", "the Opacus extension the DP loop registers"),
-    ("client/tasks/*.py", "one trainer per task, also run centrally by server/ and bench/"),
-    ("client/augment.py", "training-time augmentation"),
-    ("client/patches.py", "patch sampling and sliding-window inference for training"),
+    ("common/training/**/*.py", "the training core: loops, tasks, augmentation, patches, the "
+                                "Opacus extension; run by sites, the aggregator and bench/"),
     ("client/predict/*.py", "`medfed predict`: runs a model file on a hospital's images, no "
                             "federation involved"),
 ]

@@ -31,11 +31,9 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
-from client.patches import SlidingWindow
 from client.predict.grid import depth_to_source, to_source, write_map
 from client.predict.inputs import OUTPUT_MARK, Inputs, Item, find_inputs
 from client.predict.model import Predictor, load_predictor
-from client.train import resolve_device
 from common.data.dicom import series_headers
 from common.data.errors import ImageError, as_image_error, is_file_failure
 from common.data.image import LoadedImage, decode_mask, grey_slices, load_image
@@ -44,6 +42,8 @@ from common.data.preprocess import Preprocess
 from common.metrics import classification_metrics
 from common.outputs import remove, write_json
 from common.segmentation import overlap_metrics, surface_metrics
+from common.training.loop import resolve_device
+from common.training.patches import SlidingWindow
 from common.volumes import MIN_SLICES, resample_depth
 
 PREDICTIONS = "predictions.csv"

@@ -20,7 +20,7 @@ from common.data.volume import ImageMeta
 
 WIDTH = 100
 DEFAULT_PREPROCESS = Preprocess()
-# What a training row of each --task needs (client.tasks): a label, a mask or just an image.
+# What a training row of each --task needs (common.training.tasks): a label, a mask or just an image.
 TASK_NEEDS = {"classify": "labels", "synthesize": "labels", "segment": "masks",
               "autoencode": "images"}
 # Rows listed one per line in the text card; the JSON always lists every one.

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.tasks.autoencode import (
+from common.config import RunConfig
+from common.training.loop import resolve_device
+from common.training.tasks.autoencode import (
     anomaly_auroc,
     anomaly_map,
     anomaly_scores,
     reconstruction_error,
 )
-from client.train import resolve_device
-from common.config import RunConfig
 from server.heldout import held_out
 from server.tasks.base import DefaultSteps, Evaluator, StateDict, build
 from server.tasks.figures import image_grid

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.tasks.segment import predict, segmentation_scores
-from client.train import resolve_device
 from common.config import RunConfig
+from common.training.loop import resolve_device
+from common.training.tasks.segment import predict, segmentation_scores
 from common.volumes import fullest_slices, volume_samples
 from server.heldout import held_out
 from server.tasks.base import DefaultSteps, Evaluator, StateDict, build

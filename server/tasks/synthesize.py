@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.train import LocalTraining, evaluate, resolve_device, train_local
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.frechet import frechet_distance
 from common.modelfile import load_torch_file
+from common.training.loop import LocalTraining, evaluate, resolve_device, train_local
 from models import build_model
 from models.cgan import ConditionalGAN
 from models.cnn import CNNClassifier

@@ -394,8 +394,8 @@ REJECTED = {
 
 @pytest.mark.parametrize("task", ["classify", "segment", "autoencode", "synthesize"])
 def test_guard_accepts_every_tasks_parameter_names(task: str) -> None:
-    from client.tasks import get_task
     from common.config import RunConfig
+    from common.training.tasks import get_task
 
     model = get_task(task).build(RunConfig(task=task, image_size=32))
     DEFAULT_GUARD.check(train_reply(model=model))

@@ -9,10 +9,10 @@ import pytest
 
 from client import validation
 from client.fingerprint import CLASS_SHARES, measure, site_fingerprint
-from client.tasks.base import preprocess
 from common.config import RunConfig
 from common.data import SiteData
 from common.sites import SiteRef
+from common.training.tasks.base import preprocess
 from simulations.synth import synthesize
 
 

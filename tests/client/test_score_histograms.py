@@ -13,10 +13,10 @@ from opacus.accountants import RDPAccountant
 from client.app import GUARD, make_client_app
 from client.audit import OutboundViolation
 from client.ledger import PrivacyLedger
-from client.tasks import get_task
 from common.config import RunConfig
 from common.operating import BINS, HIST_KEYS, RELEASE
 from common.sites import SiteRef
+from common.training.tasks import get_task
 from models import build_model
 from tests.simulations.conftest import write_easy_site
 

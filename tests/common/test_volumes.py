@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from client.tasks import get_task
 from common.config import ConfigError, RunConfig
 from common.data import SiteData
 from common.data.preprocess import Preprocess
 from common.seg_plan import planned_patch
 from common.sites import SiteRef
+from common.training.tasks import get_task
 from common.volumes import VolumeError, fullest_slices, resample_depth, volume_samples
 from server.tasks.segment import masked_held_out
 

@@ -6,9 +6,9 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from client.train import LocalTraining, train_local, train_local_dp
 from common.config import TASK_MODELS, ConfigError, RunConfig
 from common.privacy import PrivacyState
+from common.training.loop import LocalTraining, train_local, train_local_dp
 from models import build_model, classifier_head
 
 NETS = ["resnet18", "resnet34", "densenet121"]
@@ -133,7 +133,7 @@ def test_init_encoder_is_refused_naming_model(name):
 
 def test_encoder_lr_scale_0_trains_only_the_head_of_a_resnet_under_dp():
     """--encoder-lr-scale 0 with --model resnet18: DP-SGD moves fc.* and nothing else."""
-    from client.tasks import Fit, get_task
+    from common.training.tasks import Fit, get_task
 
     # logit adjustment off: its class-count release is not what this test is about
     cfg = RunConfig(model="resnet18", image_size=32, encoder_lr_scale=0.0, logit_adjust=0.0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import LocalTraining, train_local
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
+from common.training.loop import LocalTraining, train_local
 from models import build_model
 from server.record import RunRecord
 from simulations.privacy_audit import AUDIT_FILE, audit_privacy

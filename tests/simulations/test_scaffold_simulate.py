@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.scaffold import control_path, load_control
 from common.config import RunConfig
 from common.privacy import epsilon_of
 from common.scaffold import CONTROL_PREFIX
+from common.training.scaffold import control_path, load_control
 from server.run import RoundUpdate
 from simulations.runner import resume_config, simulate
 

@@ -25,10 +25,10 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess, site_data
-from client.train import StepHooks, TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.sites import SiteRef
+from common.training.loop import StepHooks, TrainReport, tensor_dataset
+from common.training.tasks.base import Fit, Samples, SplitLoader, build, preprocess, site_data
 from models.cgan import ConditionalGAN
 from models.cgan_generator import ConditionalGenerator
 

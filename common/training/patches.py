@@ -8,7 +8,7 @@ over the volume. A patch near the edge is moved inside the volume, never padded.
 DP-SGD needs each sample's loss to depend on that sample alone. The random numbers are drawn
 as a fixed (N, DRAWS) block per batch, before any mask is looked at: sample i's patch is a
 function of row i and of its own mask only, so another sample's mask can neither move it nor
-change how many numbers the generator hands out (tests/client/test_patches.py). The randomness
+change how many numbers the generator hands out (tests/training/test_patches.py). The randomness
 is data-independent, so the privacy accounting is unchanged.
 
 Inference: a network trained on patches has only seen patch-sized inputs (GroupNorm's statistics

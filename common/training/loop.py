@@ -28,9 +28,9 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import grad_sample  # noqa: F401  (registers the fast convolution sampler in Opacus)
 from common.metrics import classification_metrics
 from common.privacy import PrivacyState
+from common.training import grad_sample  # noqa: F401  (registers the fast convolution sampler in Opacus)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

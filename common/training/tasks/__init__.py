@@ -1,12 +1,12 @@
-"""One trainer per `--task`, behind the `Task` interface (client.tasks.base). No Flower here."""
+"""One trainer per `--task`, behind the `Task` interface (`base.Task`). No Flower here."""
 
 from __future__ import annotations
 
-from client.tasks.autoencode import AutoencodeTask
-from client.tasks.base import Fit, Samples, SplitLoader, Task
-from client.tasks.classify import ClassifyTask
-from client.tasks.segment import SegmentTask
-from client.tasks.synthesize import SynthesizeTask
+from common.training.tasks.autoencode import AutoencodeTask
+from common.training.tasks.base import Fit, Samples, SplitLoader, Task
+from common.training.tasks.classify import ClassifyTask
+from common.training.tasks.segment import SegmentTask
+from common.training.tasks.synthesize import SynthesizeTask
 
 __all__ = ["TASKS", "Fit", "Samples", "SplitLoader", "Task", "get_task"]
 

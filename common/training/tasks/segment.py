@@ -13,13 +13,21 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from client.augment import augmented_pairs
-from client.patches import SlidingWindow, patched
-from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
-from client.train import LossFn, TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.segmentation import overlap_metrics, surface_metrics
 from common.sites import SiteRef
+from common.training.augment import augmented_pairs
+from common.training.loop import LossFn, TrainReport, tensor_dataset
+from common.training.patches import SlidingWindow, patched
+from common.training.tasks.base import (
+    Fit,
+    Samples,
+    SplitLoader,
+    batched,
+    build,
+    preprocess,
+    site_data,
+)
 from common.volumes import volume_samples
 
 # Dice's denominator guard. The numerator has none (nnU-Net's choice): a class absent from a
@@ -94,7 +102,7 @@ def predict(
     """Predicted class per pixel, (N, H, W) int64 ((N, D, H, W) for volumes).
 
     patch: the edge a volume model trained on; larger volumes are predicted with a sliding
-        window of it (client.patches); 0: whole images.
+        window of it (common.training.patches); 0: whole images.
     """
     model = SlidingWindow(model, patch).to(device).eval()
     chunk = 128 if images.ndim <= 4 else VOLUME_BATCH

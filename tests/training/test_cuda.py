@@ -1,7 +1,7 @@
 """On a CUDA GPU, the path a hospital's GPU takes: every task's training and evaluation run there,
 DP-SGD is applied and accounted as on the CPU, and the per-sample gradients computed there are
 the ones the CPU computes. Skipped where no GPU is present (CI); run on one with
-`pytest tests/client/test_cuda.py`.
+`pytest tests/training/test_cuda.py`.
 """
 
 import numpy as np
@@ -10,11 +10,11 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from client.tasks import Fit, get_task
-from client.train import LocalTraining
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-from tests.client.helpers import SIZE, N, blobs
+from common.training.loop import LocalTraining
+from common.training.tasks import Fit, get_task
+from tests.training.helpers import SIZE, N, blobs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,7 +61,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     ids=["conv2d", "strided-grouped", "dilated", "conv3d"],
 )
 def test_per_sample_conv_gradients_on_cuda_equal_the_cpu(layer: nn.Module) -> None:
-    import client.train  # noqa: F401  registers medfed's convolution sampler with Opacus
+    import common.training.loop  # noqa: F401  registers medfed's convolution sampler with Opacus
 
     torch.manual_seed(0)
     shape = (6, layer.in_channels, *([9] * (layer.weight.dim() - 2)))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.scaffold import DriftCorrection, control_path, load_control, save_control
-from client.train import LocalTraining, fit, fit_dp, labelled_dataset
 from common.privacy import PrivacyState
+from common.training.loop import LocalTraining, fit, fit_dp, labelled_dataset
+from common.training.scaffold import DriftCorrection, control_path, load_control, save_control
 from models.cnn import CNNClassifier
 
 CPU = torch.device("cpu")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.train import StepHooks
 from common.atomic import atomic_open
+from common.training.loop import StepHooks
 
 # Opacus's GradSampleModule names parameters `_module.<name>`
 _OPACUS_PREFIX = "_module."

@@ -4,12 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.tasks import Fit, get_task
-from client.tasks.synthesize import AdversarialSteps, class_loss, mode_seeking_loss, real_loss
-from client.train import LocalTraining, fit_dp, tensor_dataset
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-from tests.client.helpers import SIZE, N, blobs, clipped_norms
+from common.training.loop import LocalTraining, fit_dp, tensor_dataset
+from common.training.tasks import Fit, get_task
+from common.training.tasks.synthesize import (
+    AdversarialSteps,
+    class_loss,
+    mode_seeking_loss,
+    real_loss,
+)
+from tests.training.helpers import SIZE, N, blobs, clipped_norms
 
 
 def _privacy(rounds=1, epochs=2, batch=8):
@@ -92,8 +97,8 @@ def test_gan_discriminator_per_sample_gradients_are_clipped(monkeypatch):
 def test_segment_skips_a_mask_whose_geometry_does_not_match(tmp_path):
     import nibabel as nib
 
-    from client.tasks.base import site_data
     from common.sites import SiteRef
+    from common.training.tasks.base import site_data
 
     site = tmp_path / "site"
     (site / "img").mkdir(parents=True)
@@ -116,13 +121,13 @@ def test_segment_skips_a_mask_whose_geometry_does_not_match(tmp_path):
 
 
 def _pre(cfg):
-    from client.tasks.base import preprocess
+    from common.training.tasks.base import preprocess
     return preprocess(cfg), cfg.seed
 
 
 def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
     # DP-SGD clips each sample's gradient: no sample's loss may depend on its batch mates
-    from client.tasks.segment import segmentation_loss
+    from common.training.tasks.segment import segmentation_loss
     from models.unet import UNet
 
     torch.manual_seed(0)
@@ -142,7 +147,7 @@ def test_segmentation_loss_of_a_batch_is_the_mean_of_each_sample_loss():
 def test_segmentation_loss_is_monais_dice_ce_with_nnunets_smoothing():
     from monai.losses import DiceLoss
 
-    from client.tasks.segment import dice_ce
+    from common.training.tasks.segment import dice_ce
 
     torch.manual_seed(0)
     masks = torch.zeros((3, SIZE, SIZE), dtype=torch.long)
@@ -167,7 +172,7 @@ def test_segmentation_loss_is_monais_dice_ce_with_nnunets_smoothing():
 def test_dice_of_a_class_a_sample_lacks_teaches_nothing():
     # a normal image's Dice term would push "less structure everywhere" on every normal image,
     # which under DP-SGD's noise drowns the lesion images; only cross-entropy speaks there
-    from client.tasks.segment import dice_ce
+    from common.training.tasks.segment import dice_ce
 
     masks = torch.zeros((1, 1, SIZE, SIZE), dtype=torch.long)
     logits = torch.randn((1, 2, SIZE, SIZE), requires_grad=True)
@@ -191,7 +196,7 @@ def test_unet_head_bias_encodes_the_class_prior():
 
 @pytest.mark.parametrize("task", ["classify", "segment", "autoencode", "synthesize"])
 def test_a_reused_network_trains_exactly_like_a_fresh_one(task):
-    from client.tasks.base import network
+    from common.training.tasks.base import network
 
     images, masks, labels = blobs()
     samples = (images, masks) if task == "segment" else (images, labels)
@@ -225,7 +230,7 @@ def test_a_reused_network_trains_exactly_like_a_fresh_one(task):
 
 
 def test_networks_of_other_runs_are_built_anew():
-    from client.tasks.base import network
+    from common.training.tasks.base import network
 
     small, large = RunConfig(image_size=16), RunConfig(image_size=32)
     task = get_task("classify")
@@ -251,7 +256,7 @@ def _with_spot(image, contrast, row=32, col=20, size=5):
 
 
 def test_anomaly_score_ranks_a_bright_spot_above_a_normal_image():
-    from client.tasks.autoencode import anomaly_map
+    from common.training.tasks.autoencode import anomaly_map
 
     normal = _chest_like()
     background = torch.full_like(normal, 0.5)  # a poor reconstruction, the same for both
@@ -263,7 +268,7 @@ def test_anomaly_score_ranks_a_bright_spot_above_a_normal_image():
 
 
 def test_anomaly_map_ignores_a_flat_offset_and_dilutes_an_edge():
-    from client.tasks.autoencode import anomaly_map
+    from common.training.tasks.autoencode import anomaly_map
 
     image = _chest_like()
     reconstruction = image.clone()
@@ -278,7 +283,7 @@ def test_anomaly_map_ignores_a_flat_offset_and_dilutes_an_edge():
 
 
 def test_anomaly_scores_of_a_model_are_its_maps_largest_values():
-    from client.tasks.autoencode import anomaly_map, anomaly_scores
+    from common.training.tasks.autoencode import anomaly_map, anomaly_scores
 
     class Constant(torch.nn.Module):  # reconstructs every image as the same grey
         def forward(self, x):
@@ -292,7 +297,7 @@ def test_anomaly_scores_of_a_model_are_its_maps_largest_values():
 
 
 def test_spot_target_is_the_anomaly_maps_cell_maximum_held_fixed():
-    from client.tasks.autoencode import SPOT_SCALE, anomaly_map, spot_target
+    from common.training.tasks.autoencode import SPOT_SCALE, anomaly_map, spot_target
 
     image = _with_spot(_chest_like(), 0.5, row=40, col=8)
     reconstruction = _chest_like().requires_grad_(True)  # it left the spot out
@@ -307,7 +312,7 @@ def test_spot_term_teaches_the_encoder_where_lesions_are_without_labels():
     """Unlabelled training; then the spot head's peak ranks held-out lesions above normals."""
     from sklearn.metrics import roc_auc_score
 
-    from client.tasks.autoencode import spot_loss
+    from common.training.tasks.autoencode import spot_loss
     from models import build_model
 
     def images(seed, n=64):
@@ -385,7 +390,7 @@ def test_mode_seeking_loss_is_lowest_when_noise_moves_the_image():
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_generator_steps_pull_a_collapsed_generator_apart(monkeypatch, weight):
     """A generator that ignores its noise learns to use it: with the mode-seeking term, fast."""
-    import client.tasks.synthesize as synthesize
+    import common.training.tasks.synthesize as synthesize
 
     monkeypatch.setattr(synthesize, "MODE_SEEKING", weight)
     torch.manual_seed(0)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.augment import augmented
-from client.tasks.base import Fit, Samples, SplitLoader, build, preprocess
-from client.train import TrainReport, labelled_dataset, predict
 from common.config import RunConfig
 from common.metrics import classification_metrics
 from common.operating import HISTOGRAM_NOISE, RELEASE, score_histograms
 from common.sites import SiteRef
+from common.training.augment import augmented
+from common.training.loop import TrainReport, labelled_dataset, predict
+from common.training.tasks.base import Fit, Samples, SplitLoader, build, preprocess
 from models import classifier_head
 
 # Released once per DP run (from the validation split) when --logit-adjust > 0: one image moves

@@ -6,7 +6,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample as opacus_conv_grad_sample
 from torch import nn
 
-from client.grad_sample import conv_grad_sample
+from common.training.grad_sample import conv_grad_sample
 from models.autoencoder import ConvAutoencoder
 from models.cnn import CNNClassifier
 
@@ -67,7 +67,7 @@ def test_uncovered_layers_go_to_opacus_sampler() -> None:
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_registered_for_opacus_and_whole_networks_match_autograd() -> None:
-    import client.train  # noqa: F401  (the import that registers it in training)
+    import common.training.loop  # noqa: F401  (the import that registers it in training)
 
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv3d] is conv_grad_sample
@@ -84,7 +84,7 @@ def test_registered_for_opacus_and_whole_networks_match_autograd() -> None:
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_three_dimensional_autoencoder_matches_autograd() -> None:
-    import client.train  # noqa: F401
+    import common.training.loop  # noqa: F401
 
     torch.manual_seed(2)
     model = ConvAutoencoder(

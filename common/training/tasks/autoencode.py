@@ -33,10 +33,18 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from client.tasks.base import Fit, Samples, SplitLoader, batched, build, preprocess, site_data
-from client.train import LossFn, TrainReport, tensor_dataset
 from common.config import RunConfig
 from common.sites import SiteRef
+from common.training.loop import LossFn, TrainReport, tensor_dataset
+from common.training.tasks.base import (
+    Fit,
+    Samples,
+    SplitLoader,
+    batched,
+    build,
+    preprocess,
+    site_data,
+)
 
 # Centre and surround windows of the blob detector, as fractions of the image side: the centre
 # spans a conspicuous nodule (30-60 mm in a ~400 mm field of view: 5 to 10 pixels at 64), the

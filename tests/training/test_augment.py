@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from client.augment import augment_batch, augmented
-from client.train import LocalTraining, fit_dp, labelled_dataset
 from common.privacy import PrivacyState
+from common.training.augment import augment_batch, augmented
+from common.training.loop import LocalTraining, fit_dp, labelled_dataset
 from models.cnn import CNNClassifier
 
 
@@ -85,7 +85,7 @@ def _pairs(n: int = 6, dims: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_a_mask_moves_with_its_image_and_keeps_its_labels() -> None:
-    from client.augment import augment_pairs
+    from common.training.augment import augment_pairs
 
     x, masks = _pairs()
     moved, moved_masks = augment_pairs(x, masks, torch.Generator().manual_seed(4))
@@ -99,7 +99,7 @@ def test_a_mask_moves_with_its_image_and_keeps_its_labels() -> None:
 
 
 def test_paired_augmentation_is_per_sample_in_2d_and_3d() -> None:
-    from client.augment import augment_pairs
+    from common.training.augment import augment_pairs
 
     for dims in (2, 3):
         x, masks = _pairs(dims=dims)
@@ -113,9 +113,9 @@ def test_paired_augmentation_is_per_sample_in_2d_and_3d() -> None:
 
 
 def test_dp_sgd_segments_through_paired_augmentation() -> None:
-    from client.augment import augmented_pairs
-    from client.tasks.segment import segmentation_loss
-    from client.train import tensor_dataset
+    from common.training.augment import augmented_pairs
+    from common.training.loop import tensor_dataset
+    from common.training.tasks.segment import segmentation_loss
     from models.unet import UNet
 
     x, masks = _pairs(n=16)

@@ -1,4 +1,4 @@
-"""Random training patches of volumes and sliding-window inference (client.patches)."""
+"""Random training patches of volumes and sliding-window inference (common.training.patches)."""
 
 import copy
 
@@ -8,9 +8,10 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from client import grad_sample  # noqa: F401  (medfed's Conv3d sampler, as training uses it)
-from client.augment import augmented_pairs
-from client.patches import (
+from common.segmentation import overlap_metrics
+from common.training import grad_sample  # noqa: F401  (medfed's Conv3d sampler, as training uses it)
+from common.training.augment import augmented_pairs
+from common.training.patches import (
     DRAWS,
     FOREGROUND_RATE,
     SlidingWindow,
@@ -20,8 +21,7 @@ from client.patches import (
     patched,
     window_logits,
 )
-from client.tasks.segment import predict, segmentation_loss
-from common.segmentation import overlap_metrics
+from common.training.tasks.segment import predict, segmentation_loss
 from models.unet import UNet
 
 VOLUME, PATCH = 32, 8

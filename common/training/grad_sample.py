@@ -8,7 +8,7 @@ Sample n's weight gradient is the weight gradient of the convolution applied to 
 the batch into the channel axis (input (1, N*C_in, ...), output gradient (1, N*C_out, ...)) and
 the N convolutions become one convolution with N*groups groups, whose weight gradient PyTorch's
 own convolution kernels compute without building a patch matrix. The result is the same numbers
-as Opacus's sampler up to float rounding (tests/client/test_grad_sample.py), a third to a quarter
+as Opacus's sampler up to float rounding (tests/training/test_grad_sample.py), a third to a quarter
 of the time at batch 32 (bench `dp_overhead_ratio`).
 
 Importing this module registers the sampler for nn.Conv2d and nn.Conv3d in Opacus's registry (a

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.train import LocalTraining, LossFn, StepHooks, TrainReport, fit, fit_dp
 from common.config import RunConfig
 from common.data import Preprocess, SiteData
 from common.privacy import PrivacyState
 from common.sites import SiteRef
+from common.training.loop import LocalTraining, LossFn, StepHooks, TrainReport, fit, fit_dp
 from models import build_model
 
 # (site, preprocessing, seed, split) -> the site's labelled images and labels of that split;

@@ -5,11 +5,11 @@ import pytest
 import torch
 from opacus.optimizers import DPOptimizer
 
-from client.tasks import Fit, get_task
-from client.train import LocalTraining
 from common.config import RunConfig
 from common.privacy import PrivacyState, epsilon_of
-from tests.client.helpers import clipped_norms
+from common.training.loop import LocalTraining
+from common.training.tasks import Fit, get_task
+from tests.training.helpers import clipped_norms
 
 SIZE, PATCH, N = 16, 8, 12
 

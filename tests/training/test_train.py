@@ -3,8 +3,14 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.train import LocalTraining, evaluate, resolve_device, train_local, train_local_dp
 from common.privacy import PrivacyState
+from common.training.loop import (
+    LocalTraining,
+    evaluate,
+    resolve_device,
+    train_local,
+    train_local_dp,
+)
 from models.cnn import CNNClassifier
 
 CPU = torch.device("cpu")
