@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from models.layers import check_encoder_args, conv, groups, max_pool
+from models.layers import check_encoder_args, conv, double_conv, groups, max_pool
 
 ENCODER_PREFIX = "encoder."
 CLASSIFIER_FEATURES_PREFIX = "features."
@@ -29,15 +29,7 @@ class EncoderBlock(nn.Sequential):
     """models.cnn.ConvBlock in 2D or 3D: two convolutions with GroupNorm and ReLU, then pooling."""
 
     def __init__(self, in_channels: int, out_channels: int, *, dims: int) -> None:
-        super().__init__(
-            conv(dims)(in_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-            conv(dims)(out_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-            max_pool(dims)(2),
-        )
+        super().__init__(*double_conv(in_channels, out_channels, dims=dims), max_pool(dims)(2))
 
 
 class DecoderBlock(nn.Sequential):

@@ -5,22 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import groups
+from models.layers import double_conv
 
 
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions with GroupNorm and ReLU, then 2x2 max pooling."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
+        super().__init__(*double_conv(in_channels, out_channels), nn.MaxPool2d(2))
 
 
 class GlobalMaxAvgPool(nn.Module):

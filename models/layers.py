@@ -20,6 +20,23 @@ def max_pool(dims: int) -> type[nn.MaxPool2d] | type[nn.MaxPool3d]:
     return nn.MaxPool2d if dims == 2 else nn.MaxPool3d
 
 
+def double_conv(in_channels: int, out_channels: int, *, dims: int = 2) -> list[nn.Module]:
+    """Two 3x3(x3) convolutions, each followed by GroupNorm and ReLU: the layers of every block.
+
+    Returned as a list so each network's block lays them out flat in its own `nn.Sequential`,
+    which keeps the state-dict keys (`0.weight` ... `4.bias`) that saved models and the encoder
+    transfer (models.autoencoder -> models.cnn) rely on.
+    """
+    return [
+        conv(dims)(in_channels, out_channels, 3, padding=1),
+        nn.GroupNorm(groups(out_channels), out_channels),
+        nn.ReLU(),
+        conv(dims)(out_channels, out_channels, 3, padding=1),
+        nn.GroupNorm(groups(out_channels), out_channels),
+        nn.ReLU(),
+    ]
+
+
 def check_encoder_args(
     *, dims: int, in_channels: int, image_size: int, depth: int, net: str
 ) -> None:

@@ -8,21 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.layers import check_encoder_args, conv, groups, max_pool
+from models.layers import check_encoder_args, conv, double_conv, max_pool
 
 
 class DoubleConv(nn.Sequential):
     """Two 3x3(x3) convolutions, each followed by GroupNorm and ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, *, dims: int) -> None:
-        super().__init__(
-            conv(dims)(in_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-            conv(dims)(out_channels, out_channels, 3, padding=1),
-            nn.GroupNorm(groups(out_channels), out_channels),
-            nn.ReLU(),
-        )
+        super().__init__(*double_conv(in_channels, out_channels, dims=dims))
 
 
 class UNet(nn.Module):
