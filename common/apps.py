@@ -18,27 +18,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.refusals import cut_refusal
+
 # An app refusal carries this, so the aggregator records a refusal (policy), not an error.
 APP_REFUSAL_MARK = "app not approved"
 
 _HASH = re.compile(r"[0-9a-f]{64}")
-_REFUSING_SITE = re.compile(
-    re.escape(APP_REFUSAL_MARK) + r": site ([A-Za-z0-9][A-Za-z0-9._-]*) "
-)
 
 
 def parse_app_refusal(reason: str) -> tuple[str, str | None] | None:
-    """(the refusal's own text, the refusing site's name) from an error reply's reason.
-
-    None when the reason is not an app refusal. Flower wraps the exception as
-    "<class '...'>:<'TEXT'>"; this cuts TEXT back out (as common.privacy.parse_refusal does).
-    """
-    at = reason.find(APP_REFUSAL_MARK)
-    if at < 0:
-        return None
-    text = re.split(r"'>|\n", reason[at:], maxsplit=1)[0].strip()
-    match = _REFUSING_SITE.match(text)
-    return text, (match.group(1) if match else None)
+    """(the refusal text, the refusing site) from a reply's reason; None if not an app refusal."""
+    return cut_refusal(reason, APP_REFUSAL_MARK)
 
 
 def check_fab_hash(value: str, flag: str = "--fab-hash") -> str:

@@ -14,31 +14,21 @@ provisioning and the site's CLI read and write it too.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from common.config import STRATEGIES, TASKS, RunConfig
+from common.refusals import cut_refusal
 
 # A site's refusal of a run (unsigned, untrusted signer, or outside its policy) carries this, so
 # the aggregator records a refusal (policy), not an error.
 RUN_REFUSAL_MARK = "run refused by site policy"
-_REFUSING_SITE = re.compile(re.escape(RUN_REFUSAL_MARK) + r": site ([A-Za-z0-9][A-Za-z0-9._-]*) ")
 
 
 def parse_run_refusal(reason: str) -> tuple[str, str | None] | None:
-    """(the refusal's own text, the refusing site's name) from an error reply's reason.
-
-    None when the reason is not a run refusal. Flower wraps the exception as
-    "<class '...'>:<'TEXT'>"; this cuts TEXT back out (as common.privacy.parse_refusal does).
-    """
-    at = reason.find(RUN_REFUSAL_MARK)
-    if at < 0:
-        return None
-    text = re.split(r"'>|\n", reason[at:], maxsplit=1)[0].strip()
-    match = _REFUSING_SITE.match(text)
-    return text, (match.group(1) if match else None)
+    """(the refusal text, the refusing site) from a reply's reason; None if not a run refusal."""
+    return cut_refusal(reason, RUN_REFUSAL_MARK)
 
 
 class PolicyError(ValueError):

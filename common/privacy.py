@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import secrets
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from common.atomic import atomic_open
 from common.config import batches_per_epoch
+from common.refusals import cut_refusal
 
 # (noise multiplier, sample rate, number of steps), as Opacus's accountants keep their history
 Step = tuple[float, float, int]
@@ -43,21 +43,11 @@ VALIDATION_EPSILON = "validation_epsilon"
 UNIT_WEIGHT = "unit-weight"
 
 
-_REFUSING_SITE = re.compile(re.escape(REFUSAL_MARK) + r": site ([A-Za-z0-9][A-Za-z0-9._-]*) ")
 
 
 def parse_refusal(reason: str) -> tuple[str, str | None] | None:
-    """(the refusal's own text, the refusing site's name) from an error reply's reason.
-
-    None when the reason is not a budget refusal. Flower wraps a ClientApp's exception in its
-    own text (and Ray in more); this cuts the refusal back out of it.
-    """
-    at = reason.find(REFUSAL_MARK)
-    if at < 0:
-        return None
-    text = re.split(r"'>|\n", reason[at:], maxsplit=1)[0].strip()
-    match = _REFUSING_SITE.match(text)
-    return text, (match.group(1) if match else None)
+    """(the refusal text, the refusing site) from a reply's reason; None if not a budget refusal."""
+    return cut_refusal(reason, REFUSAL_MARK)
 
 
 class PrivacyBudgetSpent(RuntimeError):
