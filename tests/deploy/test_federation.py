@@ -144,44 +144,57 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str
     return proc.returncode, stdout, stderr
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    root = tmp_path_factory.mktemp("federation")
+@contextlib.contextmanager
+def provisioned(
+    root: Path, *, project: str, sites: list[str], images: int, test_images: int, seed: int,
+    timeout: float,
+) -> Iterator[Federation]:
+    """A provisioned federation running on 127.0.0.1: the aggregator and one site per name.
+
+    Each hospital approves the app version it will run; everything started is stopped on exit.
+    """
     data = write_easy_hospitals(
-        root / "data", [(name, 60, 0.5) for name in SITES], test_images=20, seed=3
+        root / "data", [(name, images, 0.5) for name in sites], test_images=test_images,
+        seed=seed,
     )
     fed = Federation(
         root=root, kits=root / "kits", data=data, state=root / "server-state",
         port=free_port(), health_port=free_port(), metrics_port=free_port(),
     )
+    medfed = str(BIN / "medfed")
     subprocess.run(
-        [
-            str(BIN / "medfed"), "provision", "--project", "e2e", "--server-host", "127.0.0.1",
-            "--port", str(fed.port), "--sites", ",".join(SITES), "--out", str(fed.kits),
-        ],
+        [medfed, "provision", "--project", project, "--server-host", "127.0.0.1",
+         "--port", str(fed.port), "--sites", ",".join(sites), "--out", str(fed.kits)],
         check=True, capture_output=True,
     )
     fed.app, fab_hash = snapshot_app(root / "app")
-    for name in SITES:  # each hospital approves the app version it will run
+    for name in sites:
         subprocess.run(
-            [
-                str(BIN / "medfed"), "site", "approve", "--kit", str(fed.kits / "sites" / name),
-                "--fab-hash", fab_hash,
-            ],
+            [medfed, "site", "approve", "--kit", str(fed.kits / "sites" / name),
+             "--fab-hash", fab_hash],
             check=True, capture_output=True,
         )
     try:
         fed.start_server("server.log")
-        for name in SITES:
+        for name in sites:
             fed.start_site(name)
         for proc in fed.sites.values():
-            proc.wait_for("SuperNode ID", timeout=120)
+            proc.wait_for("SuperNode ID", timeout=timeout)
         yield fed
     finally:
         for proc in fed.sites.values():
             proc.stop()
         if fed.server is not None:
             fed.server.stop()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    with provisioned(
+        tmp_path_factory.mktemp("federation"), project="e2e", sites=SITES, images=60,
+        test_images=20, seed=3, timeout=120,
+    ) as fed:
+        yield fed
 
 
 def _results(run_dir: Path) -> dict:

@@ -19,9 +19,7 @@ from common.apps import build_app_bundle
 from common.kit import OperatorKit
 from common.policy import RUN_REFUSAL_MARK
 from server.submit import CONNECTION, flower_home, flwr_argv, run_status, sign_overrides
-from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
-from tests.medfed.helpers import free_port
-from tests.simulations.conftest import write_easy_hospitals
+from tests.deploy.test_federation import Federation, _finish, _results, provisioned
 
 pytestmark = pytest.mark.slow
 
@@ -33,39 +31,11 @@ SMALL = ("--rounds", "1", "--min-sites", "2", "--image-size", "32", "--no-cross-
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    root = tmp_path_factory.mktemp("policy")
-    data = write_easy_hospitals(
-        root / "data", [(name, 24, 0.5) for name in SITES], test_images=4, seed=7
-    )
-    fed = Federation(
-        root=root, kits=root / "kits", data=data, state=root / "server-state",
-        port=free_port(), health_port=free_port(), metrics_port=free_port(),
-    )
-    medfed = str(BIN / "medfed")
-    subprocess.run(
-        [medfed, "provision", "--project", "policy", "--server-host", "127.0.0.1",
-         "--port", str(fed.port), "--sites", ",".join(SITES), "--out", str(fed.kits)],
-        check=True, capture_output=True,
-    )
-    fed.app, fab_hash = snapshot_app(root / "app")
-    for name in SITES:
-        subprocess.run(
-            [medfed, "site", "approve", "--kit", str(fed.kits / "sites" / name),
-             "--fab-hash", fab_hash],
-            check=True, capture_output=True,
-        )
-    try:
-        fed.start_server("server.log")
-        for name in SITES:
-            fed.start_site(name)
-        for proc in fed.sites.values():
-            proc.wait_for("SuperNode ID", timeout=180)
+    with provisioned(
+        tmp_path_factory.mktemp("policy"), project="policy", sites=SITES, images=24, test_images=4,
+        seed=7, timeout=180,
+    ) as fed:
         yield fed
-    finally:
-        for proc in fed.sites.values():
-            proc.stop()
-        if fed.server is not None:
-            fed.server.stop()
 
 
 def _spent(fed: Federation) -> dict[str, float]:
