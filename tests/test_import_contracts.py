@@ -1,9 +1,17 @@
-"""Import contracts: the networks and the local training core can be read and tested without Flower.
+"""Import contracts: the folders say who runs what, and `make test` keeps them saying it.
 
-Flower's own quickstart keeps `task.py` free of flwr the same way. Two checks per contract: the
-source of each file names no `flwr` import (a lazy one inside a function included), and importing
-all of them in a fresh interpreter loads no `flwr` module (an import through another medfed module
-included).
+1. The networks and the local training core can be read and tested without Flower (Flower's own
+   quickstart keeps `task.py` free of flwr the same way). Two checks: the source of each file
+   names no `flwr` import (a lazy one inside a function included), and importing all of them in
+   a fresh interpreter loads no `flwr` module (an import through another medfed module included).
+2. The layers: `client/` (what runs in a hospital) and `server/` (what runs at the aggregator)
+   do not import each other, nor what is built on them (`simulations/`, `bench/`, `medfed/`);
+   both build on `models/` and `common/`, which import none of those. With every layer's own
+   imports checked, no chain of imports can lead from `client/` to `server/` or back.
+3. The runners: only the CLI (`medfed/`) imports them; see RUNNERS.
+
+Every import in a file counts: at the top, inside a function (lazy), relative, or
+`importlib.import_module("...")` with a literal name.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +98,137 @@ def test_importing_the_flower_free_modules_loads_no_flower() -> None:
 def test_the_source_check_sees_a_lazy_flower_import() -> None:
     source = "def f():\n    from flwr.common import Context\n    import flwrish\n"
     assert [n for _, n in _imports(ast.parse(source)) if _is_forbidden(n)] == ["flwr.common"]
+
+
+# --- the layers -----------------------------------------------------------------------------------
+
+BUILT_ON_SIDES = ("simulations", "bench", "medfed")
+# (folder, the top-level packages its files must not import, why)
+LAYERS = [
+    ("client", ("server", *BUILT_ON_SIDES), "runs in a hospital: nothing of the aggregator"),
+    ("server", ("client", *BUILT_ON_SIDES), "runs at the aggregator: nothing of a hospital's"),
+    ("common", ("client", "server", *BUILT_ON_SIDES), "shared by both sides: neither side's"),
+    ("models", ("client", "server", "common", *BUILT_ON_SIDES), "the networks: stand alone"),
+]
+
+
+def _package_files() -> list[Path]:
+    """Every source file of medfed's top-level packages (tests/ excluded)."""
+    return sorted(
+        p for init in ROOT.glob("*/__init__.py") if init.parent.name != "tests"
+        for p in init.parent.rglob("*.py")
+    )
+
+
+def _imported(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, module) for every module `path` imports, `from a import b` giving a and a.b."""
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+    return _imported_from(path.read_text(encoding="utf-8"), package, str(path))
+
+
+def _imported_from(source: str, package: str, filename: str) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the file's own package
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([base] if base else [])])
+            yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+        elif (
+            isinstance(node, ast.Call) and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+            )
+        ):
+            yield node.lineno, node.args[0].value
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize(("folder", "forbidden", "reason"), LAYERS, ids=[f for f, *_ in LAYERS])
+def test_each_layer_imports_only_what_is_below_it(
+    folder: str, forbidden: tuple[str, ...], reason: str
+) -> None:
+    files = _files(f"{folder}/**/*.py")
+    assert files, f"{folder}/ has no file: update LAYERS"
+    found = sorted({
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in files for line, name in _imported(path)
+        if any(_within(name, package) for package in forbidden)
+    })
+    assert not found, (
+        f"{folder}/ ({reason}) must not import {', '.join(forbidden)}: {found}. Move what both "
+        "need to common/ (or the training core, common/training/)"
+    )
+
+
+# --- the runners ----------------------------------------------------------------------------------
+
+# A runner is a module with an entry point that runs one whole command (or, for the two Flower
+# Apps, what Flower starts for it). Only the CLI starts them: medfed/ imports them; tests/ and
+# bench/ may too. server/run.py (the federation loop) is not one: it has no entry point of its
+# own, the ServerApp runs it, and its RoundUpdate is read by the exporter and the watchers.
+# {runner: (what starts it, the other modules allowed to import it)}
+RUNNERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "simulations.runner": ("`medfed simulate`: a whole federation in one process (Ray)", ()),
+    "server.app": (
+        "the ServerApp: Flower's SuperLink starts it for `medfed run` (pyproject's "
+        "`serverapp = \"server.app:app\"`); `medfed simulate` runs it in-process",
+        ("simulations.runner",),
+    ),
+    "client.app": (
+        "the ClientApp: Flower's SuperNode starts it at each site of `medfed site` (pyproject's "
+        "`clientapp = \"client.app:app\"`); `medfed simulate` runs it in-process",
+        ("simulations.runner",),
+    ),
+    "client.supernode": ("`medfed site`: the site's SuperNode process", ()),
+    "server.superlink": ("`medfed server`: the SuperLink, its gateway and site registry", ()),
+    "server.submit": ("`medfed run`/`runs`/`stop`: Flower's CLI for the operator", ()),
+}
+CLI_AND_TOOLS = ("medfed", "bench", "tests")
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_only_the_cli_imports_the_runners(runner: str) -> None:
+    started_by, allowed = RUNNERS[runner]
+    assert (ROOT / (runner.replace(".", "/") + ".py")).is_file(), f"{runner} moved: update RUNNERS"
+    found = sorted({
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in _package_files()
+        if path.relative_to(ROOT).parts[0] not in CLI_AND_TOOLS
+        and _module(path) != runner and _module(path) not in allowed
+        for line, name in _imported(path) if _within(name, runner)
+    })
+    assert not found, (
+        f"{runner} ({started_by}) is imported outside the CLI: {found}. Move what these need "
+        "out of the runner, to common/ or the side's own modules"
+    )
+
+
+def test_flower_finds_the_two_apps_where_the_runners_say() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        components = tomllib.load(f)["tool"]["flwr"]["app"]["components"]
+    assert {ref.partition(":")[0] for ref in components.values()} == {"server.app", "client.app"}
+    assert all(ref.partition(":")[0] in RUNNERS for ref in components.values())
+
+
+def test_the_import_reader_sees_lazy_relative_and_named_imports() -> None:
+    source = (
+        "from . import sibling\n"
+        "from ..server import run\n"
+        "def f():\n"
+        "    import importlib\n"
+        "    from server.app import make_server_app\n"
+        "    return importlib.import_module('simulations.runner')\n"
+    )
+    names = {name for _, name in _imported_from(source, "client.predict", "probe.py")}
+    assert {"client.predict.sibling", "client.server.run", "server.app",
+            "server.app.make_server_app", "simulations.runner"} <= names
+    assert any(_within(n, "server") for n in names) and not _within("serverless", "server")
