@@ -9,6 +9,9 @@
    both build on `models/` and `common/`, which import none of those. With every layer's own
    imports checked, no chain of imports can lead from `client/` to `server/` or back.
 3. The runners: only the CLI (`medfed/`) imports them; see RUNNERS.
+4. Flower's internals are patched in one place, common/flower_compat/ (version-gated, with the
+   evidence): no other module assigns to, deletes from or `setattr`s a Flower module or class,
+   or overrides a private method of a Flower class it subclasses.
 
 Every import in a file counts: at the top, inside a function (lazy), relative, or
 `importlib.import_module("...")` with a literal name.
@@ -232,3 +235,120 @@ def test_the_import_reader_sees_lazy_relative_and_named_imports() -> None:
     assert {"client.predict.sibling", "client.server.run", "server.app",
             "server.app.make_server_app", "simulations.runner"} <= names
     assert any(_within(n, "server") for n in names) and not _within("serverless", "server")
+
+
+# --- Flower is patched in one place ---------------------------------------------------------------
+
+COMPAT = "common/flower_compat"
+
+
+def _flower_names(tree: ast.AST) -> dict[str, str]:
+    """{local name: Flower object} for the names a file binds by importing from flwr."""
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _is_forbidden(alias.name):  # `import flwr.x` binds flwr; `... as y`, flwr.x
+                    bound[alias.asname or "flwr"] = alias.name if alias.asname else "flwr"
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            if not _is_forbidden(node.module or ""):
+                continue
+            for alias in node.names:
+                bound[alias.asname or alias.name] = f"{node.module}:{alias.name}"
+        elif (  # name = importlib.import_module("flwr....")
+            isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "import_module" and node.value.args
+            and isinstance(node.value.args[0], ast.Constant)
+            and _is_forbidden(str(node.value.args[0].value))
+        ):
+            names = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in names:
+                if isinstance(target, ast.Name):
+                    bound[target.id] = str(node.value.args[0].value)
+    return bound
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _patches(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, what) for every write into a Flower module or class, and private overrides."""
+    flower = _flower_names(tree)
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign | ast.Delete):
+            targets = list(node.targets)
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Attribute) and _root(target) in flower:
+                yield node.lineno, f"writes {ast.unparse(target)}"
+        if (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr") and node.args
+            and _root(node.args[0]) in flower
+        ):
+            yield node.lineno, f"{node.func.id}({ast.unparse(node.args[0])}, ...)"
+        if isinstance(node, ast.ClassDef):
+            bases = [_resolve(flower[b.id]) for b in node.bases
+                     if isinstance(b, ast.Name) and b.id in flower]
+            # its own methods, and those of mixins defined in the same file
+            methods = [item for cls in (node, *(classes[b.id] for b in node.bases
+                                                 if isinstance(b, ast.Name) and b.id in classes))
+                       for item in cls.body if isinstance(item, ast.FunctionDef)]
+            for item in methods:
+                if (
+                    item.name.startswith("_") and not item.name.startswith("__")
+                    and any(hasattr(base, item.name) for base in bases)
+                ):
+                    yield item.lineno, f"overrides Flower's {node.name}.{item.name}"
+
+
+def _resolve(ref: str) -> object:
+    import importlib
+
+    module, _, name = ref.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, name) if name else found
+
+
+def test_only_the_compat_package_patches_flower() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {what}"
+        for path in _package_files()
+        if not path.relative_to(ROOT).as_posix().startswith(COMPAT + "/")
+        for line, what in _patches(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    ]
+    assert not found, (
+        f"Flower's internals are patched outside {COMPAT}/: {found}. Move the patch there, with "
+        "its version gate and evidence (see its __init__)"
+    )
+
+
+def test_the_patch_reader_sees_writes_setattr_and_private_overrides() -> None:
+    source = (
+        "import flwr.simulation.run_simulation as rs\n"
+        "from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping as D\n"
+        "from flwr.supernode.runtime import run_clientapp\n"
+        "rs.InMemoryGrid = object\n"
+        "setattr(run_clientapp, 'install_from_fab', print)\n"
+        "class Mixin:\n"
+        "    def _noisy_fraction(self, count, total): ...\n"
+        "class Fix(Mixin, D):\n"
+        "    def _geometric_update(self, fraction): ...\n"
+        "    def _own_helper(self): ...\n"
+        "local = object()\n"
+        "local.x = 1\n"
+        "sim: object = importlib.import_module('flwr.simulation.run_simulation')\n"
+        "del sim.InMemoryGrid\n"
+    )
+    found = sorted(what for _, what in _patches(ast.parse(source)))
+    assert found == [
+        "overrides Flower's Fix._geometric_update", "overrides Flower's Fix._noisy_fraction",
+        "setattr(run_clientapp, ...)", "writes rs.InMemoryGrid", "writes sim.InMemoryGrid",
+    ]
