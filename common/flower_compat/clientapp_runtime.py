@@ -15,8 +15,9 @@ text included, that the aggregator receives.
 - `get_load_client_app_fn`, wrapped so that a ClientApp whose bundle was not checked in this
   process is never loaded (fail closed).
 
-Why not Flower's own `--trusted-entities`: in Flower 1.41 it accepts only bundles that Flower's
-platform marked `valid_license`; the open-source SuperLink sends none, so every app is refused.
+Why not Flower's own `--trusted-entities` (SuperNode entity verification, flwrlabs/flower#6084):
+in Flower 1.41 it accepts only bundles that Flower's platform marked `valid_license`; the
+open-source SuperLink sends none, so every app is refused.
 
 Gate: security-relevant, so on a Flower release it was not checked against no app runs.
 tests/common/flower_compat/test_clientapp_runtime.py fails when Flower's code around the three
