@@ -17,10 +17,11 @@ other version a patch refuses to run with an error that names the installed vers
 code to re-read and the test that shows whether the patch still holds. The one exception is
 `delivery`, a pure speed-up: it warns and leaves Flower's engine as it is.
 
-Flower 1.41.0 is installed (pyproject pins it); 1.42.0 was checked by reading its wheel: every
-Flower file these patches touch or read is byte-identical in 1.41.0 and 1.42.0 (`diff -r` of the
-two wheels differs in 22 files, all of them agents, tracing, state schema and the Kubernetes
-executor's warm pool).
+Flower 1.41.0 is installed (pyproject pins it). 1.42.0 was checked from its wheel: every Flower
+file these patches touch or read is byte-identical in the two releases (they differ in 22 files:
+agents, tracing, the state schema, the Kubernetes executor's warm pool), and the patches' unit
+tests (tests/common/flower_compat/, the central-DP, policy, approval and operator-certificate
+tests) pass with the 1.42.0 wheel first on the path.
 """
 
 from __future__ import annotations

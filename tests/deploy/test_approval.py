@@ -29,39 +29,10 @@ from common.apps import APP_REFUSAL_MARK, AppBundle, build_app_bundle, parse_app
 from common.flower_compat import FlowerVersionError
 from common.kit import KIT_FILE, KitError, SiteKit, approve_app, revoke_app
 from server.provision import provision
+from tests.apps import tiny_app
 from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
-
-TINY_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "tinyapp"
-version = "1.0.0"
-description = "an app for the approval tests"
-license = "Apache-2.0"
-dependencies = ["flwr==1.41.0"]
-
-[tool.flwr.app]
-publisher = "hospital-tests"
-
-[tool.flwr.app.components]
-serverapp = "tinyapp.server:app"
-clientapp = "tinyapp.client:app"
-"""
-
-
-def tiny_app(root: Path, client_code: str = "app = None\n") -> Path:
-    """A minimal Flower App folder."""
-    (root / "tinyapp").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(TINY_PYPROJECT)
-    (root / "tinyapp" / "__init__.py").write_text("")
-    (root / "tinyapp" / "server.py").write_text("app = None\n")
-    (root / "tinyapp" / "client.py").write_text(client_code)
-    return root
 
 
 @pytest.fixture

@@ -24,29 +24,7 @@ from common.flower_compat.clientapp_runtime import (
     guard_clientapp_runtime,
     task_commands,
 )
-
-PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "tinyapp"
-version = "1.0.0"
-description = "an app for the runtime hook tests"
-license = "Apache-2.0"
-dependencies = ["flwr"]
-
-[tool.flwr.app]
-publisher = "hospital-tests"
-
-[tool.flwr.app.components]
-serverapp = "tinyapp.server:app"
-clientapp = "tinyapp.client:app"
-
-[tool.flwr.app.config]
-rounds = 3
-"""
+from tests.apps import tiny_app
 
 
 class Refused(Exception):
@@ -55,11 +33,9 @@ class Refused(Exception):
 
 @pytest.fixture
 def fab(tmp_path: Path) -> bytes:
-    root = tmp_path / "tinyapp"
-    (root / "tinyapp").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(PYPROJECT)
-    for name, code in (("__init__", ""), ("server", "app = None\n"), ("client", "app = None\n")):
-        (root / "tinyapp" / f"{name}.py").write_text(code)
+    root = tiny_app(tmp_path / "tinyapp")
+    with (root / "pyproject.toml").open("a") as pyproject:  # a default for the run config
+        pyproject.write("\n[tool.flwr.app.config]\nrounds = 3\n")
     return build_app_bundle(root)[0]
 
 
