@@ -54,7 +54,6 @@ from common.audit_head import HEAD_RECORD, RECORD_KEYS, head_metrics
 from common.config import RunConfig, check_budget
 from common.cross_site import REPLY_RECORD, REPLY_SPLIT, SPLIT_KEY
 from common.cross_site import SPLITS as EVALUATION_SPLITS
-from common.data import Preprocess, SiteData
 from common.fingerprint import FINGERPRINT
 from common.fingerprint import LIST_KEYS as FINGERPRINT_LISTS
 from common.fingerprint import SCALAR_KEYS as FINGERPRINT_SCALARS
@@ -72,23 +71,10 @@ from common.sites import SiteRef, discover_sites
 from common.training.loop import LocalTraining, resolve_device
 from common.training.scaffold import DriftCorrection, control_path, load_control, save_control
 from common.training.tasks import TASKS, Fit, SplitLoader, get_task
-from common.training.tasks.base import Task, network, preprocess, site_data
+from common.training.tasks.base import Task, load_labelled, network, preprocess, site_data
 from common.training.tasks.classify import CLASS_COUNTS, Scored
 
 log = logging.getLogger("medfed.client")
-
-def _labelled(data: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    arrays = data.split(split)
-    keep = arrays.labels >= 0
-    return arrays.images[keep], arrays.labels[keep]
-
-
-def load_labelled(
-    site: SiteRef, pre: Preprocess, seed: int, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """A site folder's labelled samples of `split`: how a real site reads its data."""
-    return _labelled(site_data(site, pre, seed), split)
-
 
 def resolve_site(context: Context, cfg: RunConfig, sites: Sequence[SiteRef] | None) -> SiteRef:
     """Which site this node is, from the simulation's site list or the node's own config."""

@@ -12,15 +12,9 @@ In the same place the run itself is checked (client.policy): it must be signed b
 the kit trusts, its settings must meet the kit's policy, and the message must carry the signed
 settings; otherwise the task fails with `RunRefused`, recorded as a refusal the same way.
 
-Why not Flower's `--trusted-entities`: in Flower 1.41 it accepts only bundles that Flower's
-platform marked `valid_license`; the open-source SuperLink sends none, so every app is refused.
-
-The change to Flower is three names replaced in `flwr.supernode.runtime.run_clientapp`'s
-namespace (flwr is pinned; tests/deploy/test_approval.py fails if Flower's code around them
-changes): `pull_task_input`, wrapped to keep the task's run, context and message for the check;
-`install_from_fab`, wrapped to check first (the message is pulled by then, so a refusal becomes
-Flower's error reply); and `get_load_client_app_fn`, wrapped so that a ClientApp whose bundle
-was not checked in this process is never loaded (fail closed).
+How the check is hooked into Flower's ClientApp runtime (and why not Flower's own
+`--trusted-entities`) is common.flower_compat.clientapp_runtime's; this module decides what is
+approved and what the aggregator is told.
 The kit is read at every task, so approving or revoking an app applies from the next message on,
 without restarting the site. Other task kinds (Flower's AgentApp, ...) are never run on a site.
 """
@@ -30,17 +24,23 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from client.policy import RunRefused, check_task, message_configs
 from common.apps import APP_REFUSAL_MARK, AppBundle
 from common.atomic import write_text
+from common.flower_compat import FlowerVersionError
+from common.flower_compat.clientapp_runtime import (
+    CLIENTAPP_COMMAND,
+    PulledTask,
+    guard_clientapp_runtime,
+    run_flower_clientapp,
+    task_commands,
+)
 from common.kit import KitError, SiteKit
 from common.policy import RUN_REFUSAL_MARK
 
-CLIENTAPP_COMMAND = "flwr-clientapp"
 LAUNCHER_DIR = "approval-bin"  # under the site's state folder
 
 
@@ -76,70 +76,42 @@ def check_bundle(kit_dir: Path, content: bytes) -> AppBundle:
     return bundle
 
 
-def _config_records(message: Any) -> Any:
-    return message.content.config_records if message.has_content() else {}
+def check_install(kit_dir: Path, fab_file: Any, task: PulledTask | None) -> str:
+    """The SHA-256 of `fab_file` when the kit approves the app and the task's run; else raise.
+
+    Raises AppNotApproved (the app) or RunRefused (the run: client.policy.check_task).
+    """
+    if not isinstance(fab_file, bytes):  # Flower passes fab.content; anything else: refuse
+        raise AppNotApproved(f"{APP_REFUSAL_MARK}: the app bundle could not be checked")
+    bundle = check_bundle(kit_dir, fab_file)
+    if task is None:
+        raise RunRefused(f"{RUN_REFUSAL_MARK}: the run could not be checked (no task pulled)")
+    # what the app will get as its run config, recomputed here from the bytes just checked
+    # (the SuperNode computes the context's the same way; anything else is refused)
+    check_task(
+        kit_dir, fab_content=fab_file, overrides=task.overrides,
+        run_config=task.run_config_for(fab_file), run_id=task.run_id,
+        configs=message_configs(task.config_records), app_config=task.app_config,
+    )
+    return bundle.sha256
+
+
+def refuse_unchecked(fab_id: str, fab_version: str, fab_hash: str) -> AppNotApproved:
+    """The error for a ClientApp whose bundle this process never checked."""
+    return AppNotApproved(
+        f"{APP_REFUSAL_MARK}: app {fab_id} {fab_version} (FAB sha256 {fab_hash}) was "
+        "not checked against this site's approved apps; not loading it"
+    )
 
 
 def install_check(kit_dir: Path) -> None:
     """Make Flower's ClientApp runtime check every bundle against the kit before installing it.
 
-    Raises RuntimeError when Flower's runtime no longer has the names this relies on.
+    Raises FlowerVersionError when the installed Flower is not one the hook was checked against.
     """
-    from flwr.common.config import get_fused_config_from_fab
-    from flwr.supernode.runtime import run_clientapp as runtime
-
-    for name in ("pull_task_input", "install_from_fab", "get_load_client_app_fn"):
-        if not callable(getattr(runtime, name, None)):
-            raise RuntimeError(
-                f"flwr.supernode.runtime.run_clientapp has no {name}: this Flower version is not "
-                "the one medfed's app approval was built for; no app runs until it is updated"
-            )
-    pull_task_input: Callable[..., Any] = runtime.pull_task_input
-    install_from_fab: Callable[..., Any] = runtime.install_from_fab
-    get_load_client_app_fn: Callable[..., Any] = runtime.get_load_client_app_fn
-    checked: set[str] = set()
-    pulled: dict[str, Any] = {}
-
-    def recording_pull(*args: Any, **kwargs: Any) -> Any:
-        message, context, run, fab = pull_task_input(*args, **kwargs)
-        pulled.update(message=message, context=context, run=run)
-        return message, context, run, fab
-
-    def checked_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(fab_file, bytes):  # Flower passes fab.content; anything else: refuse
-            raise AppNotApproved(f"{APP_REFUSAL_MARK}: the app bundle could not be checked")
-        bundle = check_bundle(kit_dir, fab_file)
-        if not pulled:
-            raise RunRefused(f"{RUN_REFUSAL_MARK}: the run could not be checked (no task pulled)")
-        run, context = pulled["run"], pulled["context"]
-        # what the app will get as its run config, recomputed here from the bytes just checked
-        # (the SuperNode computes the context's the same way; anything else is refused)
-        fused = get_fused_config_from_fab(fab_file, run)
-        check_task(
-            kit_dir, fab_content=fab_file, overrides=dict(run.override_config),
-            run_config=fused, run_id=int(run.run_id),
-            configs=message_configs(_config_records(pulled["message"])),
-            app_config=dict(context.run_config),
-        )
-        checked.add(bundle.sha256)
-        return install_from_fab(fab_file, *args, **kwargs)
-
-    def checked_loader(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
-        load = get_load_client_app_fn(*args, **kwargs)
-
-        def load_checked(fab_id: str, fab_version: str, fab_hash: str) -> Any:
-            if fab_hash not in checked:
-                raise AppNotApproved(
-                    f"{APP_REFUSAL_MARK}: app {fab_id} {fab_version} (FAB sha256 {fab_hash}) was "
-                    "not checked against this site's approved apps; not loading it"
-                )
-            return load(fab_id, fab_version, fab_hash)
-
-        return load_checked
-
-    runtime.pull_task_input = recording_pull
-    runtime.install_from_fab = checked_install
-    runtime.get_load_client_app_fn = checked_loader
+    guard_clientapp_runtime(
+        lambda fab_file, task: check_install(kit_dir, fab_file, task), refuse_unchecked
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,21 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medfed-checked-clientapp")
     parser.add_argument("--kit", type=Path, required=True, help="the site's kit folder")
     options = parser.parse_args(args[:split])
-    install_check(options.kit)
-    from flwr.supernode.cli import flwr_clientapp
-
-    sys.argv = [CLIENTAPP_COMMAND, *args[split + 1 :]]
-    flwr_clientapp()
+    try:
+        install_check(options.kit)
+    except FlowerVersionError as exc:  # no app runs: the site's log says why, not a traceback
+        sys.exit(f"medfed site: {exc}")
+    run_flower_clientapp(args[split + 1 :])
 
 
 def write_launchers(folder: Path, kit_dir: Path) -> Path:
     """Write the commands Flower's SuperExec may start, for the front of the SuperNode's PATH.
 
     `flwr-clientapp` runs the checked ClientApp; every other task command Flower knows refuses,
-    since a site runs ClientApps only. Returns `folder`.
+    since a site runs ClientApps only. Returns `folder`. Raises FlowerVersionError when the
+    installed Flower is not one the approval hook was checked against (the site does not start).
     """
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
-
+    commands = task_commands()
     folder.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(sys.executable)
     kit = shlex.quote(str(kit_dir.resolve()))
@@ -172,7 +144,7 @@ def write_launchers(folder: Path, kit_dir: Path) -> Path:
             "echo 'medfed site: refusing to run a Flower task of another kind than a ClientApp "
             f"({command})' >&2\nexit 1\n"
         )
-        for command in TASK_TYPE_TO_COMMAND.values()
+        for command in commands
     }
     # `-c`, not `-m client.approval`: the module then has one name, and so does its exception
     entry = shlex.quote("from client.approval import main; main()")

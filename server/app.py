@@ -20,7 +20,6 @@ from server.model_card import CARD_HTML, CARD_JSON, write_model_card
 from server.record import RunRecord
 from server.run import ProgressFn, RoundUpdate, run_federation
 from server.secure import run_secure_federation
-from server.superlink import STATE_ENV
 from server.waiting import wait_for_sites
 
 # Flower's logger: what `flwr log` shows of the ServerApp
@@ -71,7 +70,7 @@ def make_server_app(
             return
         settings, values = MetricsSettings.split_run_config(context.run_config)
         run_cfg = RunConfig.from_mapping(values)
-        state = os.environ.get(STATE_ENV)
+        state = os.environ.get(artifacts.STATE_ENV)
         if state:
             run_dir = Path(state) / "runs" / str(context.run_id)
             # The operator's --out is a path on their machine, not here; sites-dir is

@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The aggregator's state folder, which `medfed server` (server.superlink) gives the ServerApps it
+# runs: a deployed run writes its folder under STATE/runs/<run-id>.
+STATE_ENV = "MEDFED_STATE_DIR"
 MARK = "MEDFED-ARTIFACT"
 DONE = "MEDFED-ARTIFACTS-DONE"
 CHUNK = 3000  # base64 characters per log line

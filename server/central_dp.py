@@ -13,6 +13,8 @@ Accounting (Opacus's RDP accountant, the one the sites' ledgers use):
 - Flower sizes the noise for `num_sampled` sites: std sigma * C / num_sampled on the mean. When
   only m sites' updates reach the mean (dropouts, screening), the mean's sensitivity is C / m and
   the effective noise multiplier is sigma * m / num_sampled; that is what is recorded.
+- Adaptive clipping uses Flower's wrappers with their clipping-norm update fixed
+  (common.flower_compat.adaptive_clipping: Flower 1.41 moves the norm the wrong way).
 - Adaptive clipping also releases a noised count of clipped updates; Flower splits sigma between
   the two queries, and the pair composes back to sigma (Andrew et al., 2021), so the same rule
   applies with the update part scaled.
@@ -24,7 +26,6 @@ Accounting (Opacus's RDP accountant, the one the sites' ledgers use):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +33,16 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
 
 from common.config import RunConfig
+from common.flower_compat.adaptive_clipping import (
+    ClientSideAdaptiveClipping,
+    ServerSideAdaptiveClipping,
+)
 from common.privacy import Step, calibrate_noise, epsilon_of
 
 log = logging.getLogger("medfed.server")
@@ -102,33 +105,6 @@ class CentralLedger:
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue the releases of a resumed run."""
         self.history = [(float(s), float(q), int(n)) for s, q, n in state.get("history", [])]
-
-
-class _ClipNormFix:
-    """Flower 1.41's adaptive clipping moves the norm the wrong way; this turns it around.
-
-    Its norm bit is 1 for a *clipped* update, yet it updates C <- C exp(-lr (clipped - target)):
-    when every update is clipped the norm shrinks further, and it runs to zero. Andrew et al.
-    (2021) count *unclipped* updates in that formula; with the clipped fraction the sign flips,
-    so the norm grows until about `target_clipped_quantile` of the updates are clipped.
-    """
-
-    clipping_norm: float
-    clip_norm_lr: float
-    target_clipped_quantile: float
-
-    def _geometric_update(self, clipped_fraction: float) -> None:
-        self.clipping_norm *= math.exp(
-            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile)
-        )
-
-
-class ServerSideAdaptiveClipping(_ClipNormFix, DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping with the norm update fixed."""
-
-
-class ClientSideAdaptiveClipping(_ClipNormFix, DifferentialPrivacyClientSideAdaptiveClipping):
-    """Flower's client-side adaptive clipping with the norm update fixed."""
 
 
 _Wrapper = (

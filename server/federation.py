@@ -255,34 +255,3 @@ class RecordingStrategy(Strategy):
     def summary(self) -> None:
         """Log the inner strategy's summary."""
         self.inner.summary()
-
-
-def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """The arrays a stateful strategy keeps between rounds (e.g. FedAdam's moments).
-
-    Flower's optimiser strategies keep them as attributes holding {name: ndarray}; collecting
-    every such attribute covers FedAdam, FedYogi and FedAdagrad without knowing their internals.
-    """
-    out: dict[str, np.ndarray] = {}
-    for attr, value in vars(strategy).items():
-        if isinstance(value, dict) and value and all(
-            isinstance(v, np.ndarray) for v in value.values()
-        ):
-            for key, array in value.items():
-                out[f"{attr}/{key}"] = array
-    return out
-
-
-def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    """Put arrays saved by `strategy_state` back on the strategy."""
-    grouped: dict[str, dict[str, np.ndarray]] = {}
-    for flat, array in state.items():
-        attr, key = flat.split("/", 1)
-        grouped.setdefault(attr, {})[key] = np.array(array)
-    for attr, value in grouped.items():
-        if not hasattr(strategy, attr):
-            raise ValueError(
-                f"checkpoint holds state {attr!r} that strategy {type(strategy).__name__} lacks; "
-                "resume with the strategy the run was started with"
-            )
-        setattr(strategy, attr, value)

@@ -15,10 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.flower_compat.strategy_state import restore_strategy_state, strategy_state
 from common.outputs import note, writing
 from server.central import CentralEvaluator
 from server.central_dp import CentralPrivacy
-from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
+from server.federation import RecordingStrategy
 from server.fingerprint import with_class_prior
 from server.operating import OperatingPoints, previous_threshold
 from server.record import RunRecord

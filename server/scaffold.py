@@ -23,7 +23,7 @@ class Scaffold(FedAvg):
 
     The server's step size is 1 (the paper's eta_g), so the model update is FedAvg's. `control`
     (c, by state-dict name) is a dict of arrays so that checkpoints save and restore it
-    (server.federation.strategy_state).
+    (common.flower_compat.strategy_state).
     """
 
     def __init__(self, **kwargs: object) -> None:

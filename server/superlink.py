@@ -46,11 +46,11 @@ from common.procs import (
     on_stop_signals,
     terminate_tree,
 )
+from server.artifacts import STATE_ENV
 from server.gateway import Gateway, GatewaySettings, free_loopback_port
 
 log = logging.getLogger("medfed.server")
 
-STATE_ENV = "MEDFED_STATE_DIR"
 READY_TIMEOUT_S = 90.0
 KIT_POLL_S = 3.0
 FULL_RECONCILE_S = 30.0

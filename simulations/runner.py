@@ -111,8 +111,8 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
+    from common.flower_compat.delivery import prompt_delivery
     from server.app import make_server_app
-    from simulations.flower_patches import prompt_delivery
 
     if not cfg.sites_dir:
         raise ValueError("--data is required: the folder holding one folder per site")

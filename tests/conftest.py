@@ -14,10 +14,8 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture
 def task_identity():
-    """The task identity Flower Messages need outside a run (run_simulation sets the same)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    """The task identity Flower Messages need outside a run (common.flower_compat.task_identity)."""
+    from common.flower_compat.task_identity import identity
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with identity():
+        yield

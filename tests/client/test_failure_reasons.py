@@ -1,22 +1,23 @@
 """A failing site: in simulation its reason and site.log reach the user; deployed, only the kind."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import SITE_LOG, SiteFailure, _outbound_mod
 from common.config import RunConfig
+from common.flower_compat.task_identity import identity
 from common.sites import SiteRef
 
 
 @pytest.fixture(autouse=True)
-def _identity(monkeypatch) -> None:
+def _identity() -> Iterator[None]:
     # a Message is created inside a task (Flower sets who sends it); here, a test's own
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+    with identity(task_id=1, run_id=1, node_id=1):
+        yield
 
 
 def _message() -> Message:

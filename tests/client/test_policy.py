@@ -36,7 +36,7 @@ from common.policy import RUN_REFUSAL_MARK, PolicyError, RunPolicy, parse_run_re
 from common.runsign import OPERATOR_KEY, SIGNATURE_KEY, load_private_key, new_operator_key, sign_run
 from medfed.cli import app as cli
 from server.provision import add_site, provision
-from tests.deploy.test_approval import TINY_PYPROJECT, tiny_app
+from tests.apps import TINY_PYPROJECT, tiny_app
 
 CONFIG_DEFAULTS = """
 [tool.flwr.app.config]

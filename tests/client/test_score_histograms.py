@@ -1,19 +1,20 @@
 """A site's validation-score histograms: guarded by name, and under DP released once, accounted."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from client.app import GUARD, make_client_app
 from client.audit import OutboundViolation
 from client.ledger import PrivacyLedger
 from common.config import RunConfig
+from common.flower_compat.task_identity import identity
 from common.operating import BINS, HIST_KEYS, RELEASE
 from common.sites import SiteRef
 from common.training.tasks import get_task
@@ -22,9 +23,9 @@ from tests.simulations.conftest import write_easy_site
 
 
 @pytest.fixture(autouse=True)
-def _identity(monkeypatch) -> None:
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+def _identity() -> Iterator[None]:
+    with identity(task_id=1, run_id=1, node_id=1):
+        yield
 
 
 def test_the_guard_lets_only_the_histogram_keys_be_lists() -> None:

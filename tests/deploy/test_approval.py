@@ -6,7 +6,6 @@ which a site whose kit does not approve the app refuses it while an approving si
 """
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -21,46 +20,19 @@ from client.approval import (
     AppNotApproved,
     check_bundle,
     install_check,
+    main,
     write_launchers,
 )
 from client.policy import RunRefused
 from client.supernode import SiteSettings
 from common.apps import APP_REFUSAL_MARK, AppBundle, build_app_bundle, parse_app_refusal
+from common.flower_compat import FlowerVersionError
 from common.kit import KIT_FILE, KitError, SiteKit, approve_app, revoke_app
 from server.provision import provision
+from tests.apps import tiny_app
 from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
-
-TINY_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "tinyapp"
-version = "1.0.0"
-description = "an app for the approval tests"
-license = "Apache-2.0"
-dependencies = ["flwr==1.41.0"]
-
-[tool.flwr.app]
-publisher = "hospital-tests"
-
-[tool.flwr.app.components]
-serverapp = "tinyapp.server:app"
-clientapp = "tinyapp.client:app"
-"""
-
-
-def tiny_app(root: Path, client_code: str = "app = None\n") -> Path:
-    """A minimal Flower App folder."""
-    (root / "tinyapp").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(TINY_PYPROJECT)
-    (root / "tinyapp" / "__init__.py").write_text("")
-    (root / "tinyapp" / "server.py").write_text("app = None\n")
-    (root / "tinyapp" / "client.py").write_text(client_code)
-    return root
 
 
 @pytest.fixture
@@ -227,32 +199,21 @@ def test_flowers_clientapp_runtime_installs_only_approved_bundles(
     assert not (tmp_path / "flwr-home").exists()
 
 
-def test_flowers_clientapp_runtime_is_the_code_the_check_was_built_for() -> None:
-    # Fails loudly when an upgrade of flwr (pinned to 1.41.0) moves what client.approval wraps:
-    # the bundle is pulled, checked while installed, then loaded; an exception becomes an
-    # error reply carrying its text to the aggregator.
+def test_a_flower_release_the_hook_was_not_checked_against_runs_no_app(
+    site_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import flwr
-    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
-    assert flwr.__version__ == "1.41.0"
-    source = inspect.getsource(runtime.run_clientapp)
-    steps = [
-        "message, context, run, fab = pull_task_input(client)",
-        "install_from_fab(fab.content, skip_prompt=True)",
-        "load_client_app_fn = get_load_client_app_fn(",
-        "client_app(message=message, context=context)",
-        "except Exception as ex:",
-        """reason = str(type(ex)) + ":<'" + str(ex) + "'>\"""",
-        "Message(Error(code=e_code, reason=reason), reply_to=message)",
-        "push_message(client, reply_message, context)",
-    ]
-    at = [source.find(step) for step in steps]
-    assert -1 not in at, [s for s, i in zip(steps, at, strict=True) if i < 0]
-    assert at == sorted(at)
-    assert source.count("install_from_fab(") == 1
-    assert source.count("pull_task_input(") == 1  # the task client.approval checks is this one
-    # the SuperExec starts tasks by command name, found on PATH
-    assert "TASK_TYPE_TO_COMMAND[spec.task_type]" in inspect.getsource(SubprocessExecutor.launch)
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    # the site does not start: writing its launchers fails, naming the version and the fix
+    with pytest.raises(FlowerVersionError, match="Flower 9.9.9 is installed.*app approval"):
+        write_launchers(tmp_path / "bin", site_kit)
+    assert not (tmp_path / "bin").exists()
+    # a launcher written before the upgrade: the task fails with the reason, not a traceback
+    with pytest.raises(SystemExit) as stopped:
+        main(["--kit", str(site_kit), "--", "--help"])
+    assert "medfed site: Flower 9.9.9 is installed" in str(stopped.value.code)
+    assert "test_clientapp_runtime.py" in str(stopped.value.code)
 
 
 def test_the_supernode_finds_the_checking_launcher_first(site_kit: Path, tmp_path: Path) -> None:

@@ -7,10 +7,12 @@ seconds) is tested in tests/deploy/test_gateway.py.
 import ssl
 from pathlib import Path
 
+import flwr
 import pytest
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.protobuf.client import ProtobufClient
 
+from common.flower_compat import FlowerVersionError
 from common.kit import ServerKit
 from server import flwr_operator
 from server.gateway import Gateway, GatewayError, GatewaySettings, find_nginx
@@ -100,7 +102,7 @@ def test_the_cli_patch_presents_the_certificate_and_is_undone(
 def test_the_cli_patch_refuses_another_flower_release(
     kits: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(flwr_operator.flwr, "__version__", "9.9.9")
-    with pytest.raises(RuntimeError, match="flwr==1.41.0"):
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    with pytest.raises(FlowerVersionError, match="Flower 9.9.9 is installed.*1.41.0"):
         with flwr_operator.presenting(kits / "operator" / "operator.crt", kits / "x"):
             pass

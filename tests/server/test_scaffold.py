@@ -10,8 +10,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
+from common.flower_compat.strategy_state import restore_strategy_state, strategy_state
 from common.scaffold import CONTROL_PREFIX, split_control, with_control
-from server.federation import restore_strategy_state, strategy_state
 from server.scaffold import Scaffold
 from server.strategies import build_strategy
 

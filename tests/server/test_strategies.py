@@ -15,7 +15,8 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
-from server.federation import RecordingStrategy, restore_strategy_state, strategy_state
+from common.flower_compat.strategy_state import restore_strategy_state, strategy_state
+from server.federation import RecordingStrategy
 from server.strategies import build_strategy, nan_safe_weighted_mean
 
 

@@ -49,6 +49,15 @@ def site_data(site: SiteRef, pre: Preprocess, seed: int, *, masks: bool = False)
     return data
 
 
+def load_labelled(
+    site: SiteRef, pre: Preprocess, seed: int, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A site folder's labelled samples of `split`: how a real site reads its data."""
+    arrays = site_data(site, pre, seed).split(split)
+    keep = arrays.labels >= 0
+    return arrays.images[keep], arrays.labels[keep]
+
+
 @dataclass(frozen=True)
 class Fit:
     """How one round of local training runs."""

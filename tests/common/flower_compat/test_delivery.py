@@ -17,8 +17,8 @@ from flwr.supercore.run import Run
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
 
-from simulations import flower_patches
-from simulations.flower_patches import PromptGrid, add_messages_to_queue, prompt_delivery
+from common.flower_compat import delivery
+from common.flower_compat.delivery import PromptGrid, add_messages_to_queue, prompt_delivery
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower Messages outside a run
 
@@ -96,7 +96,7 @@ def _state_with(monkeypatch, asked: list[int]) -> InMemoryLinkState:
     return state
 
 
-def test_prompt_delivery_applies_for_the_block_only(monkeypatch) -> None:
+def test_prompt_delivery_applies_for_the_block_only(monkeypatch, caplog) -> None:
     module = importlib.import_module("flwr.simulation.run_simulation")
     original_sweep, original_grid = vce_api.add_messages_to_queue, module.InMemoryGrid
     with prompt_delivery() as on:
@@ -106,11 +106,13 @@ def test_prompt_delivery_applies_for_the_block_only(monkeypatch) -> None:
         factory = LinkStateFactory(
             FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
         )
-        assert PromptGrid(state_factory=factory).pull_interval == flower_patches.POLL_S
+        assert PromptGrid(state_factory=factory).pull_interval == delivery.POLL_S
     assert vce_api.add_messages_to_queue is original_sweep
     assert module.InMemoryGrid is original_grid
 
+    # a speed-up only: on a release it was not checked against, Flower's engine runs as it is
     monkeypatch.setattr(flwr, "__version__", "1.99.0")
     with prompt_delivery() as on:
         assert not on
         assert vce_api.add_messages_to_queue is original_sweep
+    assert "Flower 1.99.0 is installed" in caplog.text and "delivery speed-up is off" in caplog.text
