@@ -17,10 +17,11 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from client.app import SplitLoader, load_labelled
+from client.site import load_labelled
 from common.config import ConfigError, RunConfig
 from common.data import Preprocess
 from common.sites import SiteRef, site_refs
+from common.training.tasks import SplitLoader
 from simulations.faults import FAULTS_FILE, FaultPlan, OutageMod, TamperMod, flip_labels
 from simulations.partition import PartitionSpec, VirtualSites
 from simulations.scenario import Federation

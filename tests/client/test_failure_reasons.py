@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import SITE_LOG, SiteFailure, _outbound_mod
+from client.outbound import SITE_LOG, SiteFailure, _outbound_mod
 from common.config import RunConfig
 from common.sites import SiteRef
 

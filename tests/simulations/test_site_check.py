@@ -101,7 +101,7 @@ def test_the_check_warms_the_cache_the_sites_read(sites: Path, tmp_path: Path, m
     monkeypatch.setenv("MEDFED_CACHE_DIR", str(tmp_path / "cache"))
     cfg = RunConfig(sites_dir=str(sites), out=str(tmp_path / "r"), image_size=32)
     check_site_folders(cfg, sorted(sites.iterdir()))
-    from client.app import load_labelled
+    from client.site import load_labelled
     from common.sites import site_refs
     from common.training.tasks.base import preprocess
 
