@@ -11,7 +11,7 @@ import pytest
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.protobuf.client import ProtobufClient
 
-from common.kit import ServerKit
+from common.server_kit import ServerKit
 from server import flwr_operator
 from server.gateway import Gateway, GatewayError, GatewaySettings, find_nginx
 from server.provision import provision
