@@ -6,20 +6,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from pydicom.pixels import get_encoder
-from pydicom.uid import (
-    UID,
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from simulations.anatomy import LABELS, LESION_ONLY, AnatomyTissues, organ_tissues
-from simulations.phantom import (
-    Grid,
-    Scanner,
-    TissueValues,
-)
+from simulations.phantom import Grid, Scanner, TissueValues
 from simulations.scans import VolumeProtocol
 from simulations.synth.layout import MIN_IMAGES, _Layout
 

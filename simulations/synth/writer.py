@@ -21,11 +21,7 @@ from pydicom.uid import (
 
 from simulations import series
 from simulations.anatomy import LESION
-from simulations.phantom import (
-    acquire,
-    min_lesion_radius,
-    sample_phantom,
-)
+from simulations.phantom import acquire, min_lesion_radius, sample_phantom
 from simulations.scans import anatomical_image, anatomical_volume
 from simulations.synth.sites import SiteProfile, _rng, _Style
 
