@@ -61,7 +61,7 @@ REJECTED = {
         lambda r: _replace(r, "metrics", MetricRecord({"loss": math.inf})),
         "key 'loss': inf",
     ),
-    "list-metric": (  # only a score histogram's counts may be a list (client.app's guard)
+    "list-metric": (  # only a score histogram's counts may be a list (client.outbound's guard)
         lambda r: _replace(r, "metrics", MetricRecord({"loss": [0.1, 0.2]})),
         "key 'loss' is a list",
     ),
