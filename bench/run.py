@@ -200,7 +200,7 @@ def write_outputs(
           if pending else []),
         f"Every training process (both sides of each timing ratio, the Ray workers, central "
         f"training) ran with {THREADS} torch thread(s) (`BENCH_THREADS`); see `THREADS` in "
-        "bench/run.py for why.",
+        "bench/harness.py for why.",
         *_mode_notes(mode),
         *([f"`BENCH_ONLY` run: the figures of {', '.join(earlier)} are those of the earlier run "
            "kept in bench/results.json."] if earlier else []),
