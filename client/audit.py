@@ -170,7 +170,7 @@ def payload_sha256(content: RecordDict) -> str:
     Python's other defaults (ASCII escapes; NaN and Infinity written as such), and a bytes value
     written as `{"$bytes": "<hex>"}`. A reply as it travels also carries the signed head of the
     entry that describes it (the `audit-head` record, and `audit-head-*` keys in a legacy
-    reply's metrics; client.app): the digest is over the reply without them.
+    reply's metrics; client.outbound): the digest is over the reply without them.
     """
     h = hashlib.sha256()
     for name in sorted(content):

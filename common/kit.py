@@ -27,19 +27,16 @@ outside its policy. The operator kit's `operator.key` signs runs.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from common.apps import check_fab_hash
-from common.atomic import write_text
-from common.certs import load_public_key
 from common.config import ConfigError, check_budget
 from common.policy import PolicyError, RunPolicy
 from common.runsign import RunSignatureError
@@ -57,7 +54,8 @@ class KitError(ValueError):
     """A kit is missing, incomplete, of the wrong kind, or unsafe; the message says the fix."""
 
 
-def _read_toml(kit_dir: Path) -> dict[str, Any]:
+def read_kit(kit_dir: Path) -> dict[str, Any]:
+    """A kit folder's medfed-kit.toml, parsed; KitError names the folder and the fix."""
     path = kit_dir / KIT_FILE
     if not kit_dir.is_dir():
         raise KitError(
@@ -81,7 +79,8 @@ def write_toml(path: Path, values: dict[str, Any]) -> None:
     os.chmod(path, 0o644)
 
 
-def _kind(values: dict[str, Any], kit_dir: Path, expected: str) -> None:
+def check_kind(values: dict[str, Any], kit_dir: Path, expected: str) -> None:
+    """Refuse a kit of another party's kind, naming the kit this command needs."""
     kind = values.get("kind")
     if kind != expected:
         hint = {"server": "KITS/server", "site": "KITS/sites/<name>", "operator": "KITS/operator"}
@@ -91,7 +90,8 @@ def _kind(values: dict[str, Any], kit_dir: Path, expected: str) -> None:
         )
 
 
-def _need(kit_dir: Path, *names: str) -> None:
+def check_files(kit_dir: Path, *names: str) -> None:
+    """Refuse a kit that lacks any of the files `names`."""
     missing = [n for n in names if not (kit_dir / n).is_file()]
     if missing:
         raise KitError(
@@ -108,147 +108,6 @@ def check_private(path: Path) -> None:
             f"{path}: private key is readable or writable by other users (mode {mode:o}); "
             f"run `chmod 600 {path}`"
         )
-
-
-@dataclass(frozen=True)
-class AuthorisedSite:
-    """A hospital the server kit lets in."""
-
-    name: str
-    public_key: str  # OpenSSH line
-
-    def __post_init__(self) -> None:
-        why = site_name_problem(self.name)
-        if why:
-            raise KitError(f"site name {self.name!r} {why}")
-        load_public_key(self.public_key, where=f"site {self.name}'s public key")
-
-
-OPERATORS_CRL = "operators.crl"
-
-
-@dataclass(frozen=True)
-class IssuedOperator:
-    """An operator whose certificate the server kit records (to revoke it by name)."""
-
-    name: str
-    serial: int
-    not_after: str = ""
-
-    def __post_init__(self) -> None:
-        if not is_safe_site_name(self.name):
-            raise KitError(
-                f"operator name {self.name!r} must be 1-64 letters, digits, '.', '_', '-'"
-            )
-
-    def to_toml(self) -> dict[str, str]:
-        """The `[operators.NAME]` entry (the serial in hex: TOML integers stop at 2**63)."""
-        return {"serial": f"{self.serial:x}", "not-after": self.not_after}
-
-
-def _operators(values: dict[str, Any], kit_dir: Path) -> tuple[IssuedOperator, ...]:
-    entries = values.get("operators", {})
-    if not isinstance(entries, dict):
-        raise KitError(f"{kit_dir / KIT_FILE}: [operators] must be a table of NAME = {{serial}}")
-    issued = []
-    for name, entry in sorted(entries.items()):
-        try:
-            serial = int(str(entry.get("serial", "")), 16)
-        except (AttributeError, ValueError):
-            raise KitError(
-                f"{kit_dir / KIT_FILE}: operators.{name}.serial must be a hex serial number; "
-                "re-issue the operator (`medfed provision add-operator`)"
-            ) from None
-        issued.append(IssuedOperator(name, serial, str(entry.get("not-after", ""))))
-    return tuple(issued)
-
-
-@dataclass(frozen=True)
-class ServerKit:
-    """The aggregator's kit: TLS certificate and key, the CA, the authorised sites, operators."""
-
-    path: Path
-    project: str
-    hosts: tuple[str, ...]
-    port: int
-    health_port: int
-    metrics_port: int
-    sites: tuple[AuthorisedSite, ...]
-    revoked: dict[str, dict[str, str]] = field(default_factory=dict)
-    operators: tuple[IssuedOperator, ...] = ()
-
-    @property
-    def ca_cert(self) -> Path:
-        """The project CA certificate."""
-        return self.path / "ca.crt"
-
-    @property
-    def cert(self) -> Path:
-        """The SuperLink's TLS certificate."""
-        return self.path / "server.crt"
-
-    @property
-    def key(self) -> Path:
-        """The SuperLink's TLS private key."""
-        return self.path / "server.key"
-
-    @property
-    def operators_crl(self) -> Path:
-        """The CA's list of revoked operator certificates (PEM)."""
-        return self.path / OPERATORS_CRL
-
-    @classmethod
-    def load(
-        cls, kit_dir: Path, *, check_permissions: bool = True, require_crl: bool = True
-    ) -> ServerKit:
-        """Read and check the kit in `kit_dir`; raises KitError saying what to fix.
-
-        `require_crl=False` reads a kit from before operator certificates (to add one).
-        """
-        values = _read_toml(kit_dir)
-        _kind(values, kit_dir, "server")
-        _need(kit_dir, "ca.crt", "server.crt", "server.key")
-        if require_crl and not (kit_dir / OPERATORS_CRL).is_file():
-            raise KitError(
-                f"{kit_dir}: missing {OPERATORS_CRL} (the revoked operator certificates); the "
-                "kit predates operator certificates: issue one with `medfed provision "
-                "add-operator NAME --kits KITS`, which writes it, and copy the server kit again"
-            )
-        if check_permissions:
-            check_private(kit_dir / "server.key")
-        link = values.get("superlink", {})
-        sites = tuple(
-            AuthorisedSite(name, str(entry.get("public-key", "")))
-            for name, entry in sorted(values.get("sites", {}).items())
-        )
-        return cls(
-            path=kit_dir,
-            project=str(values.get("project", "")),
-            hosts=tuple(link.get("hosts", ())),
-            port=int(link.get("port", DEFAULT_PORT)),
-            health_port=int(link.get("health-port", DEFAULT_HEALTH_PORT)),
-            metrics_port=int(link.get("metrics-port", DEFAULT_METRICS_PORT)),
-            sites=sites,
-            revoked=dict(values.get("revoked", {})),
-            operators=_operators(values, kit_dir),
-        )
-
-    def to_toml(self) -> dict[str, Any]:
-        """The kit file's content."""
-        return {
-            "kind": "server",
-            "version": KIT_VERSION,
-            "project": self.project,
-            "superlink": {
-                "hosts": list(self.hosts),
-                "port": self.port,
-                "health-port": self.health_port,
-                "metrics-port": self.metrics_port,
-            },
-            "sites": {s.name: {"public-key": s.public_key} for s in self.sites},
-            "revoked": self.revoked,
-            "operators": {o.name: o.to_toml() for o in self.operators},
-        }
 
 
 @dataclass(frozen=True)
@@ -374,9 +233,9 @@ class SiteKit:
     @classmethod
     def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> SiteKit:
         """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
-        values = _read_toml(kit_dir)
-        _kind(values, kit_dir, "site")
-        _need(kit_dir, "ca.crt", "site.key", "site.pub")
+        values = read_kit(kit_dir)
+        check_kind(values, kit_dir, "site")
+        check_files(kit_dir, "ca.crt", "site.key", "site.pub")
         if check_permissions:
             check_private(kit_dir / "site.key")
         site = str(values.get("site", ""))
@@ -393,7 +252,7 @@ class SiteKit:
             except ConfigError as exc:
                 raise KitError(str(exc)) from None
         return cls(
-            kit_dir, str(values.get("project", "")), site, _address(values, kit_dir),
+            kit_dir, str(values.get("project", "")), site, superlink_address(values, kit_dir),
             float(budget) if budget is not None else None, _approved_apps(values, kit_dir),
             _policy(values, kit_dir), _trusted_operators(values, kit_dir),
         )
@@ -412,148 +271,11 @@ class SiteKit:
         return values
 
 
-def _replace_kit_file(kit_dir: Path, values: dict[str, Any]) -> None:
-    """Write a kit's medfed-kit.toml atomically: a running site reads it at every task."""
-    write_text(kit_dir / KIT_FILE, tomli_w.dumps(values), permissions=0o644)
-
-
-def _rewrite_apps(kit_dir: Path, apps: tuple[ApprovedApp, ...]) -> None:
-    """Replace the kit's approved apps, keeping every other line's values, atomically.
-
-    The SuperNode's app check reads the kit at every task, so it must never see half a file.
-    """
-    values = _read_toml(kit_dir)
-    values.setdefault("apps", {})["approved"] = [a.to_toml() for a in apps]
-    _replace_kit_file(kit_dir, values)
-
-
-def approve_app(kit_dir: Path, fab_sha256: str, *, app: str = "", note: str = "") -> bool:
-    """Add an app version to a site kit's approved apps; False when it already was."""
-    digest = check_fab_hash(fab_sha256)
-    kit = SiteKit.load(kit_dir, check_permissions=False)
-    if kit.approves(digest):
-        return False
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    _rewrite_apps(kit_dir, (*kit.approved_apps, ApprovedApp(digest, app, note, now)))
-    return True
-
-
-def revoke_app(kit_dir: Path, fab_sha256: str) -> ApprovedApp:
-    """Remove an app version from a site kit's approved apps; the entry that was removed."""
-    digest = check_fab_hash(fab_sha256)
-    kit = SiteKit.load(kit_dir, check_permissions=False)
-    entry = next((a for a in kit.approved_apps if a.fab_sha256 == digest), None)
-    if entry is None:
-        raise ValueError(
-            f"--fab-hash {digest}: not approved in {kit_dir / KIT_FILE} (`medfed site apps "
-            f"--kit {kit_dir}` lists what is)"
-        )
-    _rewrite_apps(kit_dir, tuple(a for a in kit.approved_apps if a.fab_sha256 != digest))
-    return entry
-
-
 DEFAULT_OPERATOR = "operator"
 
 
-def _rewrite_table(kit_dir: Path, key: str, value: Any) -> None:
-    """Replace one top-level entry of a site kit, keeping every other value, atomically."""
-    values = _read_toml(kit_dir)
-    values[key] = value
-    _replace_kit_file(kit_dir, values)
-
-
-def set_policy(kit_dir: Path, policy: RunPolicy) -> None:
-    """Replace a site kit's run policy; the site applies it from the next message on."""
-    SiteKit.load(kit_dir, check_permissions=False)  # a site kit, readable
-    _rewrite_table(kit_dir, "policy", policy.to_toml())
-
-
-def trust_operator(site_kit_dir: Path, name: str, public_key_pem: str) -> bool:
-    """Accept runs signed by this operator at a site; False when it was trusted with this key.
-
-    An operator already trusted under `name` with another key gets the new key (re-issued).
-    """
-    entry = TrustedOperator(name, public_key_pem.strip() + "\n")
-    kit = SiteKit.load(site_kit_dir, check_permissions=False)
-    if entry in kit.operators:
-        return False
-    others = [o for o in kit.operators if o.name != name]
-    _rewrite_table(site_kit_dir, "operators", [o.to_toml() for o in (*others, entry)])
-    return True
-
-
-def distrust_operator(site_kit_dir: Path, name: str) -> TrustedOperator:
-    """Stop accepting runs signed by this operator at a site; the entry that was removed."""
-    kit = SiteKit.load(site_kit_dir, check_permissions=False)
-    entry = next((o for o in kit.operators if o.name == name), None)
-    if entry is None:
-        known = ", ".join(o.name for o in kit.operators) or "none"
-        raise ValueError(
-            f"--name {name!r}: not a trusted operator in {site_kit_dir / KIT_FILE} "
-            f"(trusted: {known})"
-        )
-    _rewrite_table(
-        site_kit_dir, "operators", [o.to_toml() for o in kit.operators if o.name != name]
-    )
-    return entry
-
-
-@dataclass(frozen=True)
-class OperatorKit:
-    """An operator's kit: the CA, the Control API address, a client certificate and its key.
-
-    The aggregator serves its Control API to nobody without such a certificate.
-    """
-
-    path: Path
-    project: str
-    superlink: str
-    name: str = DEFAULT_OPERATOR
-
-    @property
-    def ca_cert(self) -> Path:
-        """The project CA certificate."""
-        return self.path / "ca.crt"
-
-    @property
-    def cert(self) -> Path:
-        """The operator's client certificate (CN=name, OU=medfed-operator)."""
-        return self.path / "operator.crt"
-
-    @property
-    def key(self) -> Path:
-        """The operator's private key (EC P-256, PKCS#8 PEM, mode 0600)."""
-        return self.path / "operator.key"
-
-    @classmethod
-    def load(cls, kit_dir: Path, *, check_permissions: bool = True) -> OperatorKit:
-        """Read and check the kit in `kit_dir`; raises KitError saying what to fix."""
-        values = _read_toml(kit_dir)
-        _kind(values, kit_dir, "operator")
-        _need(kit_dir, "ca.crt")
-        name = str(values.get("name", DEFAULT_OPERATOR))
-        if not is_safe_site_name(name):
-            raise KitError(f"{kit_dir / KIT_FILE}: invalid operator name {name!r}; re-issue it")
-        missing = [f for f in ("operator.crt", "operator.key") if not (kit_dir / f).is_file()]
-        if missing:
-            raise KitError(
-                f"{kit_dir}: missing {', '.join(missing)}; the aggregator serves its Control API "
-                "only to an operator certificate: issue one with `medfed provision add-operator "
-                "NAME --kits KITS` and use the kit it writes (KITS/operators/NAME)"
-            )
-        if check_permissions:
-            check_private(kit_dir / "operator.key")
-        return cls(kit_dir, str(values.get("project", "")), _address(values, kit_dir), name)
-
-    def to_toml(self) -> dict[str, Any]:
-        """The kit file's content."""
-        return {
-            "kind": "operator", "version": KIT_VERSION, "project": self.project,
-            "name": self.name, "superlink": self.superlink,
-        }
-
-
-def _address(values: dict[str, Any], kit_dir: Path) -> str:
+def superlink_address(values: dict[str, Any], kit_dir: Path) -> str:
+    """The kit's SuperLink address, checked to be HOST:PORT."""
     address = str(values.get("superlink", ""))
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():

@@ -542,8 +542,9 @@ def predict(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from client.predict.run import PREDICTIONS, clear_outputs
+    from client.predict.run import clear_outputs
     from client.predict.run import predict as run_predict
+    from client.predict.writer import PREDICTIONS
 
     def check_out() -> None:
         _need_folder(out_dir)

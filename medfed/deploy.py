@@ -201,7 +201,7 @@ def server(
     metrics_host: Annotated[str, typer.Option(help="Address of the dashboard.")] = "127.0.0.1",
 ) -> None:
     """Run the aggregator: Flower's SuperLink behind a gateway; Control API for operators only."""
-    from common.kit import ServerKit
+    from common.server_kit import ServerKit
     from server.exporter import MetricsSettings
     from server.superlink import ServerProcess, ServerSettings
     from server.watch import RunWatcher
@@ -408,7 +408,8 @@ def approve(
 ) -> None:
     """Approve one app version (its FAB hash) to run at this site."""
     from common.apps import check_fab_hash
-    from common.kit import SiteKit, approve_app
+    from common.kit import SiteKit
+    from common.kit_edits import approve_app
 
     if (fab_hash is None) == (app_dir is None):
         raise fail("give exactly one of --fab-hash HASH or --app APP_DIR", EXIT_BAD_INPUT)
@@ -433,7 +434,8 @@ def approve(
 @site_app.command("revoke-app")
 def revoke_app_command(kit: AppKitOpt, fab_hash: FabHashOpt = None) -> None:
     """Withdraw an app version's approval; the site refuses it from the next round."""
-    from common.kit import SiteKit, revoke_app
+    from common.kit import SiteKit
+    from common.kit_edits import revoke_app
 
     if fab_hash is None:
         raise fail("--fab-hash is required (`medfed site apps --kit KIT` lists them)",
@@ -508,7 +510,8 @@ def policy(
     from dataclasses import replace
 
     from common.config import STRATEGIES, TASKS
-    from common.kit import SiteKit, set_policy
+    from common.kit import SiteKit
+    from common.kit_edits import set_policy
     from common.policy import check_max_epsilon, check_names
 
     site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
@@ -561,7 +564,8 @@ def trust_operator_command(
     ],
 ) -> None:
     """Accept runs signed by this operator's key at this site."""
-    from common.kit import SiteKit, trust_operator
+    from common.kit import SiteKit
+    from common.kit_edits import trust_operator
 
     site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
     try:
@@ -582,7 +586,8 @@ def distrust_operator_command(
     name: Annotated[str, typer.Option(help="The operator to stop trusting.")],
 ) -> None:
     """Refuse runs signed by this operator from the next message on."""
-    from common.kit import SiteKit, distrust_operator
+    from common.kit import SiteKit
+    from common.kit_edits import distrust_operator
 
     site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
     guard(lambda: _kit_written(lambda: distrust_operator(kit, name), kit))
@@ -747,7 +752,7 @@ def run(
     verbose: Annotated[bool, typer.Option(help="Show the run's whole log.")] = False,
 ) -> None:
     """Submit a training run to the aggregator, follow it, and write its results to --out."""
-    from common.kit import OperatorKit
+    from common.operator_kit import OperatorKit
     from common.outputs import note, prepare
     from server.artifacts import FILES
     from server.submit import OperatorError, check_credentials, find_app_dir, submit
@@ -840,7 +845,7 @@ def _refused_everywhere(results: dict[str, Any]) -> list[str]:
 
 def runs(kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")]) -> None:
     """List the aggregator's runs."""
-    from common.kit import OperatorKit
+    from common.operator_kit import OperatorKit
     from server.submit import OperatorError, check_credentials, list_runs
 
     operator = guard(lambda: OperatorKit.load(kit))
@@ -867,7 +872,7 @@ def stop(
     kit: Annotated[Path, typer.Option(help="The operator kit (KITS/operator).")],
 ) -> None:
     """Stop a run on the aggregator."""
-    from common.kit import OperatorKit
+    from common.operator_kit import OperatorKit
     from server.submit import OperatorError, check_credentials, stop_run
 
     operator = guard(lambda: OperatorKit.load(kit))

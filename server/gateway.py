@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.certs import OPERATOR_OU, load_crl
-from common.kit import KitError, ServerKit
+from common.kit import KitError
 from common.procs import die_with_parent
+from common.server_kit import ServerKit
 
 log = logging.getLogger("medfed.gateway")
 

@@ -35,19 +35,15 @@ from common.kit import (
     DEFAULT_OPERATOR,
     DEFAULT_PORT,
     KIT_FILE,
-    OPERATORS_CRL,
-    AuthorisedSite,
-    IssuedOperator,
     KitError,
-    OperatorKit,
-    ServerKit,
     SiteKit,
-    distrust_operator,
-    trust_operator,
     write_toml,
 )
+from common.kit_edits import distrust_operator, trust_operator
+from common.operator_kit import OperatorKit
 from common.outputs import note, prepare
 from common.runsign import load_private_key, public_pem
+from common.server_kit import OPERATORS_CRL, AuthorisedSite, IssuedOperator, ServerKit
 from common.sites import is_safe_site_name, site_name_problem
 
 PARTS = ("ca", "server", "sites", "operator", "operators")

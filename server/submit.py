@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 
 from common.apps import build_app_bundle
 from common.certs import OPERATOR_OU
-from common.kit import KitError, OperatorKit, check_private
+from common.kit import KitError, check_private
+from common.operator_kit import OperatorKit
 from common.procs import flower_environment
 from common.runsign import RunSignatureError, load_private_key, sign_run
 from server import artifacts

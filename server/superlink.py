@@ -37,7 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from common.certs import load_public_key, public_key_pem
-from common.kit import KIT_FILE, AuthorisedSite, KitError, ServerKit
+from common.kit import KIT_FILE, KitError
 from common.ports import bind_failure
 from common.procs import (
     die_with_parent,
@@ -46,6 +46,7 @@ from common.procs import (
     on_stop_signals,
     terminate_tree,
 )
+from common.server_kit import AuthorisedSite, ServerKit
 from server.artifacts import STATE_ENV
 from server.gateway import Gateway, GatewaySettings, free_loopback_port
 

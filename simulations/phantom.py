@@ -22,7 +22,7 @@ from scipy import ndimage
 
 View = Literal["axial", "frontal"]
 
-# Lesion difficulty, calibrated against models.cnn.CNNClassifier (see simulations/synth.py):
+# Lesion difficulty, calibrated against models.cnn.CNNClassifier (see simulations/synth/):
 # most lesions are conspicuous nodules or masses, the rest subtle (small and faint); the
 # subtle fraction sets how far below 1.0 the achievable AUC lies.
 CONSPICUOUS_DIAMETER_MM = (30.0, 60.0)

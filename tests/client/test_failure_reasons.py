@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
-from client.app import SITE_LOG, SiteFailure, _outbound_mod
+from client.outbound import SITE_LOG, SiteFailure, _outbound_mod
 from common.config import RunConfig
 from common.flower_compat.task_identity import identity
 from common.sites import SiteRef

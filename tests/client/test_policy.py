@@ -22,16 +22,9 @@ from client.approval import AppNotApproved, install_check
 from client.policy import RunRefused, check_deployed_message, check_task
 from common.apps import build_app_bundle
 from common.config import RunConfig
-from common.kit import (
-    KIT_FILE,
-    KitError,
-    OperatorKit,
-    SiteKit,
-    approve_app,
-    distrust_operator,
-    set_policy,
-    trust_operator,
-)
+from common.kit import KIT_FILE, KitError, SiteKit
+from common.kit_edits import approve_app, distrust_operator, set_policy, trust_operator
+from common.operator_kit import OperatorKit
 from common.policy import RUN_REFUSAL_MARK, PolicyError, RunPolicy, parse_run_refusal
 from common.runsign import OPERATOR_KEY, SIGNATURE_KEY, load_private_key, new_operator_key, sign_run
 from medfed.cli import app as cli

@@ -10,9 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.message_type import MessageType
 from opacus.accountants import RDPAccountant
 
-from client.app import GUARD, make_client_app
+from client.app import make_client_app
 from client.audit import OutboundViolation
 from client.ledger import PrivacyLedger
+from client.outbound import GUARD
 from common.config import RunConfig
 from common.flower_compat.task_identity import identity
 from common.operating import BINS, HIST_KEYS, RELEASE

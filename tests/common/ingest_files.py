@@ -21,6 +21,7 @@ from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from common.data import Preprocess
 from tests.common.conftest import make_dataset
 
 
@@ -145,3 +146,22 @@ def patch_value(data: bytes, keyword: str, raw: bytes) -> bytes:
         element = body[at : at + 6] + struct.pack("<H", len(raw)) + raw
         end = at + 8 + length
     return _join(head, body[:at] + element + body[end:], syntax)
+
+
+# Shared by test_data_ingest_edges.py and test_data_ingest_formats.py.
+PRE = Preprocess(image_size=16)
+
+
+def site_with(root, labels_csv, dicom_file, mr, extra):
+    """A site with two good training images per class plus `extra` rows (name -> label)."""
+    lines = []
+    for i in range(4):
+        dicom_file(root / f"good{i}.dcm", mr(i))
+        lines.append([f"good{i}.dcm", i % 2, "train"])
+    lines += [[name, 0, "train"] for name in extra]
+    labels_csv(root, lines, header="path,label,split")
+    return root
+
+
+def problems_of(card):
+    return {p.path: p.reason for p in card.problems}

@@ -27,7 +27,8 @@ from client.policy import RunRefused
 from client.supernode import SiteSettings
 from common.apps import APP_REFUSAL_MARK, AppBundle, build_app_bundle, parse_app_refusal
 from common.flower_compat import FlowerVersionError
-from common.kit import KIT_FILE, KitError, SiteKit, approve_app, revoke_app
+from common.kit import KIT_FILE, KitError, SiteKit
+from common.kit_edits import approve_app, revoke_app
 from server.provision import provision
 from tests.apps import tiny_app
 from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
@@ -287,14 +288,14 @@ def test_a_read_only_kit_says_where_to_edit_it(
 
     from typer.testing import CliRunner
 
-    import common.kit
+    import common.kit_edits
     from medfed.cli import app as cli
 
     def read_only(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
     # a kit mounted from a Kubernetes Secret (a test as root could write through chmod 500)
-    monkeypatch.setattr(common.kit, "write_text", read_only)
+    monkeypatch.setattr(common.kit_edits, "write_text", read_only)
     done = CliRunner().invoke(
         cli, ["site", "approve", "--kit", str(site_kit), "--fab-hash", "a" * 64]
     )

@@ -21,7 +21,9 @@ from common.certs import (
     load_crl,
     private_key_matches,
 )
-from common.kit import KitError, OperatorKit, ServerKit, SiteKit, check_private
+from common.kit import KitError, SiteKit, check_private
+from common.operator_kit import OperatorKit
+from common.server_kit import ServerKit
 from server.provision import add_operator, add_site, provision, revoke_operator, revoke_site
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]

@@ -16,7 +16,7 @@ import tomli_w
 
 from client.ledger import PrivacyLedger
 from common.apps import build_app_bundle
-from common.kit import OperatorKit
+from common.operator_kit import OperatorKit
 from common.policy import RUN_REFUSAL_MARK
 from server.submit import CONNECTION, flower_home, flwr_argv, run_status, sign_overrides
 from tests.deploy.test_federation import Federation, _finish, _results, provisioned

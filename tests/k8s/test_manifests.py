@@ -1,4 +1,4 @@
-"""The Kubernetes manifests and the Dockerfile, checked offline.
+"""The Kubernetes manifests, checked offline (the Dockerfile: test_image.py).
 
 Every overlay under k8s/overlays (found, not listed) and k8s/monitoring is built with the
 kustomize inside kubectl and each resource validated against the Kubernetes 1.37 schemas
@@ -10,105 +10,41 @@ non-root user with a read-only root filesystem, flags, ports and probes agree, a
 build context can never carry data, runs, kits or keys. No Docker daemon or cluster is needed.
 """
 
-import functools
 import ipaddress
 import json
-import os
 import re
-import subprocess
-import sys
-import tomllib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.medfed.helpers import require_tool
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "k8s"
-KUBECTL = Path(sys.executable).parent / "kubectl"
-K8S_VERSION = "1.37.0"
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-VERSION = PYPROJECT["project"]["version"]
-# The packages of the distribution, hence of the Flower App the image carries.
-PACKAGES = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
-
-# k8s/monitoring/grafana-dashboard.json links to monitoring/grafana-dashboard.json, outside the
-# kustomization's folder: kustomize follows it only when told to (k8s/README.md says so too).
-LOAD_ANYWHERE = ("--load-restrictor", "LoadRestrictionsNone")
-BUILDS = {
-    **{
-        f"overlays/{d.name}": d
-        for d in sorted((K8S / "overlays").iterdir())
-        if (d / "kustomization.yaml").is_file()
-    },
-    "monitoring": K8S / "monitoring",
-}
-
-UID = 10001
-AGGREGATOR, SITE = "medfed-aggregator", "medfed-site"
-FLEET_PORT, AGGREGATOR_HEALTH, AGGREGATOR_METRICS = 9092, 9098, 9400
-SITE_METRICS, SITE_HEALTH = 9401, 9099
-GPU = "nvidia.com/gpu"
-
-
-# --- building -----------------------------------------------------------------------------
-
-
-@functools.cache
-def _built(name: str) -> tuple[dict[str, Any], ...]:
-    flags = LOAD_ANYWHERE if name == "monitoring" else ()
-    done = subprocess.run(
-        [str(KUBECTL), "kustomize", *flags, str(BUILDS[name])],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"kubectl kustomize k8s/{name} failed:\n{done.stderr}")
-    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
-
-
-def build(name: str) -> tuple[dict[str, Any], ...]:
-    """The resources of `kubectl kustomize k8s/NAME`."""
-    require_tool(str(KUBECTL), "install the dev dependencies: pip install -e '.[dev]'")
-    return _built(name)
-
-
-def find(resources: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any] | None:
-    hits = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
-    assert len(hits) <= 1, f"{len(hits)} {kind}s named {name}"
-    return hits[0] if hits else None
-
-
-def builds_with(kind: str, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(build, resource) for every build that has this resource; at least one must."""
-    found = [(b, r) for b in BUILDS if (r := find(build(b), kind, name)) is not None]
-    assert found, f"no build under k8s/ has {kind} {name}"
-    yield from found
-
-
-def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (only,) = deployment["spec"]["template"]["spec"]["containers"]
-    return only
-
-
-def flags(args: list[str]) -> dict[str, str]:
-    """`server --kit /kit --port 9092` -> {"--kit": "/kit", "--port": "9092"}."""
-    return dict(zip(args[1::2], args[2::2], strict=True))
-
-
-def mounts(deployment: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """mountPath -> (volumeMount, volume)."""
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    return {m["mountPath"]: (m, volumes[m["name"]]) for m in container(deployment)["volumeMounts"]}
-
-
-def ports(deployment: dict[str, Any]) -> dict[str, int]:
-    return {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
-
+from tests.k8s.manifests import (
+    AGGREGATOR,
+    AGGREGATOR_HEALTH,
+    AGGREGATOR_METRICS,
+    BUILDS,
+    FLEET_PORT,
+    GPU,
+    K8S,
+    K8S_VERSION,
+    ROOT,
+    SITE,
+    SITE_HEALTH,
+    SITE_METRICS,
+    UID,
+    VERSION,
+    build,
+    builds_with,
+    container,
+    docker_user,
+    find,
+    flags,
+    instruction,
+    mounts,
+    ports,
+    workloads,
+)
 
 # --- every build: it builds, it validates, it holds no key -----------------------------------
 
@@ -176,13 +112,6 @@ def test_every_service_and_network_policy_selects_a_pod_of_its_build(name: str) 
 
 
 # --- pods: security context, image --------------------------------------------------------
-
-
-def workloads() -> Iterator[tuple[str, dict[str, Any]]]:
-    for name in BUILDS:
-        for r in build(name):
-            if r["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
-                yield f"{name}: {r['kind']}/{r['metadata']['name']}", r
 
 
 def test_every_container_runs_as_the_image_user_read_only_without_privileges() -> None:
@@ -476,133 +405,3 @@ def test_the_scrape_config_finds_exactly_the_metrics_ports_of_medfed_pods() -> N
             if kept_by(job["relabel_configs"], meta):
                 scraped.add(port["containerPort"])
     assert scraped == {AGGREGATOR_METRICS, SITE_METRICS}
-
-
-# --- the image -----------------------------------------------------------------------------
-
-
-DOCKERFILE = ROOT / "Dockerfile"
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments), continuation lines joined as Docker joins them."""
-    instructions, line = [], ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        if raw.lstrip().startswith("#") or (not line and not raw.strip()):
-            continue  # Docker drops comment lines, also inside a continued instruction
-        if re.search(r"\\[ \t]*$", raw):
-            line += re.sub(r"\\[ \t]*$", "", raw)
-            continue
-        line += raw
-        keyword, _, args = line.strip().partition(" ")
-        instructions.append((keyword.upper(), args.strip()))
-        line = ""
-    return instructions
-
-
-def instruction(keyword: str) -> list[str]:
-    return [args for k, args in dockerfile() if k == keyword]
-
-
-def docker_user() -> int:
-    user = instruction("USER")[-1]
-    assert re.fullmatch(r"\d+(:\d+)?", user), f"USER {user}: numeric, so kubelet can verify it"
-    return int(user.split(":")[0])
-
-
-def test_image_runs_medfed_as_a_non_root_user() -> None:
-    assert instruction("FROM") == ["python:3.11-slim"]
-    assert docker_user() == UID
-    assert json.loads(instruction("ENTRYPOINT")[-1]) == ["medfed"]
-    assert json.loads(instruction("CMD")[-1]) == ["--help"]
-
-
-def test_image_exposes_the_ports_the_manifests_use() -> None:
-    exposed = {int(p) for args in instruction("EXPOSE") for p in args.split()}
-    used = {port for _, workload in workloads() for port in ports(workload).values()}
-    assert exposed == used == {9092, 9098, 9400, 9401, 9099}
-
-
-def test_image_carries_the_flower_app_source() -> None:
-    workdir, copied = "/", {}
-    for keyword, args in dockerfile():
-        if keyword == "WORKDIR":
-            workdir = os.path.join(workdir, args)
-        elif keyword == "COPY":
-            *sources, dest = args.split()
-            for source in sources:
-                copied[source.rstrip("/")] = os.path.normpath(os.path.join(workdir, dest))
-    app = "/opt/medfed/app"
-    for package in PACKAGES:
-        assert copied.get(package) == f"{app}/{package}", package
-    assert copied.get("pyproject.toml") == copied.get("README.md") == app
-
-
-def test_image_installs_the_torch_pyproject_pins_from_the_chosen_index() -> None:
-    (run,) = [args for args in instruction("RUN") if "TORCH_INDEX_URL" in args]
-    assert "--index-url \"$TORCH_INDEX_URL\"" in run
-    assert any(a.startswith("TORCH_INDEX_URL=") for a in instruction("ARG"))
-    # run the image's own look-up of the pin, as the build's shell would
-    (lookup,) = re.findall(r'"\$\((python -c .*)\)"', run)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["sh", "-c", lookup], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (torch,) = [d for d in PYPROJECT["project"]["dependencies"] if re.match(r"torch\b", d)]
-    assert done.stdout.strip() == torch
-
-
-def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
-    """(is an exception `!`, regex) per line, in Docker's pattern syntax."""
-    patterns = []
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-        regex = ""
-        for token in re.split(r"(\*\*/|\*\*|\*|\?)", pattern):
-            regex += {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
-                token, re.escape(token)
-            )
-        patterns.append((negate, re.compile(regex)))
-    return patterns
-
-
-def dockerignored(path: str) -> bool:
-    """Whether Docker leaves `path` (or a folder above it) out of the build context."""
-    parents = [str(Path(*Path(path).parts[: i + 1])) for i in range(len(Path(path).parts))]
-    ignored = False
-    for negate, regex in dockerignore_patterns():
-        if any(regex.fullmatch(p) for p in parents):
-            ignored = not negate
-    return ignored
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "data/demo/sites/hospital-01/labels.csv",
-        "runs/demo/model.pt",
-        "kits/server/server.key",
-        "kits/sites/hospital-01/site.pub",
-        "server.key",
-        "common/stray/site.key",
-        ".venv/bin/python",
-        ".git/config",
-        "server/__pycache__/app.cpython-311.pyc",
-    ],
-)
-def test_build_context_leaves_out_data_runs_kits_keys_and_environments(path: str) -> None:
-    assert dockerignored(path)
-
-
-def test_build_context_keeps_everything_the_image_copies() -> None:
-    tracked = subprocess.run(
-        ["git", "ls-files", "pyproject.toml", "README.md", *PACKAGES],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    assert len(tracked) > len(PACKAGES)
-    assert [p for p in tracked if dockerignored(p)] == []

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
-from client.app import _budget
+from client.site_privacy import _budget
 from common.config import ConfigError, RunConfig
 from common.kit import KIT_FILE, KitError, SiteKit
 from medfed.cli import app

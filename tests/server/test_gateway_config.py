@@ -13,7 +13,7 @@ from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.protobuf.client import ProtobufClient
 
 from common.flower_compat import FlowerVersionError
-from common.kit import ServerKit
+from common.server_kit import ServerKit
 from server import flwr_operator
 from server.gateway import Gateway, GatewayError, GatewaySettings, find_nginx
 from server.provision import provision

@@ -30,7 +30,8 @@ from medfed.cli import EXIT_BAD_INPUT, app
 from simulations import anatomy, film, torso
 from simulations.anatomy import LABELS, organ_tissues
 from simulations.phantom import Grid
-from simulations.synth import _CT_TISSUES, _XR_TISSUES, synthesize
+from simulations.synth import synthesize
+from simulations.synth.sites import _CT_TISSUES, _XR_TISSUES
 
 runner = CliRunner()
 BODY, RIGHT, LEFT, HEART, LIVER, LESION = 1, 2, 3, 4, 5, 6

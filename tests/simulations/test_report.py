@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import EXIT_BAD_INPUT, app
-from simulations.report import (
+from simulations.report import render_report, write_report
+from simulations.report.data import (
     FAILED,
     REFUSED,
     SCREENED,
@@ -19,11 +20,9 @@ from simulations.report import (
     fairness_by_round,
     load_results,
     participation_matrix,
-    render_report,
-    short_reason,
     site_names,
-    write_report,
 )
+from simulations.report.failures import short_reason
 
 runner = CliRunner()
 SECTIONS = ["config", "global", "sites", "participation", "privacy", "fairness", "failures",

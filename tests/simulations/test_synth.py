@@ -19,7 +19,9 @@ from pydicom.uid import (
 )
 
 from simulations import phantom, synth
+from simulations.synth import sites as synth_sites
 from simulations.synth import synthesize
+from simulations.synth import writer as synth_writer
 
 SITES = 5
 PER_SITE = 12
@@ -89,7 +91,7 @@ def test_every_dicom_decodes_with_site_specific_encodings(
         syntaxes.add(ds.file_meta.TransferSyntaxUID)
         photometric.add(ds.PhotometricInterpretation)
         modalities.add(ds.Modality)
-        assert ds.SOPClassUID == synth._SOP_CLASS[ds.Modality]
+        assert ds.SOPClassUID == synth_writer._SOP_CLASS[ds.Modality]
         if ds.Modality == "CT":
             assert ds.SOPClassUID == CTImageStorage
             assert (ds.RescaleIntercept, ds.RescaleSlope, ds.PixelRepresentation) == (-1024, 1, 1)
@@ -123,12 +125,12 @@ def test_lesion_mask_marks_the_lesion_pixels() -> None:
     # Noise- and blur-free imaging: inside the mask the CT value must be the lesion's.
     rng = np.random.default_rng(0)
     grid = phantom.Grid(160, 160, (2.5, 2.5))
-    scanner = phantom.Scanner("axial", grid, synth._CT_TISSUES, 1e-3, 0.0, 0.0, 0.0)
+    scanner = phantom.Scanner("axial", grid, synth_sites._CT_TISSUES, 1e-3, 0.0, 0.0, 0.0)
     for _ in range(5):
         ph = phantom.sample_phantom(rng, "axial", lesion=True, min_radius=4.0)
         image, mask = phantom.acquire(ph, scanner, rng)
         assert ph.lesion is not None and mask.sum() >= 1
-        lung, lesion = synth._CT_TISSUES.lung, synth._CT_TISSUES.lesion
+        lung, lesion = synth_sites._CT_TISSUES.lung, synth_sites._CT_TISSUES.lesion
         expected = lung + ph.lesion.contrast * (lesion - lung)
         core = mask & (np.abs(image - expected) < 1.0)
         # Only the partial-volume rim of the mask may deviate from the lesion value.
@@ -158,7 +160,7 @@ def test_sites_differ_in_case_mix_size_and_scanner(
     out, summary = data
     assert len(set(summary.positives.values())) == SITES
     assert all(0.15 <= p <= 0.6 for p in summary.positives.values())
-    big = synth._site_profiles(SITES, 200, seed=3)
+    big = synth_sites._site_profiles(SITES, 200, seed=3)
     assert len({p.n_images for p in big}) == SITES
     assert all(100 <= p.n_images <= 300 for p in big)
     styles = set()
@@ -219,7 +221,7 @@ def test_missing_codec_falls_back_to_uncompressed(
     class _Missing:
         is_available = False
 
-    monkeypatch.setattr(synth, "get_encoder", lambda uid: _Missing())
+    monkeypatch.setattr(synth_sites, "get_encoder", lambda uid: _Missing())
     out = synthesize(tmp_path / "out", sites=3, images_per_site=10, test_images=10).out
     for path in out.rglob("*.dcm"):
         ds = pydicom.dcmread(path)

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from simulations import synth
 from simulations.synth import synthesize
+from simulations.synth.layout import _hard_layout
+from simulations.synth.sites import _site_labels, _site_profiles
 
 runner = CliRunner()
 HARD = Path(__file__).resolve().parents[2] / "simulations" / "scenarios" / "hard.toml"
@@ -54,27 +56,27 @@ def test_sizes_one_class_sites_and_test_prevalence(
 
 
 def test_label_alpha_skews_mixed_sites_but_keeps_both_classes() -> None:
-    layout = synth._hard_layout(8, None, 0, 0.05, None, 100)
-    profiles = synth._site_profiles(8, 100, 0, layout)
+    layout = _hard_layout(8, None, 0, 0.05, None, 100)
+    profiles = _site_profiles(8, 100, 0, layout)
     shares = [p.prevalence for p in profiles]
     # Beta(0.05, 0.05) puts nearly every site near 0 or 1 ...
     assert sum(min(s, 1 - s) < 0.05 for s in shares) >= 6, shares
     # ... and a mixed site keeps at least one image of each class however skewed
     for p in profiles:
-        assert 0 < int(synth._site_labels(p, 0).sum()) < p.n_images
-    spread = synth._site_profiles(8, 100, 0, synth._hard_layout(8, None, 0, 100.0, None, 100))
+        assert 0 < int(_site_labels(p, 0).sum()) < p.n_images
+    spread = _site_profiles(8, 100, 0, _hard_layout(8, None, 0, 100.0, None, 100))
     assert all(0.3 < p.prevalence < 0.7 for p in spread)
 
 
 def test_default_layout_is_unchanged() -> None:
     # the demo's layout (seed 0, 4 sites of ~200), as written before the hard-layout flags:
     # existing data sets and tests stay reproducible
-    profiles = synth._site_profiles(4, 200, 0, synth._hard_layout(4, None, 0, None, None, 400))
+    profiles = _site_profiles(4, 200, 0, _hard_layout(4, None, 0, None, None, 400))
     assert [p.n_images for p in profiles] == [127, 247, 191, 250]
     assert [round(p.prevalence, 6) for p in profiles] == [0.37961, 0.151859, 0.353993, 0.590185]
-    assert [int(synth._site_labels(p, 0).sum()) for p in profiles] == [48, 38, 68, 148]
-    assert synth._hard_layout(4, None, 0, None, None, 400).test_positives == 200
-    assert synth._site_profiles(4, 200, 0) == profiles
+    assert [int(_site_labels(p, 0).sum()) for p in profiles] == [48, 38, 68, 148]
+    assert _hard_layout(4, None, 0, None, None, 400).test_positives == 200
+    assert _site_profiles(4, 200, 0) == profiles
 
 
 @pytest.mark.parametrize(
@@ -131,7 +133,7 @@ def test_hard_scenario_runs_end_to_end(
 
 def test_hard_scenario_parses_is_documented_and_matches_the_bench() -> None:
     from bench import hard
-    from bench.run import _synth_flags
+    from bench.figures import _synth_flags
     from simulations.scenario import Scenario
 
     scenario = Scenario.load(HARD)
