@@ -14,7 +14,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
-from client.audit_state import TRAIL, append_signed, signing_key
+from client.audit_state import append_signed, signing_key
 from client.ledger import BudgetRefused
 from client.policy import RunRefused
 from client.secure import NORM_BIT, SECAGG_REPLY_KEYS, is_secure_stage
@@ -56,7 +56,6 @@ GUARD = OutboundGuard(
     # aggregates over images, never one per image
     list_metrics=frozenset(HIST_KEYS) | frozenset(FINGERPRINT_LISTS),
 )
-AUDIT_FILE = TRAIL
 _LEGACY_METRIC_RECORDS = frozenset({"fitres.metrics", "evaluateres.metrics"})
 
 
