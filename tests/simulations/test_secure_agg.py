@@ -21,6 +21,8 @@ from client.audit_state import verify_state
 from common.config import RunConfig
 from common.sites import site_refs
 from server.secure import run_secure_federation
+from simulations.runner import simulate
+from simulations.synth import synthesize
 from tests.simulations.conftest import write_easy_hospitals
 
 pytestmark = pytest.mark.slow
@@ -181,3 +183,47 @@ def test_secure_aggregation_with_central_dp_accounts_each_release(
     for entry in results["rounds"]:
         for metrics in entry["federated"]["sites"].values():
             assert metrics["train"]["unit-weight"] == 1
+
+
+@pytest.fixture(scope="module")
+def segment_sites(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("secagg-segment")
+    synthesize(root, sites=2, images_per_site=24, seed=3, test_images=24)
+    return root
+
+
+def _files(run_dir: Path, run_key: str) -> set[str]:
+    # each site's privacy ledger is named after the run's key, which differs between runs
+    return {str(p.relative_to(run_dir)).replace(run_key, "RUN")
+            for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _shape(value: Any, at: str = "") -> set[str]:
+    """Every key path of a JSON value (list items merged): what a reader of results.json uses."""
+    if isinstance(value, dict):
+        return {f"{at}/{k}" for k in value} | {
+            path for k, v in value.items() for path in _shape(v, f"{at}/{k}")}
+    if isinstance(value, list):
+        return {path for item in value for path in _shape(item, f"{at}[]")}
+    return set()
+
+
+def test_secure_aggregation_writes_what_a_plain_run_writes(segment_sites: Path,
+                                                           tmp_path: Path) -> None:
+    # one federation loop: the task's hooks (segmentation.png), checkpoints, the record and
+    # each round's per-site entries are the same with or without SecAgg+
+    runs = {}
+    for secure in (False, True):
+        cfg = RunConfig(
+            sites_dir=str(segment_sites / "sites"), test_data=str(segment_sites / "test"),
+            out=str(tmp_path / f"secure-{secure}"), rounds=1, local_steps=2, image_size=16,
+            batch_size=8, task="segment", secure_agg=secure,
+        )
+        runs[secure] = (Path(cfg.out), simulate(cfg))
+    (plain_dir, plain), (secure_dir, secure) = runs[False], runs[True]
+    assert (secure_dir / "segmentation.png").stat().st_size > 1000
+    assert _files(secure_dir, secure["config"]["run-key"]) == _files(
+        plain_dir, plain["config"]["run-key"])
+    assert sorted(secure) == sorted(plain)
+    assert _shape(secure) == _shape(plain)
+    assert secure["rounds"][0]["participants"] == ["hospital-01", "hospital-02"]
