@@ -20,7 +20,7 @@ from client.app import make_client_app
 from client.audit_state import verify_state
 from common.config import RunConfig
 from common.sites import site_refs
-from server.secure import run_secure_federation
+from server.run import run_federation
 from simulations.runner import simulate
 from simulations.synth import synthesize
 from tests.simulations.conftest import write_easy_hospitals
@@ -76,7 +76,7 @@ def _run(cfg: RunConfig, sites: Path, mods: list[Any]) -> _SpyGrid:
     def main(grid: Grid, context: Context) -> None:
         spy = _SpyGrid(grid)
         spies.append(spy)
-        run_secure_federation(spy, context, cfg, site_dirs=[r.data_dir for r in refs])  # type: ignore[arg-type]
+        run_federation(spy, cfg, site_dirs=[r.data_dir for r in refs])  # type: ignore[arg-type]
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
@@ -198,14 +198,17 @@ def _files(run_dir: Path, run_key: str) -> set[str]:
             for p in run_dir.rglob("*") if p.is_file()}
 
 
-def _shape(value: Any, at: str = "") -> set[str]:
-    """Every key path of a JSON value (list items merged): what a reader of results.json uses."""
-    if isinstance(value, dict):
-        return {f"{at}/{k}" for k in value} | {
-            path for k, v in value.items() for path in _shape(v, f"{at}/{k}")}
-    if isinstance(value, list):
-        return {path for item in value for path in _shape(item, f"{at}[]")}
-    return set()
+def _layout(results: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of results.json relies on: its sections, each round's, and whom they name."""
+    last = results["rounds"][-1]
+    return {
+        "sections": sorted(results),
+        "round": sorted(last),
+        "final": sorted(results["final"]),
+        "sites": {key: sorted(last[key]) for key in ("update_bytes", "audit_heads", "privacy")}
+        | {"federated": sorted(last["federated"]["sites"]),
+           "cross_site": sorted(results["cross_site"]["sites"])},
+    }
 
 
 def test_secure_aggregation_writes_what_a_plain_run_writes(segment_sites: Path,
@@ -224,6 +227,6 @@ def test_secure_aggregation_writes_what_a_plain_run_writes(segment_sites: Path,
     assert (secure_dir / "segmentation.png").stat().st_size > 1000
     assert _files(secure_dir, secure["config"]["run-key"]) == _files(
         plain_dir, plain["config"]["run-key"])
-    assert sorted(secure) == sorted(plain)
-    assert _shape(secure) == _shape(plain)
+    assert _layout(secure) == _layout(plain)
     assert secure["rounds"][0]["participants"] == ["hospital-01", "hospital-02"]
+    assert _layout(secure)["sites"]["update_bytes"] == ["hospital-01", "hospital-02"]
