@@ -68,6 +68,8 @@ log = logging.getLogger("medfed.server")
 
 # the Message-API records a training instruction carries (Flower's strategies' default keys)
 _ARRAYS, _CONFIG = "arrays", "config"
+# the record of a legacy training reply that holds its metrics (flwr.compat's FitRes layout)
+_FIT_METRICS = "fitres.metrics"
 
 
 def _shares(value: float) -> int | float:
@@ -171,8 +173,9 @@ class SecAggPlusGrid(_Delegating):
                 replies.append(watched.errors[node])
             elif node not in watched.silent:
                 # it answered every stage it was asked, but the protocol stopped short of the sum
+                site = f"site {watched.names[node]}: " if node in watched.names else ""
                 replies.append(Message(Error(ErrorCode.UNKNOWN, reason=(
-                    f"round {server_round}: SecAgg+ stopped before the masked sum could be "
+                    f"{site}round {server_round}: SecAgg+ stopped before the masked sum could be "
                     "unmasked (it needs at least 2 sites and, for every site, "
                     f"--secagg-threshold {self.threshold} of its shares); no update was used"
                 )), reply_to=msg))
@@ -221,7 +224,7 @@ def _site_reply(res: FitRes, dtypes: dict[str, np.dtype[Any]]) -> RecordDict:
 
 
 class _WatchedGrid(_Delegating):
-    """The grid the SecAgg+ stages talk to, noting which site failed or went silent.
+    """The grid the SecAgg+ stages talk to, noting which site failed, went silent or is whom.
 
     Flower's workflow keeps a failure as `Exception(error)`, which no longer says whose it was.
     """
@@ -230,6 +233,7 @@ class _WatchedGrid(_Delegating):
         super().__init__(grid)
         self.errors: dict[int, Message] = {}
         self.silent: set[int] = set()
+        self.names: dict[int, str] = {}
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -240,8 +244,13 @@ class _WatchedGrid(_Delegating):
         answered = {r.metadata.src_node_id for r in replies}
         self.silent |= {m.metadata.dst_node_id for m in messages} - answered
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                self.errors.setdefault(reply.metadata.src_node_id, reply)
+                self.errors.setdefault(node, reply)
+                continue
+            metrics = reply.content.config_records.get(_FIT_METRICS)
+            if metrics is not None and SITE_NAME in metrics:  # its masked vector's reply
+                self.names[node] = str(metrics[SITE_NAME])
         return replies
 
 

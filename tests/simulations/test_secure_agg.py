@@ -185,6 +185,43 @@ def test_secure_aggregation_with_central_dp_accounts_each_release(
             assert metrics["train"]["unit-weight"] == 1
 
 
+def _fail_training_mod(partitions: set[int]) -> Any:
+    """Make the sites of these partition ids fail to train (so they send no masked vector)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if (msg.metadata.message_type == MessageType.TRAIN
+                and int(context.node_config["partition-id"]) in partitions):
+            raise RuntimeError("the site's network went down after sharing its keys")
+        return call_next(msg, context)
+
+    return mod
+
+
+def test_a_round_secagg_cannot_unmask_is_a_failed_round_for_every_site(
+    four_sites: Path, tmp_path: Path
+) -> None:
+    # two of four sites leave after sharing their keys: with 3 shares per site (itself and two
+    # neighbours) some site is left with fewer than the 2 live shares its masks need, so
+    # SecAgg+ stops before unmasking and no update may be used, not even the two masked ones
+    cfg = RunConfig(
+        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=1, local_steps=2, dp=False,
+        image_size=32, batch_size=16, secure_agg=True, secagg_shares=3, secagg_threshold=2,
+        min_sites=4, fraction_evaluate=0.0, run_key="secagg-halt-test",
+    )
+    _run(cfg, four_sites, [_fail_training_mod({2, 3})])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    entry = results["rounds"][0]
+    assert entry["participants"] == []
+    failures = entry["failures"]
+    left = {f["site"] for f in failures if "went down" in f["reason"]}
+    assert left == {"site-c", "site-d"}
+    stopped = {f["site"]: f["kind"] for f in failures if "SecAgg+ stopped" in f["reason"]}
+    assert stopped == {"site-a": "error", "site-b": "error"}
+    assert [f["stage"] for f in failures if f["site"] == "*"] == ["aggregate"]
+    assert results["outcome"]["status"] == "failed" and not results["outcome"]["trained"]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def segment_sites(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("secagg-segment")
