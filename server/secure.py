@@ -145,8 +145,9 @@ class SecAggPlusGrid(_Delegating):
         server_round = cast(int, messages[0].content.config_records[_CONFIG]["server-round"])
         by_node = {m.metadata.dst_node_id: m for m in messages}
         run_id = self.grid.run.run_id
+        parameters = ndarrays_to_parameters([array.numpy() for array in model.values()])
         instructions: list[tuple[ClientProxy, FitIns]] = [
-            (GridClientProxy(node, self.grid, run_id), _fit_ins(msg, list(dtypes)))
+            (GridClientProxy(node, self.grid, run_id), _fit_ins(msg, parameters, list(dtypes)))
             for node, msg in by_node.items()
         ]
         collector = _RoundCollector(instructions)
@@ -158,7 +159,8 @@ class SecAggPlusGrid(_Delegating):
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
         )
-        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # instructions are made
+        # unread: the collector hands out the instructions made above
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
         SecAggPlusWorkflow(
             num_shares=self.shares, reconstruction_threshold=self.threshold,
             max_weight=self.max_weight, timeout=timeout,
@@ -182,15 +184,14 @@ class SecAggPlusGrid(_Delegating):
         return replies  # a site that went silent has no reply: the recorder counts a timeout
 
 
-def _fit_ins(msg: Message, names: list[str]) -> FitIns:
+def _fit_ins(msg: Message, parameters: Parameters, names: list[str]) -> FitIns:
     """A Message-API training instruction as the legacy FitIns SecAgg+ sends.
 
     Legacy parameters are an unnamed list: the array names travel in the config (common.secure).
     """
-    arrays = msg.content.array_records[_ARRAYS]
     config = cast(dict[str, Scalar], dict(msg.content.config_records[_CONFIG]))
     config[ARRAY_NAMES] = ",".join(names)
-    return FitIns(ndarrays_to_parameters([arrays[n].numpy() for n in names]), config)
+    return FitIns(parameters, config)
 
 
 def _site_reply(res: FitRes, dtypes: dict[str, np.dtype[Any]]) -> RecordDict:
