@@ -278,7 +278,7 @@ def make_client_app(
         )
         values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
         released = False
-        if cfg.secure_agg:  # its legacy replies carry scalars only (client.secure): spend nothing
+        if cfg.secure_agg:  # SecAgg+: no per-site histogram leaves, spend nothing
             histograms = None
         if asked is not None:
             # the cross-site evaluation sends the scalars each round's evaluation sends, and no

@@ -19,7 +19,6 @@ from server.fingerprint import planned
 from server.model_card import CARD_HTML, CARD_JSON, write_model_card
 from server.record import RunRecord
 from server.run import ProgressFn, RoundUpdate, run_federation
-from server.secure import run_secure_federation
 from server.waiting import wait_for_sites
 
 # Flower's logger: what `flwr log` shows of the ServerApp
@@ -52,16 +51,9 @@ def make_server_app(
             plan = None
             if run_cfg.task == "segment" and not resume:  # a resumed run keeps its plan
                 run_cfg, plan = planned(grid, run_cfg)
-            if run_cfg.secure_agg:
-                record = run_secure_federation(
-                    grid, context, run_cfg, site_dirs=site_dirs, resume=resume,
-                    on_round=on_round, plan=plan,
-                )
-            else:
-                record = run_federation(
-                    grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round,
-                    plan=plan,
-                )
+            record = run_federation(
+                grid, run_cfg, site_dirs=site_dirs, resume=resume, on_round=on_round, plan=plan,
+            )
             _close_run(grid, run_cfg, record)
             _log_outcome(record.outcome())
 

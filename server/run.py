@@ -24,6 +24,7 @@ from server.fingerprint import with_class_prior
 from server.operating import OperatingPoints, previous_threshold
 from server.record import RunRecord
 from server.screening import ScreeningStrategy
+from server.secure import SecAggPlusGrid
 from server.strategies import build_strategy
 from server.tasks import central_task
 
@@ -111,7 +112,11 @@ def run_federation(
     on_round: ProgressFn | None = None,
     plan: dict[str, Any] | None = None,
 ) -> RunRecord:
-    """Run `cfg.rounds` rounds (or the rounds left after a checkpoint) and write the results."""
+    """Run `cfg.rounds` rounds (or the rounds left after a checkpoint) and write the results.
+
+    With `cfg.secure_agg` the same loop runs on `SecAggPlusGrid`: only the way each training
+    round's updates reach the aggregator changes (as a masked sum).
+    """
     strategy = build_strategy(cfg, num_sites=len(site_dirs) or None)
     central = (
         CentralPrivacy(strategy, cfg, num_sites=len(site_dirs) or None)
@@ -157,7 +162,7 @@ def run_federation(
         return _metric_record(central)
 
     result = recording.start(
-        grid=grid,
+        grid=SecAggPlusGrid(grid, cfg) if cfg.secure_agg else grid,
         initial_arrays=ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in start.items()}),
         num_rounds=remaining,
         timeout=cfg.round_timeout,

@@ -1,31 +1,43 @@
-"""Secure aggregation: a run on Flower's SecAgg+ workflow, recorded like every other run.
+"""Secure aggregation: the run's Grid, with each training round summed under SecAgg+ masks.
 
-Flower 1.41 runs SecAgg+ only on its workflow API (`DefaultWorkflow(fit_workflow=
-SecAggPlusWorkflow(...))` over a `LegacyContext` and a legacy strategy). Each site masks its
-weighted model with pairwise masks and a private mask, secret-shares the mask seeds among its
-neighbours, and the aggregator can remove the masks only from the *sum*: it never holds one
-site's unmasked update. A site that drops out after masking is recovered from the shares of the
-others while `reconstruction_threshold` of them remain.
+Flower 1.41 runs SecAgg+ only on its workflow API (`SecAggPlusWorkflow` over a `LegacyContext`
+and a legacy strategy). Each site masks its weighted model with pairwise masks and a private
+mask, secret-shares the mask seeds among its neighbours, and the aggregator can remove the masks
+only from the *sum*: it never holds one site's unmasked update. A site that drops out after
+masking is recovered from the shares of the others while `reconstruction_threshold` of them
+remain.
 
-This module builds that workflow from a `RunConfig`: FedAvg (weighted by examples, or uniformly
-under central DP), Flower's client-side fixed clipping with server noise when `--central-dp
-client-fixed` is set, and `SecureRecorder`, a legacy strategy wrapper that records each round into
-the same `RunRecord` (results.json, checkpoints, central privacy) as `server.run`.
+`SecAggPlusGrid` is an adapter, not a second federation loop: `server.run` runs the same
+`Strategy.start` loop, strategy wrappers (central DP, recording), central evaluation, task hooks
+and run record with or without it. The adapter changes only how a training round's replies come
+back. It sends the round's instructions through Flower's SecAgg+ stages (in the legacy FitIns
+form a site's `client.secure.legacy_mod` reads), and answers with one reply per site, each
+holding the unmasked weighted mean in place of the site's update and the site's own metrics,
+privacy report and audit head. This is what Flower's workflow itself hands a legacy strategy
+(`fitres.parameters = <the aggregate>` for every result): averaging the identical replies again
+leaves the mean as it is, and central DP's noise is added to it as to any mean. Evaluation
+messages pass through unchanged (metrics only, no update leaves a site).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import numpy as np
-import torch
-from flwr.app import Context
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message_type import MessageType
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -36,31 +48,28 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server import LegacyContext, ServerConfig
+from flwr.common.constant import ErrorCode
+from flwr.server import LegacyContext
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    FedAvg,
-    FedProx,
-)
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
-from common.apps import parse_app_refusal
-from common.audit_head import METRIC_PREFIX, head_in_metrics
+from common.audit_head import HEAD_RECORD, METRIC_PREFIX, head_in_metrics
 from common.config import RunConfig
-from common.policy import parse_run_refusal
-from common.privacy import parse_refusal
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
-from server.central_dp import CentralLedger, central_noise_multiplier, sampled_sites
-from server.federation import RoundLog
-from server.record import RunRecord
-from server.run import ProgressFn, RoundUpdate, open_record
-from server.tasks import Evaluator, central_task
 
 log = logging.getLogger("medfed.server")
+
+# the Message-API records a training instruction carries (Flower's strategies' default keys)
+_ARRAYS, _CONFIG = "arrays", "config"
+# the record of a legacy training reply that holds its metrics (flwr.compat's FitRes layout)
+_FIT_METRICS = "fitres.metrics"
 
 
 def _shares(value: float) -> int | float:
@@ -68,301 +77,228 @@ def _shares(value: float) -> int | float:
     return float(value) if value <= 1 else int(value)
 
 
-def _scalars(values: dict[str, Scalar]) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in values.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-        and not k.startswith((PRIVACY_PREFIX, METRIC_PREFIX))
-    }
+class _Delegating(Grid):
+    """A Grid that hands every call to `grid`; subclasses change `send_and_receive`."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+    def set_run(self, run: Run) -> None:
+        """Delegated."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegated."""
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Delegated."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegated."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegated."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.pull_messages(message_ids)
 
 
-def _mean_metrics(pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Weighted mean of each numeric metric over sites, skipping undefined (NaN) values."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for weight, metrics in pairs:
-        for key, value in _scalars(metrics).items():
-            if math.isnan(value):
-                continue
-            sums[key] = sums.get(key, 0.0) + weight * value
-            weights[key] = weights.get(key, 0.0) + weight
-    out: dict[str, Scalar] = {k: sums[k] / weights[k] for k in sums if weights[k]}
-    out["num-examples"] = sum(weight for weight, _ in pairs)
-    return out
+class SecAggPlusGrid(_Delegating):
+    """`grid` with each training round run through Flower's SecAgg+ stages."""
 
+    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+        super().__init__(grid)
+        self.shares = _shares(cfg.secagg_shares)
+        self.threshold = _shares(cfg.secagg_threshold)
+        self.max_weight = cfg.secagg_max_weight
+        log.info("secure aggregation (SecAgg+): shares %s, threshold %s", cfg.secagg_shares,
+                 cfg.secagg_threshold)
 
-# how a site's contained failure begins (client.app): "site <name>: <stage> failed (<kind>)"
-_FAILED_SITE = re.compile(r"site ([A-Za-z0-9][A-Za-z0-9._-]{0,63}): \S+ failed")
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Training instructions go through SecAgg+; everything else is sent as it is."""
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        return self._secure_round(messages, timeout)
 
-
-def _failure_reason(failure: BaseException | tuple[ClientProxy, Any]) -> str:
-    if isinstance(failure, tuple):
-        return f"status {failure[1].status.message}"
-    error = failure.args[0] if failure.args else failure
-    return str(getattr(error, "reason", "") or error)
-
-
-class SecureRecorder(LegacyStrategy):
-    """Delegate to a legacy strategy; record each round as `server.run` does for the others."""
-
-    def __init__(
-        self,
-        inner: LegacyStrategy,
-        *,
-        cfg: RunConfig,
-        record: RunRecord,
-        start: dict[str, np.ndarray],
-        evaluator: Evaluator | None,
-        ledger: CentralLedger | None,
-        on_round: ProgressFn | None,
-    ) -> None:
-        self.inner = inner
-        self.cfg = cfg
-        self.record = record
-        self.names = list(start)
-        self.start = start
-        self.evaluator = evaluator
-        self.ledger = ledger
-        self.on_round = on_round
-        self.offset = record.last_round
-        self.rounds: dict[int, RoundLog] = {}
-        self.final = start
-        self._site_of: dict[int, str] = {}
-        self._sampled: dict[int, list[int]] = {}
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    def _log(self, server_round: int) -> RoundLog:
-        r = server_round + self.offset
-        return self.rounds.setdefault(r, RoundLog(round=r))
-
-    def _name(self, proxy: ClientProxy) -> str:
-        return self._site_of.get(int(proxy.node_id), f"node-{proxy.node_id}")
-
-    def _config(self, server_round: int) -> dict[str, Scalar]:
-        values: dict[str, Scalar] = {
-            k: v for k, v in self.cfg.to_mapping().items() if k != "proximal-mu"
-        }
-        values["server-round"] = server_round + self.offset
-        values[ARRAY_NAMES] = ",".join(self.names)
-        return values
-
-    def _record_failures(
-        self, log_: RoundLog, stage: str, answered: set[int], sampled: list[int],
-        failures: Sequence[BaseException | tuple[ClientProxy, Any]],
-    ) -> None:
-        for failure in failures:
-            reason = _failure_reason(failure)
-            refusal = (
-                parse_refusal(reason) or parse_app_refusal(reason) or parse_run_refusal(reason)
-            )
-            kind, site = "error", "*"
-            failed = _FAILED_SITE.search(reason)
-            if failed:
-                site, reason = failed.group(1), reason[failed.start():].split("\n")[0]
-            if refusal is not None:
-                kind, (reason, name) = "refused", refusal
-                site = name or site
-            log_.failures.append({"site": site, "stage": stage, "kind": kind, "reason": reason})
-        # A failure names its site but not its node; nodes that never answered and are not
-        # explained by one of the failures above timed out or dropped.
-        named = {f["site"] for f in log_.failures}
-        silent = [
-            node for node in sampled
-            if node not in answered and self._site_of.get(node, f"node-{node}") not in named
+    def _secure_round(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        model = messages[0].content.array_records[_ARRAYS]
+        # SecAgg+ dequantises to float64; the mean goes on in the global model's dtypes
+        dtypes = {name: np.dtype(array.dtype) for name, array in model.items()}
+        server_round = cast(int, messages[0].content.config_records[_CONFIG]["server-round"])
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        run_id = self.grid.run.run_id
+        parameters = ndarrays_to_parameters([array.numpy() for array in model.values()])
+        instructions: list[tuple[ClientProxy, FitIns]] = [
+            (GridClientProxy(node, self.grid, run_id), _fit_ins(msg, parameters, list(dtypes)))
+            for node, msg in by_node.items()
         ]
-        for node in silent[: max(0, len(sampled) - len(answered) - len(failures))]:
-            log_.failures.append({
-                "site": self._site_of.get(node, f"node-{node}"), "stage": stage,
-                "kind": "dropped",
-                "reason": "no masked update before the round ended (recovered from shares)"
-                if stage == "train" else "no reply before the round timeout",
-            })
+        collector = _RoundCollector(instructions)
+        watched = _WatchedGrid(self.grid)
+        legacy = LegacyContext(
+            Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            strategy=collector,
+        )
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
+        )
+        # unread: the collector hands out the instructions made above
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        SecAggPlusWorkflow(
+            num_shares=self.shares, reconstruction_threshold=self.threshold,
+            max_weight=self.max_weight, timeout=timeout,
+        )(watched, legacy)
 
-    def _finish_round(self, server_round: int) -> None:
-        log_ = self._log(server_round)
-        started = time.perf_counter()
-        central = self.evaluator(self._state_dict(self.final)) if self.evaluator else None
-        entry = self.record.add_round(log_, central, central_s=time.perf_counter() - started)
-        self.record.save_checkpoint(self.final, {})
-        self.record.write_results()
-        if self.on_round:
-            self.on_round(RoundUpdate(entry["round"], self.cfg.rounds, entry))
+        replies: list[Message] = []
+        results = {int(proxy.node_id): res for proxy, res in collector.results or []}
+        for node, msg in by_node.items():
+            if node in results:
+                replies.append(Message(_site_reply(results[node], dtypes), reply_to=msg))
+            elif node in watched.errors:
+                replies.append(watched.errors[node])
+            elif node not in watched.silent:
+                # it answered every stage it was asked, but the protocol stopped short of the sum
+                site = f"site {watched.names[node]}: " if node in watched.names else ""
+                replies.append(Message(Error(ErrorCode.UNKNOWN, reason=(
+                    f"{site}round {server_round}: SecAgg+ stopped before the masked sum could be "
+                    "unmasked (it needs at least 2 sites and, for every site, "
+                    f"--secagg-threshold {self.threshold} of its shares); no update was used"
+                )), reply_to=msg))
+        return replies  # a site that went silent has no reply: the recorder counts a timeout
 
-    @staticmethod
-    def _state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
-    # --- legacy Strategy interface ------------------------------------------------------------
+def _fit_ins(msg: Message, parameters: Parameters, names: list[str]) -> FitIns:
+    """A Message-API training instruction as the legacy FitIns SecAgg+ sends.
+
+    Legacy parameters are an unnamed list: the array names travel in the config (common.secure).
+    """
+    config = cast(dict[str, Scalar], dict(msg.content.config_records[_CONFIG]))
+    config[ARRAY_NAMES] = ",".join(names)
+    return FitIns(parameters, config)
+
+
+def _site_reply(res: FitRes, dtypes: dict[str, np.dtype[Any]]) -> RecordDict:
+    """A site's FitRes (the unmasked mean as its parameters) as a Message-API training reply.
+
+    The inverse of `client.secure`'s flattening: the site's name, privacy report and audit head
+    go back to the records a plain reply carries them in.
+    """
+    metrics: dict[str, Any] = {}
+    privacy: dict[str, Any] = {}
+    for key, value in res.metrics.items():
+        if key.startswith(PRIVACY_PREFIX):
+            privacy[key[len(PRIVACY_PREFIX):]] = value
+        elif (key != SITE_NAME and not key.startswith(METRIC_PREFIX)
+              and isinstance(value, int | float) and not isinstance(value, bool)):
+            metrics[key] = value
+    content = RecordDict({
+        _ARRAYS: ArrayRecord({
+            name: Array(np.asarray(mean, dtype=dtype)) for (name, dtype), mean in
+            zip(dtypes.items(), parameters_to_ndarrays(res.parameters), strict=True)
+        }),
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": str(res.metrics[SITE_NAME])}),
+    })
+    if privacy:
+        content["privacy"] = ConfigRecord(privacy)
+    head = head_in_metrics(res.metrics)
+    if head is not None:
+        content[HEAD_RECORD] = ConfigRecord(head)
+    return content
+
+
+class _WatchedGrid(_Delegating):
+    """The grid the SecAgg+ stages talk to, noting which site failed, went silent or is whom.
+
+    Flower's workflow keeps a failure as `Exception(error)`, which no longer says whose it was.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.errors: dict[int, Message] = {}
+        self.silent: set[int] = set()
+        self.names: dict[int, str] = {}
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send through `grid`; note error replies and sites that did not answer."""
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        self.silent |= {m.metadata.dst_node_id for m in messages} - answered
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.errors.setdefault(node, reply)
+                continue
+            metrics = reply.content.config_records.get(_FIT_METRICS)
+            if metrics is not None and SITE_NAME in metrics:  # its masked vector's reply
+                self.names[node] = str(metrics[SITE_NAME])
+        return replies
+
+
+class _RoundCollector(LegacyStrategy):
+    """The legacy strategy SecAgg+ drives for one round.
+
+    It hands out the round's instructions and keeps what the unmask stage passes back: each
+    site's FitRes, holding the unmasked mean.
+    """
+
+    def __init__(self, instructions: list[tuple[ClientProxy, FitIns]]) -> None:
+        self.instructions = instructions
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """The run's initial (or checkpointed) global model."""
-        return ndarrays_to_parameters([self.start[n] for n in self.names])
+        """Unused: the global model is `server.run`'s."""
+        return None
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample sites through the inner strategy; every site gets the whole run config."""
-        log_ = self._log(server_round)
-        log_.started = time.perf_counter()
-        log_.connected = client_manager.num_available()
-        pairs = self.inner.configure_fit(server_round, parameters, client_manager)
-        sent = []
-        for proxy, ins in pairs:
-            ins.config.update(self._config(server_round))
-            sent.append((proxy, ins))
-            log_.add_bytes(self._name(proxy), "down", sum(len(t) for t in ins.parameters.tensors))
-        self._sampled[server_round] = [int(p.node_id) for p, _ in sent]
-        log_.sampled = [self._name(p) for p, _ in sent]
-        return sent
+        """The sites the run's strategy sampled, with its instructions."""
+        return self.instructions
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Record each site's metrics (their models arrive only as the unmasked sum)."""
-        log_ = self._log(server_round)
-        for proxy, res in results:
-            name = str(res.metrics.get(SITE_NAME, f"node-{proxy.node_id}"))
-            self._site_of[int(proxy.node_id)] = name
-            log_.train[name] = _scalars(res.metrics)
-            log_.witness(name, head_in_metrics(res.metrics))
-            privacy = {
-                k[len(PRIVACY_PREFIX):]: v for k, v in res.metrics.items()
-                if k.startswith(PRIVACY_PREFIX)
-            }
-            if privacy:
-                log_.privacy[name] = privacy
-        log_.sampled = [self._site_of.get(n, f"node-{n}") for n in self._sampled[server_round]]
-        answered = {int(p.node_id) for p, _ in results}
-        self._record_failures(log_, "train", answered, self._sampled[server_round], failures)
-        if not results:
-            return None, {}
-        # the unmasked sum goes to the inner strategy (and its DP noise) as if it were a reply
-        parameters, metrics = self.inner.aggregate_fit(server_round, results, [])
-        if parameters is not None:
-            self.final = dict(
-                zip(self.names, parameters_to_ndarrays(parameters), strict=True)
-            )
-            if self.ledger is not None:
-                sigma, m = self.ledger.noise_multiplier, self.ledger.num_sampled
-                self.ledger.history.append((sigma * len(results) / m, 1.0, 1))
-        log_.train_aggregated = _scalars(metrics)
-        return parameters, metrics
+        """Keep the results; the run's strategy aggregates them (failures are watched)."""
+        self.results = results
+        return None, {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Federated evaluation of the new global model at the sites."""
-        pairs = self.inner.configure_evaluate(server_round, parameters, client_manager)
-        for _, ins in pairs:
-            ins.config.update(self._config(server_round))
-        self._evaluating = [int(p.node_id) for p, _ in pairs]
-        if not pairs:
-            self._finish_round(server_round)
-        return pairs
+        """Unused: evaluation goes through the run's strategy."""
+        return []
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Record each site's evaluation; the round is complete."""
-        log_ = self._log(server_round)
-        for proxy, res in results:
-            name = str(res.metrics.get(SITE_NAME, self._name(proxy)))
-            self._site_of[int(proxy.node_id)] = name
-            log_.evaluate[name] = {**_scalars(res.metrics), "loss": float(res.loss)}
-            log_.witness(name, head_in_metrics(res.metrics))
-        answered = {int(p.node_id) for p, _ in results}
-        self._record_failures(log_, "evaluate", answered, self._evaluating, failures)
-        loss, metrics = self.inner.aggregate_evaluate(server_round, results, [])
-        log_.evaluate_aggregated = _scalars(metrics)
-        if loss is not None:
-            log_.evaluate_aggregated["loss"] = float(loss)
-        self._finish_round(server_round)
-        return loss, metrics
+        """Unused."""
+        return None, {}
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """Central evaluation happens when the round is recorded (after federated evaluation)."""
-        if server_round == 0 and self.evaluator is not None and not self.record.rounds:
-            self.record.initial = self.evaluator(self._state_dict(self.start))
+        """Unused: central evaluation is `server.run`'s."""
         return None
-
-
-def _base_strategy(cfg: RunConfig, num_sites: int | None) -> LegacyStrategy:
-    min_sites = cfg.min_sites if num_sites is None else min(cfg.min_sites, num_sites)
-    common: dict[str, Any] = {
-        "fraction_fit": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_fit_clients": min_sites,
-        "min_evaluate_clients": min_sites if cfg.fraction_evaluate > 0 else 0,
-        "min_available_clients": min_sites,
-        "fit_metrics_aggregation_fn": _mean_metrics,
-        "evaluate_metrics_aggregation_fn": _mean_metrics,
-    }
-    if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    return FedAvg(**common)
-
-
-def run_secure_federation(
-    grid: Grid,
-    context: Context,
-    cfg: RunConfig,
-    *,
-    site_dirs: Sequence[Path] = (),
-    resume: bool = False,
-    on_round: ProgressFn | None = None,
-    plan: dict[str, Any] | None = None,
-) -> RunRecord:
-    """`server.run.run_federation` for `--secure-agg`: the same outputs, on SecAgg+."""
-    num_sites = len(site_dirs) or None
-    record, start, _ = open_record(cfg, resume=resume, plan=plan)
-    remaining = cfg.rounds - record.last_round
-    strategy = _base_strategy(cfg, num_sites)
-    ledger = None
-    if cfg.central_dp == "client-fixed":
-        sigma, m = central_noise_multiplier(cfg), sampled_sites(cfg, num_sites)
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=sigma, clipping_norm=cfg.clip_norm, num_sampled_clients=m
-        )
-        ledger = CentralLedger(
-            mode=cfg.central_dp, noise_multiplier=sigma, clipping_norm=cfg.clip_norm,
-            delta=cfg.delta, num_sampled=m,
-        )
-        ledger.load_state(record.central_privacy)
-        record.central_ledger = ledger
-    if not resume:
-        record.write_results()
-    recorder = SecureRecorder(
-        strategy, cfg=cfg, record=record, start=start,
-        evaluator=central_task(cfg.task).evaluator(cfg, site_dirs), ledger=ledger,
-        on_round=on_round,
-    )
-    legacy = LegacyContext(
-        context=context,
-        config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout),
-        strategy=recorder,
-    )
-    workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
-            num_shares=_shares(cfg.secagg_shares),
-            reconstruction_threshold=_shares(cfg.secagg_threshold),
-            max_weight=cfg.secagg_max_weight,
-            timeout=cfg.round_timeout,
-        )
-    )
-    log.info(
-        "secure aggregation (SecAgg+): shares %s, threshold %s%s", cfg.secagg_shares,
-        cfg.secagg_threshold, f", central DP sigma {ledger.noise_multiplier:.3f}" if ledger else "",
-    )
-    workflow(grid, legacy)
-    record.finish(recorder.final)
-    return record
-

@@ -20,7 +20,9 @@ from client.app import make_client_app
 from client.audit_state import verify_state
 from common.config import RunConfig
 from common.sites import site_refs
-from server.secure import run_secure_federation
+from server.run import run_federation
+from simulations.runner import simulate
+from simulations.synth import synthesize
 from tests.simulations.conftest import write_easy_hospitals
 
 pytestmark = pytest.mark.slow
@@ -74,7 +76,7 @@ def _run(cfg: RunConfig, sites: Path, mods: list[Any]) -> _SpyGrid:
     def main(grid: Grid, context: Context) -> None:
         spy = _SpyGrid(grid)
         spies.append(spy)
-        run_secure_federation(spy, context, cfg, site_dirs=[r.data_dir for r in refs])  # type: ignore[arg-type]
+        run_federation(spy, cfg, site_dirs=[r.data_dir for r in refs])  # type: ignore[arg-type]
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
@@ -181,3 +183,87 @@ def test_secure_aggregation_with_central_dp_accounts_each_release(
     for entry in results["rounds"]:
         for metrics in entry["federated"]["sites"].values():
             assert metrics["train"]["unit-weight"] == 1
+
+
+def _fail_training_mod(partitions: set[int]) -> Any:
+    """Make the sites of these partition ids fail to train (so they send no masked vector)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if (msg.metadata.message_type == MessageType.TRAIN
+                and int(context.node_config["partition-id"]) in partitions):
+            raise RuntimeError("the site's network went down after sharing its keys")
+        return call_next(msg, context)
+
+    return mod
+
+
+def test_a_round_secagg_cannot_unmask_is_a_failed_round_for_every_site(
+    four_sites: Path, tmp_path: Path
+) -> None:
+    # two of four sites leave after sharing their keys: with 3 shares per site (itself and two
+    # neighbours) some site is left with fewer than the 2 live shares its masks need, so
+    # SecAgg+ stops before unmasking and no update may be used, not even the two masked ones
+    cfg = RunConfig(
+        sites_dir=str(four_sites), out=str(tmp_path / "run"), rounds=1, local_steps=2, dp=False,
+        image_size=32, batch_size=16, secure_agg=True, secagg_shares=3, secagg_threshold=2,
+        min_sites=4, fraction_evaluate=0.0, run_key="secagg-halt-test",
+    )
+    _run(cfg, four_sites, [_fail_training_mod({2, 3})])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    entry = results["rounds"][0]
+    assert entry["participants"] == []
+    failures = entry["failures"]
+    left = {f["site"] for f in failures if "went down" in f["reason"]}
+    assert left == {"site-c", "site-d"}
+    stopped = {f["site"]: f["kind"] for f in failures if "SecAgg+ stopped" in f["reason"]}
+    assert stopped == {"site-a": "error", "site-b": "error"}
+    assert [f["stage"] for f in failures if f["site"] == "*"] == ["aggregate"]
+    assert results["outcome"]["status"] == "failed" and not results["outcome"]["trained"]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def segment_sites(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("secagg-segment")
+    synthesize(root, sites=2, images_per_site=24, seed=3, test_images=24)
+    return root
+
+
+def _files(run_dir: Path, run_key: str) -> set[str]:
+    # each site's privacy ledger is named after the run's key, which differs between runs
+    return {str(p.relative_to(run_dir)).replace(run_key, "RUN")
+            for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _layout(results: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of results.json relies on: its sections, each round's, and whom they name."""
+    last = results["rounds"][-1]
+    return {
+        "sections": sorted(results),
+        "round": sorted(last),
+        "final": sorted(results["final"]),
+        "sites": {key: sorted(last[key]) for key in ("update_bytes", "audit_heads", "privacy")}
+        | {"federated": sorted(last["federated"]["sites"]),
+           "cross_site": sorted(results["cross_site"]["sites"])},
+    }
+
+
+def test_secure_aggregation_writes_what_a_plain_run_writes(segment_sites: Path,
+                                                           tmp_path: Path) -> None:
+    # one federation loop: the task's hooks (segmentation.png), checkpoints, the record and
+    # each round's per-site entries are the same with or without SecAgg+
+    runs = {}
+    for secure in (False, True):
+        cfg = RunConfig(
+            sites_dir=str(segment_sites / "sites"), test_data=str(segment_sites / "test"),
+            out=str(tmp_path / f"secure-{secure}"), rounds=1, local_steps=2, image_size=16,
+            batch_size=8, task="segment", secure_agg=secure,
+        )
+        runs[secure] = (Path(cfg.out), simulate(cfg))
+    (plain_dir, plain), (secure_dir, secure) = runs[False], runs[True]
+    assert (secure_dir / "segmentation.png").stat().st_size > 1000
+    assert _files(secure_dir, secure["config"]["run-key"]) == _files(
+        plain_dir, plain["config"]["run-key"])
+    assert _layout(secure) == _layout(plain)
+    assert secure["rounds"][0]["participants"] == ["hospital-01", "hospital-02"]
+    assert _layout(secure)["sites"]["update_bytes"] == ["hospital-01", "hospital-02"]
