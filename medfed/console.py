@@ -32,6 +32,13 @@ T = TypeVar("T")
 state = {"debug": False}
 
 
+def configure_logging() -> None:
+    """The log format of the long-running commands (server, site)."""
+    from common import logs
+
+    logs.configure()
+
+
 def fail(message: str, code: int) -> typer.Exit:
     """Print an error line and return the Exit to raise."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
