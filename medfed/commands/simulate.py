@@ -14,6 +14,7 @@ import typer
 
 from common.config import SIMULATE, ConfigError, RunConfig
 from common.logs import settle_known_warnings
+from common.registry import HEADLINE_METRICS
 from medfed import options as opt
 from medfed.console import (
     err,
@@ -247,7 +248,7 @@ def _run_with_progress(
             central = update.entry.get("central") or {}
             fed = update.entry["federated"]["evaluate"]
             status = ""
-            for key in ("auc", "dice", "anomaly_auroc", "anomaly-auroc", "fid"):
+            for key in HEADLINE_METRICS:
                 value = central.get(key, fed.get(key))
                 if isinstance(value, float):
                     status = f"{key} {value:.3f}"

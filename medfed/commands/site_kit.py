@@ -161,9 +161,9 @@ def policy(
     """Show this site's run policy and trusted operators; the flags change the policy."""
     from dataclasses import replace
 
-    from common.config import STRATEGIES, TASKS
     from common.kit import SiteKit, set_policy
     from common.policy import check_max_epsilon, check_names
+    from common.registry import STRATEGIES, TASKS
 
     site_kit = guard(lambda: SiteKit.load(kit, check_permissions=False))
     changes: dict[str, Any] = {}
