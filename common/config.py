@@ -238,7 +238,6 @@ class RunConfig:
     pretrained: str = setting(
         "", "With --task classify: a state dict (.pt) you bring, loaded into the network before "
         "round 1 (layers of other shapes keep their initial weights).", path="local")
-    warmup_rounds: int = setting(0, "Rounds trained before DP noise starts (a dummy to show one edit).")
     seed: int = setting(0, "Seed.")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     run_key: str = setting(
