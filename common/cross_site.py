@@ -8,6 +8,10 @@ scored in the reply's `evaluation` record (client.app).
 
 from __future__ import annotations
 
+# the direction of each site metric, for the worst site (declared with the metric names)
+from common.registry import HIGHER_IS_BETTER as HIGHER_IS_BETTER
+from common.registry import LOWER_IS_BETTER as LOWER_IS_BETTER
+
 # the evaluate config's key asking for a split; per-round evaluations do not carry it (val)
 SPLIT_KEY = "evaluate-split"
 # what a site may be asked to score; `test` falls back to `val` at a site without test rows
@@ -16,11 +20,3 @@ SPLITS = ("val", "test")
 REPLY_RECORD = "evaluation"
 REPLY_SPLIT = "split"
 
-# The direction of each site metric, for the worst site: the lowest of these ...
-HIGHER_IS_BETTER = frozenset({
-    "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "dice", "iou", "nsd",
-    "anomaly-auroc",
-})
-# ... and the highest of these. A metric in neither (a GAN discriminator's accuracy, which is
-# best near 0.5) gets a mean and a spread but no worst site.
-LOWER_IS_BETTER = frozenset({"loss", "hd95", "ece", "brier", "generator-loss"})

@@ -8,11 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from common.operating import DEFAULT_THRESHOLD, brier, ece
-
-# The central metrics, over all tasks, that lie in [0, 1]: what per-round plots draw on one axis
-# (a GAN's Frechet distance and every loss are unbounded and stay in the tables).
-RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "dice",
-                "iou", "anomaly_auroc")
+from common.registry import RATE_METRICS as RATE_METRICS  # declared there, read here too
 
 
 def classification_metrics(

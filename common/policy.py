@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import STRATEGIES, TASKS, RunConfig
+from common.config import RunConfig
 from common.refusals import cut_refusal
+from common.registry import STRATEGIES, TASKS
 
 # A site's refusal of a run (unsigned, untrusted signer, or outside its policy) carries this, so
 # the aggregator records a refusal (policy), not an error.

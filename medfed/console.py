@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.config import ConfigError
+from common.registry import FINAL_METRICS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -30,6 +31,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 state = {"debug": False}
+
+
+def configure_logging() -> None:
+    """The log format of the long-running commands (server, site)."""
+    from common import logs
+
+    logs.configure()
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -81,9 +89,7 @@ def print_results(results: dict[str, Any], run_dir: Path) -> int:
     if outcome.get("trained", True):
         table = Table("metric", "value", title=f"Global model after {len(results['rounds'])} "
                       f"rounds ({final.get('source', 'central')} evaluation)")
-        for key in ("auc", "threshold", "sensitivity", "specificity", "balanced_accuracy",
-                    "accuracy", "ece", "brier", "dice", "iou", "hd95", "nsd", "anomaly_auroc",
-                    "fid", "tstr_auc", "trtr_auc", "tstr_ratio", "loss"):
+        for key in FINAL_METRICS:
             if isinstance(final.get(key), int | float):
                 table.add_row(key, f"{final[key]:.4f}")
         if table.row_count:

@@ -1,28 +1,52 @@
-"""Training options shared by `medfed simulate` and `medfed run`: one definition, one help text.
+"""The run settings' flags of `medfed simulate` and `medfed run`, built from RunConfig's fields.
 
-Each is None when not given, so that the run's defaults (common.config.RunConfig, or the Flower
-App's run config) apply and a resumed run keeps its own values.
+A setting is declared once, in common.config.RunConfig (`setting(default, help, on=...)`); a
+command decorated with `with_settings(command)` gets a `--kebab-case` option for every field
+offered `on` it, with that help text and default, and receives the ones the user gave as one
+`settings` mapping. Each option is None when not given, so that the run's defaults (RunConfig,
+the Flower App's run config, or a scenario's) apply and a resumed run keeps its own values.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from common.config import TASK_MODELS, RunConfig
+from common.config import (
+    RUN,
+    SIMULATE,
+    ConfigError,
+    RunConfig,
+    app_default,
+    check_budget,
+    flag,
+)
+from common.registry import Task
 
+F = TypeVar("F", bound=Callable[..., Any])
 _RUN = RunConfig()
+_FIELDS: Mapping[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES: Mapping[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+# the default of a command's `settings` parameter: where its settings' flags go in --help
+FROM_FLAGS: Mapping[str, Any] = {}
 
 
-def _default(name: str) -> str:
-    """The run's default for a setting as --help shows it (declared once, in RunConfig)."""
-    value = getattr(_RUN, name)
-    flag = name.replace("_", "-")
+def _default(name: str, command: str) -> str:
+    """The run's default for a setting as --help shows it (declared once, in RunConfig).
+
+    `medfed run` starts from the Flower App's run config, whose defaults are the demo's.
+    """
+    value = app_default(_FIELDS[name]) if command == RUN else getattr(_RUN, name)
     if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
+        return flag(name) if value else "--no-" + flag(name)[2:]
     if isinstance(value, float):
         return f"{value:g}"
     return str(value) if value != "" else "none"
@@ -37,251 +61,92 @@ def _option(*decls: str, help: str, shown: str, **extra: Any) -> Any:
     return typer.Option(*decls, help=f"{help} \\[default: {shown}]", **extra)
 
 
-class Strategy(StrEnum):
-    """Aggregation strategies: Flower's, and SCAFFOLD built on Flower's FedAvg."""
+def checked(check: Callable[[Any, str], Any], where: str) -> Callable[[Any], Any]:
+    """A typer callback: `check(value, where)` when given; its ConfigError is a usage error."""
 
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-    fedmedian = "fedmedian"
-    fedtrimmedavg = "fedtrimmedavg"
-    krum = "krum"
-    scaffold = "scaffold"
+    def callback(value: Any) -> Any:
+        try:
+            return None if value is None else check(value, where)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
 
-
-class Task(StrEnum):
-    """What the federation learns."""
-
-    classify = "classify"
-    segment = "segment"
-    autoencode = "autoencode"
-    synthesize = "synthesize"
+    return callback
 
 
-TaskOpt = Annotated[
-    Task | None,
-    _option(help="classify (labels), segment (masks: U-Net), autoencode (no labels needed) "
-                 "or synthesize (DP conditional GAN).", shown=_default("task")),
-]
-ModelOpt = Annotated[
-    str | None,
-    _option(help="The network; with --task classify one of "
-                 f"{', '.join(TASK_MODELS['classify'])} (all with GroupNorm, as DP-SGD needs); "
-                 "each other task has one.",
-                 shown=f"the task's first (classify: {TASK_MODELS['classify'][0]})"),
-]
-Channels = Annotated[
-    int | None,
-    _option(help="Image channels the network takes: 1 (grey) or 3 (colour).",
-                 shown=_default("channels")),
-]
-InitEncoder = Annotated[
-    Path | None,
-    _option(help="With --task classify: a finished --task autoencode run folder whose "
-                 "encoder initialises the classifier (federated pretraining).",
-                 shown=_default("init_encoder")),
-]
-EncoderLrScale = Annotated[
-    float | None,
-    _option(help="With --task classify: the feature blocks' learning rate as a multiple of "
-                 "--lr; 0 freezes them and only the head trains.",
-                 shown=_default("encoder_lr_scale")),
-]
-SpotWeight = Annotated[
-    float | None,
-    _option(help="With --task autoencode: weight of the spot term, which teaches the encoder "
-                 "where lesions are (0.1 for an encoder to pass to --init-encoder; 0: "
-                 "reconstruction only, the better anomaly score under DP).",
-                 shown=_default("spot_weight")),
-]
-NumClasses = Annotated[
-    int | None,
-    _option(help="Classes (classify, synthesize) or mask labels incl. background (segment).",
-                 shown=_default("num_classes")),
-]
-TestData = Annotated[
-    Path | None,
-    _option(help="Held-out folder; every image in it is a test image.",
-                 shown=_default("test_data")),
-]
-Rounds = Annotated[
-    int | None, _option(help="Federated rounds.", shown=_default("rounds"))
-]
-StrategyOpt = Annotated[
-    Strategy | None,
-    _option(help="Aggregation strategy.", shown=_default("strategy")),
-]
-Dp = Annotated[
-    bool | None,
-    _option("--dp/--no-dp", help="DP-SGD at every site.", shown=_default("dp")),
-]
-TargetEpsilon = Annotated[
-    float | None,
-    _option(help="Each site's epsilon for the whole run.",
-                 shown=_default("target_epsilon")),
-]
-Delta = Annotated[float | None, _option(help="DP delta.", shown=_default("delta"))]
-MaxGradNorm = Annotated[
-    float | None,
-    _option(help="Per-sample gradient clipping norm.", shown=_default("max_grad_norm")),
-]
-LocalEpochs = Annotated[
-    int | None,
-    _option(help="Local epochs per round instead of --local-steps (0: use --local-steps).",
-                 shown=_default("local_epochs")),
-]
-LocalSteps = Annotated[
-    int | None,
-    _option(help="A round's local work in optimiser steps, the same at every site whatever "
-                 "its size.", shown=_default("local_steps")),
-]
-LogitAdjust = Annotated[
-    float | None,
-    _option(help="With --task classify: logit adjustment (balanced softmax) from each site's "
-                 "own class counts, times this tau; keeps one-class sites from biasing the "
-                 "model (0: off).", shown=_default("logit_adjust")),
-]
-Augment = Annotated[
-    bool | None,
-    _option("--augment/--no-augment",
-            help="With --task classify or segment: random small rotations, scaling, shifts and "
-                 "intensity jitter of each training image (classify also flips; segment moves "
-                 "the mask with its image).", shown=_default("augment")),
-]
-CrossSite = Annotated[
-    bool | None,
-    _option("--cross-site/--no-cross-site",
-            help="After the last round, every site scores the final model on its own test "
-                 "split (results.json cross_site, the model card's per-site table).",
-            shown=_default("cross_site")),
-]
-NetWidth = Annotated[
-    int | None,
-    _option(help="With --task segment: channels of the U-Net's first level (each deeper level "
-                 "doubles them).", shown="(planned from --image-size and DP)"),
-]
-NetDepth = Annotated[
-    int | None,
-    _option(help="With --task segment: the U-Net's down-sampling steps.",
-            shown="(planned from --image-size and DP)"),
-]
-Dims = Annotated[
-    int | None,
-    _option(help="With --task segment: 2 trains on 2D images and on each slice of a volume; 3 "
-                 "trains a 3D U-Net on whole volumes (each resampled to an --image-size cube), "
-                 "on random patches, and predicts with a sliding window.",
-            shown=_default("dims")),
-]
-PatchSize = Annotated[
-    int | None,
-    _option(help="With --dims 3: the edge of the random training patches, in voxels.",
-            shown="(planned: the whole volume up to --image-size 64, else half of it)"),
-]
-TargetSensitivity = Annotated[
-    float | None,
-    _option(help="With --task classify (2 classes): pick the operating threshold that reaches "
-                 "this sensitivity on the sites' validation data (0: Youden's J).",
-                 shown=_default("target_sensitivity")),
-]
-Pretrained = Annotated[
-    Path | None,
-    _option(help="With --task classify: a state dict (.pt) you bring, loaded into the "
-                 "network before round 1 (layers of other shapes keep their initial weights).",
-                 shown=_default("pretrained")),
-]
-FractionTrain = Annotated[
-    float | None,
-    _option(help="Share of sites sampled per round.",
-                 shown=_default("fraction_train")),
-]
-Seed = Annotated[int | None, _option(help="Seed.", shown=_default("seed"))]
-BatchSize = Annotated[
-    int | None,
-    _option(help="Local batch size.",
-            shown="64; segment: 16 at 64 px, 4 at 128 px and above"),
-]
-Lr = Annotated[float | None, _option(help="Local learning rate.", shown=_default("lr"))]
-ImageSize = Annotated[
-    int | None, _option(help="Model input size.", shown=_default("image_size"))
-]
-MinSites = Annotated[
-    int | None, _option(help="Fewest sites a round needs.", shown=_default("min_sites"))
-]
-WaitTimeout = Annotated[
-    float | None,
-    _option(help="Seconds to wait for --min-sites sites to connect before the run is "
-                 "stopped (exit 1).", shown=_default("wait_timeout")),
-]
-ProximalMu = Annotated[
-    float | None,
-    _option(help="FedProx mu (with --strategy fedprox).",
-                 shown=_default("proximal_mu")),
-]
-Device = Annotated[
-    str | None,
-    _option(help="auto, cpu, cuda or cuda:N.", shown=_default("device")),
-]
 def budget_flag(value: float | None) -> float | None:
     """--budget-epsilon: a finite epsilon > 0 when given (usage error, exit 2, otherwise)."""
-    from common.config import ConfigError, check_budget
-
-    try:
-        return None if value is None else check_budget(value, "--budget-epsilon")
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    return checked(check_budget, "--budget-epsilon")(value)
 
 
-BudgetEpsilon = Annotated[
-    float | None,
-    _option(help="Privacy budget of each site's dataset over ALL runs; a round that would "
-                 "exceed it is refused.", shown="none", callback=budget_flag),
-]
-LedgerDir = Annotated[
-    Path | None,
-    _option(help="Where sites keep their privacy ledgers.",
-                 shown="$MEDFED_LEDGER_DIR, else ~/.medfed/ledger"),
-]
-ScreenZ = Annotated[
-    float | None,
-    _option(help="Reject an update whose norm's robust z-score is above this, e.g. 3.5 "
-                 "(NaN/Inf, key, shape and dtype checks always run); 0: off.",
-                 shown=_default("screen_z")),
-]
-CentralDp = Annotated[
-    str | None,
-    _option(help="User-level DP at the aggregator (Flower's wrappers): off, server-fixed, "
-                 "client-fixed, server-adaptive or client-adaptive. Combine with --no-dp for "
-                 "central DP alone.", shown=_default("central_dp")),
-]
-CentralNoise = Annotated[
-    float | None,
-    _option(help="Central DP noise multiplier.",
-                 shown="calibrated so --rounds releases spend --target-epsilon"),
-]
-ClipNorm = Annotated[
-    float | None,
-    _option(help="Central DP clipping norm of a site's update (initial norm when adaptive).",
-                 shown=_default("clip_norm")),
-]
-SecureAgg = Annotated[
-    bool | None,
-    _option("--secure-agg/--no-secure-agg",
-                 help="Flower's SecAgg+: the aggregator only sees the sum of masked updates.",
-                 shown=_default("secure_agg")),
-]
-SecaggShares = Annotated[
-    float | None,
-    _option(help="SecAgg+ shares per site: a fraction of the sampled sites (<= 1) or a "
-                 "count (>= 3).", shown=_default("secagg_shares")),
-]
-SecaggThreshold = Annotated[
-    float | None,
-    _option(help="SecAgg+ shares needed to rebuild a dropped site's mask: a fraction of the "
-                 "shares (<= 1) or a count.", shown=_default("secagg_threshold")),
-]
-SecaggMaxWeight = Annotated[
-    float | None,
-    _option(help="SecAgg+ weight scale: about the largest site's training images (larger "
-                 "sites count as this many).", shown=_default("secagg_max_weight")),
-]
+def setting_option(name: str, command: str = SIMULATE) -> Any:
+    """The typer.Option of RunConfig field `name` on `command`: its help, default and check."""
+    meta = _FIELDS[name].metadata
+    decls = (f"{flag(name)}/--no-{flag(name)[2:]}",) if _FIELDS[name].type == "bool" else ()
+    extra = {"callback": checked(meta["check"], flag(name))} if meta["check"] else {}
+    shown = meta["shown"] or _default(name, command)
+    return _option(*decls, help=meta["help"], shown=shown, **extra)
+
+
+def setting_type(name: str, command: str) -> Any:
+    """The option's type (the field's, a registry's names, a Path for a file) and Option."""
+    meta = _FIELDS[name].metadata
+    kind = meta["choices"] or (Path if meta["path"] else _TYPES[str(_FIELDS[name].type)])
+    return Annotated[kind | None, setting_option(name, command)]
+
+
+TaskOpt = Annotated[Task | None, setting_option("task")]
+LedgerDir = Annotated[Path | None, setting_option("ledger_dir")]
+
+
+def given_settings(values: Mapping[str, Any], *, local: bool) -> dict[str, Any]:
+    """The settings the user gave (None: not given), as RunConfig.from_mapping takes them.
+
+    Args:
+        local: the run trains on this machine, so a file a flag names (`path="local"`) is made
+            absolute: the sites may run in another working folder.
+
+    """
+    settings: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value.resolve() if local and _FIELDS[name].metadata["path"] == "local"
+                        else value)
+        settings[name] = value
+    return settings
+
+
+def with_settings(command: str) -> Callable[[F], F]:
+    """Give a typer command the flags of every RunConfig setting offered `on` `command`.
+
+    The command declares `settings: Mapping[str, Any] = FROM_FLAGS` where the flags go in its
+    --help, and is called with the settings the user gave (given_settings).
+    """
+    names = [f.name for f in dataclasses.fields(RunConfig) if command in f.metadata["on"]]
+
+    def wrap(fn: F) -> F:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        params: list[inspect.Parameter] = []
+        for param in inspect.signature(fn).parameters.values():
+            if param.name == "settings":
+                params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                             annotation=setting_type(n, command)) for n in names]
+            else:
+                params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=hints[param.name]))
+
+        @functools.wraps(fn)
+        def with_flags(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            return fn(**kwargs, settings=given_settings(values, local=command == SIMULATE))
+
+        # typer reads the signature and the annotations: the settings' options in place of
+        # `settings`, every parameter keyword-only (typer passes them by name)
+        with_flags.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        with_flags.__annotations__ = {p.name: p.annotation for p in params}
+        return typing.cast(F, with_flags)
+
+    return wrap

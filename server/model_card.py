@@ -31,6 +31,7 @@ from common.cross_site import HIGHER_IS_BETTER
 from common.data.errors import DataError
 from common.data.labels import SPLITS, read_labels
 from common.outputs import note, write_json, writing
+from common.registry import Task
 from server.model_card_html import render
 from server.record import RESULTS, SITE_PLOT_METRIC
 
@@ -41,12 +42,12 @@ FEW_EXAMPLES = 30
 # a site whose main metric is this far below the mean over sites is named a limitation
 BELOW_MEAN = 0.1
 # what each task's model is for, filled with the run's settings
-_USES = {
-    "classify": "sorts {input} into {num_classes} classes (labels 0..{last})",
-    "segment": "delineates {structures} structure(s) (mask labels 1..{last}; 0 is background) "
+_USES: dict[str, str] = {
+    Task.classify: "sorts {input} into {num_classes} classes (labels 0..{last})",
+    Task.segment: "delineates {structures} structure(s) (mask labels 1..{last}; 0 is background) "
                "in {input}",
-    "autoencode": "scores how unusual {input} are (reconstruction error; anomaly detection)",
-    "synthesize": "generates synthetic {input} of {num_classes} classes (a conditional GAN)",
+    Task.autoencode: "scores how unusual {input} are (reconstruction error; anomaly detection)",
+    Task.synthesize: "generates synthetic {input} of {num_classes} classes (a conditional GAN)",
 }
 _CALIBRATION = ("ece", "brier")
 

@@ -35,6 +35,7 @@ from common.config import RunConfig
 from common.metrics import RATE_METRICS
 from common.operating import warnings_for
 from common.outputs import note, write_json, writing
+from common.registry import SITE_PLOT_METRIC as SITE_PLOT_METRIC  # metrics.png per task
 from server.federation import RoundLog
 
 if TYPE_CHECKING:
@@ -44,11 +45,6 @@ RESULTS = "results.json"
 MODEL = "model.pt"
 PLOT = "metrics.png"
 CHECKPOINT = "checkpoint"
-# the per-site validation metric metrics.png shows for each task
-SITE_PLOT_METRIC = {
-    "classify": "auc", "segment": "dice", "autoencode": "anomaly-auroc",
-    "synthesize": "d-accuracy",
-}
 
 
 class CheckpointError(ValueError):

@@ -17,8 +17,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common.config import STRATEGIES, RunConfig
+from common.config import RunConfig
 from common.privacy import UNIT_WEIGHT
+from common.registry import STRATEGIES
 from server.scaffold import Scaffold
 
 

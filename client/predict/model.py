@@ -15,11 +15,12 @@ from torch import nn
 
 from common.config import ConfigError, RunConfig
 from common.modelfile import UnsafeModelFile, load_model_file
+from common.registry import Task
 from models import build_model
 
 MODEL_FILE = "model.pt"
 # the tasks whose outputs predict knows how to write
-PREDICTABLE = ("classify", "segment")
+PREDICTABLE = (Task.classify.value, Task.segment.value)
 
 
 @dataclass

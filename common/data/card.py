@@ -17,12 +17,13 @@ from common.data.labels import SPLITS
 from common.data.preprocess import Preprocess
 from common.data.site import UNLABELLED, SiteData
 from common.data.volume import ImageMeta
+from common.registry import Task
 
 WIDTH = 100
 DEFAULT_PREPROCESS = Preprocess()
 # What a training row of each --task needs (common.training.tasks): a label, a mask or just an image.
-TASK_NEEDS = {"classify": "labels", "synthesize": "labels", "segment": "masks",
-              "autoencode": "images"}
+TASK_NEEDS: dict[str, str] = {Task.classify: "labels", Task.synthesize: "labels",
+                              Task.segment: "masks", Task.autoencode: "images"}
 # Rows listed one per line in the text card; the JSON always lists every one.
 _LISTED = 20
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
+from common.registry import ANOMALY_AUROC
 from common.training.loop import resolve_device
 from common.training.tasks.autoencode import (
     anomaly_auroc,
@@ -47,7 +48,7 @@ class AutoencodeCentral(DefaultSteps):
             model.load_state_dict(state)
             return {
                 "loss": reconstruction_error(model, images, device),
-                "anomaly_auroc": anomaly_auroc(anomaly_scores(model, images, device), labels),
+                ANOMALY_AUROC: anomaly_auroc(anomaly_scores(model, images, device), labels),
                 "num-examples": float(len(images)),
             }
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from common.config import RunConfig
+from common.registry import SITE_ANOMALY_AUROC, Task
 from common.sites import SiteRef
 from common.training.loop import LossFn, TrainReport, tensor_dataset
 from common.training.tasks.base import (
@@ -134,8 +135,8 @@ def reconstruction_error(model: nn.Module, images: np.ndarray, device: torch.dev
 class AutoencodeTask:
     """`--task autoencode`: learns from every readable image; labels only score anomalies."""
 
-    name = "autoencode"
-    metrics = frozenset({"loss", "anomaly-auroc"})
+    name = Task.autoencode.value
+    metrics = frozenset({"loss", SITE_ANOMALY_AUROC})
 
     def load(self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader) -> Samples:
         """Every image of `split` and its label (-1: unlabelled)."""
@@ -176,5 +177,5 @@ class AutoencodeTask:
         images, labels = samples
         return {
             "loss": reconstruction_error(model, images, device),
-            "anomaly-auroc": anomaly_auroc(anomaly_scores(model, images, device), labels),
+            SITE_ANOMALY_AUROC: anomaly_auroc(anomaly_scores(model, images, device), labels),
         }

@@ -22,6 +22,7 @@ from torch import nn
 from common.config import RunConfig
 from common.metrics import classification_metrics
 from common.operating import HISTOGRAM_NOISE, RELEASE, score_histograms
+from common.registry import Task
 from common.sites import SiteRef
 from common.training.augment import augmented
 from common.training.loop import TrainReport, labelled_dataset, predict
@@ -80,7 +81,7 @@ class Scored(Protocol):
 class ClassifyTask:
     """`--task classify` (the default). Unlabelled images are skipped."""
 
-    name = "classify"
+    name = Task.classify.value
     metrics = frozenset({"auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
                          "ece", "brier", "loss"})
 

@@ -14,6 +14,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from common.config import RunConfig
+from common.registry import Task
 from common.segmentation import overlap_metrics, surface_metrics
 from common.sites import SiteRef
 from common.training.augment import augmented_pairs
@@ -136,7 +137,7 @@ def segmentation_scores(
 class SegmentTask:
     """`--task segment`: a U-Net on the `mask` column."""
 
-    name = "segment"
+    name = Task.segment.value
     metrics = frozenset({"dice", "iou", "hd95", "nsd", "loss"})
 
     def load(self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader) -> Samples:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from common.config import RunConfig
+from common.registry import Task
 from common.sites import SiteRef
 from common.training.loop import StepHooks, TrainReport, tensor_dataset
 from common.training.tasks.base import Fit, Samples, SplitLoader, build, preprocess, site_data
@@ -184,7 +185,7 @@ def discriminator_scores(
 class SynthesizeTask:
     """`--task synthesize`: a federated class-conditional GAN, DP on the discriminator."""
 
-    name = "synthesize"
+    name = Task.synthesize.value
     metrics = frozenset({"loss", "d-accuracy", "generator-loss"})
 
     def load(self, site: SiteRef, cfg: RunConfig, split: str, labelled: SplitLoader) -> Samples:
