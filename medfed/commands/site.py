@@ -11,6 +11,7 @@ from medfed import options as opt
 from medfed.commands import site_kit, site_state
 from medfed.console import (
     EXIT_BAD_INPUT,
+    EXIT_FAILED,
     EXIT_REFUSED,
     configure_logging,
     err,
@@ -59,6 +60,12 @@ def site(
         return
     if kit is None or data is None:
         raise fail("--kit and --data are required", EXIT_BAD_INPUT)
+    from common.flower_compat import FlowerVersionError, clientapp_runtime
+
+    try:  # before anything waits: the site's app approval hooks into this Flower's internals
+        clientapp_runtime.GATE.require()
+    except FlowerVersionError as exc:
+        raise fail(f"medfed site cannot run here: {exc}", EXIT_FAILED) from None
     from client.supernode import (
         SiteProcess,
         SiteRefused,

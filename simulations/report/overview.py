@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.metrics import RATE_METRICS
+from common.registry import SITE_ANOMALY_AUROC
 from simulations.report.data import federation_size, finite
 from simulations.report.markup import fmt, section, table
 from simulations.report.plots import empty_panel, figure, pyplot
@@ -63,9 +64,9 @@ def _sites_text(results: dict[str, Any], sites: Sequence[str]) -> str:
             "others never appear below)")
 
 
-# what the per-round panels plot (the sites report the anomaly AUROC as "anomaly-auroc"); the
-# table below them has every metric
-PLOTTED = (*RATE_METRICS, "anomaly-auroc")
+# what the per-round panels plot (the sites' own anomaly AUROC among them); the table below them
+# has every metric
+PLOTTED = (*RATE_METRICS, SITE_ANOMALY_AUROC)
 
 
 def global_section(results: dict[str, Any]) -> str:

@@ -116,3 +116,15 @@ def test_a_site_with_a_damaged_ledger_does_not_start_and_names_the_file(
     text = _text(result.output)
     assert str(ledgers / "ledger.json") in text.replace(" ", "")
     assert "never read as zero spent" in text
+
+
+def test_site_on_an_unchecked_flower_exits_1_naming_the_version_before_it_waits(
+    site_kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    result = CliRunner().invoke(app, ["site", "--kit", str(site_kit), "--data", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    text = _text(result.output)
+    assert "Flower 9.9.9 is installed" in text and "Traceback" not in text
