@@ -2,17 +2,21 @@
 
 `flwr run .` and `medfed run` start from these keys, and the SuperLink refuses an override whose
 key is not among them, so every RunConfig setting must be one. tests/common/test_config_app.py
-checks pyproject against `app_config()`; `python -m common.app_config` prints the block to paste
-there after a setting is added or its default changes.
+checks pyproject against `app_config()`. After a setting is added or its default changes,
+`python -m common.app_config --write` rewrites the block in pyproject.toml (the rest of the file
+is left as it is); without `--write` it prints the block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from common.atomic import write_text
 from common.config import RunConfig, app_default
 from common.metrics_endpoint import DEFAULT_HOST
 
@@ -42,5 +46,28 @@ def render() -> str:
     return "\n".join(lines)
 
 
+HEADER = "[tool.flwr.app.config]"
+
+
+def write(pyproject: Path) -> bool:
+    """Replace `pyproject`'s app-config block with the declared one; True when it changed."""
+    text = pyproject.read_text()
+    start = text.find("\n" + HEADER + "\n")
+    if start < 0:
+        raise ValueError(f"{pyproject} has no {HEADER} table to rewrite")
+    start += 1
+    blank = text.find("\n\n", start)  # the block is one run of lines, as render() writes it
+    end = len(text) if blank < 0 else blank + 1
+    new = text[:start] + render() + "\n" + text[end:]
+    if new == text:
+        return False
+    write_text(pyproject, new)
+    return True
+
+
 if __name__ == "__main__":
-    print(render())
+    if sys.argv[1:] == ["--write"]:
+        target = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        print(f"{target}: {'rewritten' if write(target) else 'already up to date'}")
+    else:
+        print(render())

@@ -9,7 +9,7 @@ re-check user input.
 A setting is declared once, as a field below made by `setting(...)`: its default, its help
 text and the commands that offer it as a flag. medfed.options builds both commands' flags from
 that, and tests/common/test_config_app.py checks pyproject's app config against it
-(`python -m common.app_config` prints the block).
+(`python -m common.app_config --write` rewrites that block from RunConfig).
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 import typer
 
-from common.app_config import METRICS_KEYS, app_config, render
+from common.app_config import METRICS_KEYS, app_config, render, write
 from common.config import RUN, SIMULATE, RunConfig
 from medfed.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-FIX = "print the block with `python -m common.app_config` and paste it into pyproject.toml"
+FIX = "run `python -m common.app_config --write` to rewrite the block in pyproject.toml"
 
 
 def _pyproject() -> dict:
@@ -66,3 +66,15 @@ def test_flags_are_the_settings_offered_on_each_command() -> None:
         # `medfed run` names the aggregator's test folder with its own --test-data
         assert flags - {"test_data"} == offered - {"test_data"}, command
     assert set(METRICS_KEYS) == {"metrics-port", "metrics-host"}
+
+
+def test_write_rewrites_the_block_and_nothing_else(tmp_path: Path) -> None:
+    """A key missing (a setting added to RunConfig alone) comes back; every other byte stays."""
+    current = (ROOT / "pyproject.toml").read_text()
+    lagging = current.replace('local-steps = 20\n', "", 1)
+    assert lagging != current
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(lagging)
+    assert write(pyproject) is True
+    assert pyproject.read_text() == current
+    assert write(pyproject) is False  # already up to date
