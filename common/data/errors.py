@@ -7,6 +7,7 @@ Two levels of failure, because a hospital site must keep training when one file 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -58,9 +59,15 @@ def as_image_error(error: BaseException) -> ImageError:
     )
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def described(error: BaseException) -> str:
     """Return "Class: message" on one line, cut to a length a data card can show."""
     message = " ".join(str(error).split()) or "no message"
+    # an object's repr names its memory address (pillow's "<_io.BytesIO object at 0x7f...>"),
+    # which differs between reads of the same file: the reason must not
+    message = _ADDRESS.sub("", message)
     if len(message) > _MAX_MESSAGE:
         message = message[:_MAX_MESSAGE] + "..."
     return f"{type(error).__name__}: {message}"

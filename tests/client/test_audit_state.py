@@ -15,7 +15,7 @@ from client.audit_state import HEAD, KEY, PIN, TRAIL, append_signed, signing_key
 from common.audit_head import HEAD_RECORD, ChainHead, load_signing_key, new_signing_key
 from medfed.cli import app
 from server.federation import RoundLog
-from tests.client.test_audit import evaluate_reply, train_reply
+from tests.client.replies import evaluate_reply, train_reply
 
 SITE = "site-a"
 
