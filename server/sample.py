@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
 
 from common.config import ConfigError
+from common.data.sop import new_instance
 from common.modelfile import load_model_file
 from models import build_model
 from models.cgan import ConditionalGAN
@@ -52,16 +53,7 @@ def synthetic_dataset(pixels: np.ndarray, number: int, seed: int) -> Dataset:
     def uid(kind: str) -> UID:
         return generate_uid(entropy_srcs=["medfed-sample", str(seed), str(number), kind])
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = uid("instance")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = uid("series")
+    ds = new_instance(SecondaryCaptureImageStorage, uid)
     ds.PatientName = ""
     ds.PatientID = ""
     ds.PatientBirthDate = ""

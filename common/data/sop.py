@@ -8,8 +8,10 @@ named as pydicom's UID dictionary names them.
 
 from __future__ import annotations
 
-from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from common.data.errors import ImageError
 
@@ -75,3 +77,22 @@ def modality(ds: Dataset) -> str:
         if fragment in name:
             return code
     return OTHER_MODALITY
+
+
+def new_instance(sop_class: str, uid: Callable[[str], UID]) -> Dataset:
+    """An empty instance of `sop_class` in Explicit VR Little Endian, its UIDs drawn from `uid`.
+
+    `uid(kind)` gives the instance, study and series UIDs ("instance", "study", "series"), so a
+    writer that derives them from a seed writes the same files every time.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = uid("instance")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = UID(sop_class)
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
+    return ds

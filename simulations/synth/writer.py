@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
@@ -19,6 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from common.data.sop import new_instance
 from simulations import series
 from simulations.anatomy import LESION
 from simulations.phantom import acquire, min_lesion_radius, sample_phantom
@@ -169,16 +170,7 @@ def _dataset(
 
     scanner = profile.scanner
     sop_class = _SOP_CLASS[profile.modality]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uid("instance")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = uid("series")
+    ds = new_instance(sop_class, uid)
 
     sex = "F" if rng.uniform() < 0.5 else "M"
     given = _GIVEN[sex][int(rng.integers(len(_GIVEN[sex])))]
