@@ -21,7 +21,7 @@ from common.registry import Task
 
 WIDTH = 100
 DEFAULT_PREPROCESS = Preprocess()
-# What a training row of each --task needs (common.training.tasks): a label, a mask or just an image.
+# What a training row of each --task needs (common.training.tasks): a label, a mask or an image.
 TASK_NEEDS: dict[str, str] = {Task.classify: "labels", Task.synthesize: "labels",
                               Task.segment: "masks", Task.autoencode: "images"}
 # Rows listed one per line in the text card; the JSON always lists every one.
@@ -164,6 +164,7 @@ def check_site(
         task: judge usability for this --task (TASK_NEEDS); None: labelled images are needed.
         num_classes: the run's class count: labels (and mask values) must be below it.
         duplicates: look for the same image listed twice (content hash, SOP Instance UID).
+
     """
     site_dir = Path(site_dir)
     if task is not None and task not in TASK_NEEDS:
