@@ -185,9 +185,27 @@ def _error(output: str, kit: OperatorKit) -> OperatorError:
             "belongs to another provisioning"
         )
     if "connect" in lowered and ("refused" in lowered or "error" in lowered):
-        last = text.splitlines()[-1] if text else "no answer"
+        last = _last_message(text) or "no answer"
         return OperatorError(f"cannot reach the aggregator: {last}")
-    return OperatorError(text.splitlines()[-1] if text else "flwr failed without a message")
+    return OperatorError(_last_message(text) or "flwr failed without a message")
+
+
+def _last_message(text: str) -> str:
+    """The last thing `flwr` said: the inside of its last error box, else its last line.
+
+    typer draws a ClickException as "╭─ Error ─╮ / │ text │ / ╰──╯", wrapped at the terminal's
+    width; the box's bottom border is the last line, and says nothing.
+    """
+    lines = text.splitlines()
+    top = max((i for i, line in enumerate(lines) if line.lstrip().startswith("╭")), default=None)
+    if top is None:
+        return lines[-1].strip() if lines else ""
+    inside = []
+    for line in lines[top + 1:]:
+        if line.lstrip().startswith("╰"):
+            break
+        inside.append(line.strip().strip("│").strip())
+    return " ".join(part for part in inside if part)
 
 
 def _json_payload(output: str, kit: OperatorKit) -> dict[str, Any]:
