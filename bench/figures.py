@@ -68,8 +68,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 f"({q.get('bytes_up_per_site_round', nan):,.0f} B, results.json "
                 "`update_bytes`) over the model's float32 size "
                 f"({q.get('model_float32_bytes', 0):,} B); down per round is "
-                f"{q.get('bytes_down_ratio', nan):.2f}x (the model is sent for training and again "
-                "for evaluation)"
+                f"{q.get('bytes_down_ratio', nan):.2f}x (the model is sent for training, and again "
+                "for each evaluation message)"
             ),
         ),
         Figure(
@@ -128,6 +128,23 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             ),
         ),
     ]
+    dep = results.get("deploy", {})
+    figs.append(Figure(
+        "deploy_round_overhead_s", "Deployed round beyond training",
+        results.get("deploy_round_overhead_s", nan), 3.0, unit="s",
+        how=(
+            f"README's deployment on 127.0.0.1 (`medfed server` with TLS, {dep.get('sites')} "
+            "authenticated `medfed site`s with their warm workers, `medfed run`), "
+            f"{dep.get('rounds')} rounds of DP-SGD, {dep.get('images_per_site')} images per site "
+            "(bench/deploy.py): median over rounds of (the round's wall time at the aggregator - "
+            "its slowest site's training seconds); per round "
+            + ", ".join(f"{r['wall_s']:.1f} s - {r['slowest_train_s']:.1f} s"
+                        for r in dep.get("deployed_rounds", []))
+            + f". The same rounds simulated: median {dep.get('sim_round_median_s', nan):.1f} s; "
+            f"deployed / simulated round time `deploy_over_sim_round_ratio` "
+            f"{results.get('deploy_over_sim_round_ratio', nan):.2f}"
+        ),
+    ))
     organs = results.get("segment", {}).get("organs", {})
     figs.append(Figure(
         "organ_dice", "Phantom organs: Dice", results["organ_dice"], 0.90, higher_is_better=True,

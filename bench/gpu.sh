@@ -57,7 +57,7 @@ SITES=(hospital-01 hospital-02 hospital-03)
 "$BIN/medfed" provision --project gpu --server-host 127.0.0.1 --port 19092 \
     --sites "$(IFS=,; echo "${SITES[*]}")" --out "$WORK/kits" >/dev/null
 # the app as one clean copy (the bundle `flwr run` builds from this folder, nothing else)
-"$PY" -c 'import sys; from pathlib import Path; from tests.deploy.test_federation import snapshot_app; print(snapshot_app(Path(sys.argv[1]))[1])' "$WORK/app" > "$WORK/fab"
+"$PY" -c 'import sys; from pathlib import Path; from bench.federation import snapshot_app; print(snapshot_app(Path(sys.argv[1]))[1])' "$WORK/app" > "$WORK/fab"
 for s in "${SITES[@]}"; do
     "$BIN/medfed" site approve --kit "$WORK/kits/sites/$s" --fab-hash "$(cat "$WORK/fab")" >/dev/null
 done
@@ -75,6 +75,8 @@ for s in "${SITES[@]}"; do
 done
 for s in "${SITES[@]}"; do
     timeout 120 bash -c "until grep -q 'SuperNode ID' '$OUT/site-$s.log'; do sleep 1; done"
+    # the site's warm worker (client.worker) holds torch, the data and the CUDA context
+    timeout 300 bash -c "until grep -q 'site worker ready' '$OUT/site-$s.log'; do sleep 1; done"
 done
 
 for device in cuda cpu; do
@@ -88,9 +90,14 @@ for device in cuda cpu; do
 import json, statistics, sys
 r = json.load(open(sys.argv[1]))
 rounds = [entry["duration_s"] for entry in r["rounds"]]
+# the deployed round overhead (bench/deploy.py's figure): wall time beyond the slowest training
+beyond = [e["duration_s"] - max(s["train"]["train-seconds"]
+                                for s in e["federated"]["sites"].values() if s.get("train"))
+          for e in r["rounds"]]
 eps = ", ".join(f"{s} {p['epsilon']:.2f}" for s, p in sorted(r["privacy"].items()))
 print(f"sites on {sys.argv[2]}: {sys.argv[3]} s for the run, median round "
       f"{statistics.median(rounds):.1f} s (rounds {', '.join(f'{d:.1f}' for d in rounds)}), "
+      f"median round beyond the slowest site's training {statistics.median(beyond):.2f} s, "
       f"central AUC {r['final']['auc']:.3f}; epsilon {eps}")
 EOF
 done

@@ -20,6 +20,10 @@ Figures (each a ratio or an amount measured in this one run of the suite):
                             sensitivity, specificity, balanced accuracy and the largest epsilon of
                             `medfed simulate --rounds R` with defaults, with and without DP, on a
                             one-class layout and make_sites.py's default layout
+    deploy_round_overhead_s a deployed round's wall time beyond its slowest site's training,
+                            median over rounds: README's deployment on 127.0.0.1 (TLS server,
+                            3 authenticated sites, bench/deploy.py); with it
+                            deploy_over_sim_round_ratio (deployed / simulated round time)
     organ_dice              `medfed simulate --task segment --no-dp`, defaults otherwise, on
                             phantom organs (`medfed synth --masks anatomy`): central Dice over
                             the foreground labels (bench/segment.py; with it the MSD hippocampus
@@ -41,6 +45,7 @@ from typing import Any
 from bench import networks
 from bench import segment as seg
 from bench.breastmnist import breastmnist, breastmnist_keys, breastmnist_markdown
+from bench.deploy import deployed_rounds
 from bench.figures import figures
 from bench.harness import FULL, OUT, QUICK, REPORT, RESULTS, ROOT, THREADS, Mode, log
 from bench.quality import hard_scenario, quality_and_bytes, segment_workloads
@@ -118,13 +123,15 @@ def main() -> int:
         write(["sim_overhead (more repeats)"])
 
     # load-insensitive figures first, so that a run cut short still has them on disk
-    order = ["quality", "hard", "breastmnist", "segment", "scale", "dp_overhead", "sim_overhead"]
+    order = ["quality", "hard", "breastmnist", "segment", "scale", "deploy", "dp_overhead",
+             "sim_overhead"]
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         "segment": lambda: segment_workloads(mode),
         "quality": lambda: quality_and_bytes(mode),
         "hard": lambda: hard_scenario(mode),
         "breastmnist": lambda: breastmnist(mode),
         "scale": lambda: scale(mode),
+        "deploy": lambda: deployed_rounds(OUT / "deploy"),
         "dp_overhead": lambda: dp_overhead(mode),
         "sim_overhead": lambda: sim_overhead(mode, on_repeat=partial_overhead),
     }
@@ -171,6 +178,9 @@ def write_outputs(
         "hard_fl_central_auc_ratio": parts.get("hard", {}).get("ratio", nan),
         "hard_balanced_accuracy": parts.get("hard", {}).get("balanced_accuracy", nan),
         "organ_dice": parts.get("segment", {}).get("organs", {}).get("dice", nan),
+        "deploy_round_overhead_s": parts.get("deploy", {}).get("deploy_round_overhead_s", nan),
+        "deploy_over_sim_round_ratio": parts.get("deploy", {}).get(
+            "deploy_over_sim_round_ratio", nan),
         **breastmnist_keys(parts.get("breastmnist", {})),
         "machine": machine(),
         "mode": mode.name,
@@ -188,6 +198,7 @@ def write_outputs(
         "hard": parts.get("hard", {}),
         "breastmnist": parts.get("breastmnist", {}),
         "segment": parts.get("segment", {}),
+        "deploy": parts.get("deploy", {}),
         "gpu": parts.get("gpu", {}),
         "errors": errors,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -48,6 +49,7 @@ from common import logs
 from common.config import RunConfig
 from common.cross_site import REPLY_RECORD, REPLY_SPLIT, SPLIT_KEY
 from common.cross_site import SPLITS as EVALUATION_SPLITS
+from common.evaluation import INCOMING_KEY, INCOMING_RECORD
 from common.fingerprint import FINGERPRINT
 from common.operating import HIST_KEYS
 from common.privacy import REFUSAL_MARK, UNIT_WEIGHT, PrivacyState
@@ -75,6 +77,67 @@ def _drift_correction(
         )
     server = {k: v.numpy() for k, v in control.items()}
     return DriftCorrection(server, load_control(control_path(site.state_dir, run_key)))
+
+
+def _score(
+    context: Context, cfg: RunConfig, site: SiteRef, load: SplitLoader,
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, split: str,
+    server_round: int, histograms: bool,
+) -> tuple[dict[str, MetricRecordValues], str, bool]:
+    """Score a global model on this site's `split`; the metrics, the split scored, a release.
+
+    `split` is val, or test (val is scored where the site has no test rows). `histograms`: a
+    binary classifier's validation-score histograms go with the metrics (exact without DP;
+    under DP once per run, in its final round, accounted); the returned flag says whether that
+    DP release was made now.
+    """
+    task = get_task(cfg.task)
+    samples = task.load(site, cfg, split, load)
+    if split == "test" and len(samples[0]) == 0:  # no test rows here: say val was scored
+        split = "val"
+        samples = task.load(site, cfg, split, load)
+    n = len(samples[0])
+    if n == 0:
+        raise ValueError(f"site {site.name} has no readable validation images for --task "
+                         f"{cfg.task}")
+    model = network(task, cfg, state)
+    started = time.perf_counter()
+    scores = None
+    if isinstance(task, Scored):
+        # the operating point the aggregator chose on the last round's histograms
+        given = config.get("threshold")
+        threshold = float(given) if isinstance(given, int | float) else None
+        result, scores = task.evaluate_scored(
+            model, samples, cfg, resolve_device(cfg.device), threshold=threshold
+        )
+    else:
+        result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
+    seconds = time.perf_counter() - started
+    progress.record(
+        site.state_dir,
+        progress.Progress(
+            run=cfg.run_key or str(context.run_id), round=server_round, phase="evaluate",
+            seconds=seconds, loss=float(result.get("loss", float("nan"))), examples=n,
+        ),
+    )
+    log.info(
+        "site %s, run %s, round %d, %s evaluate: %d images, %s, %.1fs",
+        site.name, cfg.run_key or context.run_id, server_round, cfg.task, n,
+        ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
+    )
+    values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
+    released = False
+    if scores is not None and histograms and not cfg.secure_agg:  # SecAgg+: no histogram
+        shared, val_epsilon = _shared_histograms(
+            context, cfg, site, scores, server_round, task.releases(cfg)
+        )
+        released = val_epsilon is not None
+        if shared is not None:
+            values.update({key: [float(v) for v in row]
+                           for key, row in zip(HIST_KEYS, shared, strict=True)})
+    if cfg.central_dp != "off":
+        values[UNIT_WEIGHT] = 1
+    return values, split, released
 
 
 def make_client_app(
@@ -117,10 +180,21 @@ def make_client_app(
                              f"{cfg.task}")
         device = resolve_device(cfg.device)
         state, control = split_control(msg.content.array_records["arrays"].to_torch_state_dict())
+        config = msg.content.config_records["config"]
+        # one message per round: the global model that arrived is the last round's, which had
+        # no evaluation message; it is scored here first (server.federation's schedule)
+        incoming = config.get(INCOMING_KEY)
+        scored: dict[str, MetricRecordValues] | None = None
+        if isinstance(incoming, int) and not cfg.secure_agg:
+            try:
+                scored, _, _ = _score(context, cfg, site, load, state, config, split="val",
+                                      server_round=incoming, histograms=True)
+            except ValueError as exc:  # no validation images: the round still trains
+                log.warning("site %s: round %d's model not scored (%s)", site.name, incoming,
+                            exc)
         model = network(task, cfg, state)
         run_key = cfg.run_key or str(context.run_id)
         drift = _drift_correction(cfg, site, run_key, control)
-        config = msg.content.config_records["config"]
         mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # FedProx sends it
         settings = LocalTraining(
             epochs=cfg.local_epochs, steps=0 if cfg.local_epochs else cfg.local_steps,
@@ -203,6 +277,8 @@ def make_client_app(
             trained = with_control(trained, {k: torch.from_numpy(v) for k, v in change.items()})
         records["arrays"] = ArrayRecord(trained)
         records["metrics"] = MetricRecord(metrics)
+        if scored is not None:
+            records[INCOMING_RECORD] = MetricRecord(scored)
         records["site"] = ConfigRecord({"name": site.name})
         return Message(RecordDict(records), reply_to=msg)
 
@@ -234,7 +310,6 @@ def make_client_app(
         check_deployed_message(context, msg.content.config_records["config"])
         cfg = RunConfig.from_mapping(msg.content.config_records["config"], strict=False)
         site = resolve_site(context, cfg, sites)
-        task = get_task(cfg.task)
         config = msg.content.config_records["config"]
         # the run's end asks for the held-out test split (server.cross_site); rounds for val
         asked = config.get(SPLIT_KEY)
@@ -242,59 +317,14 @@ def make_client_app(
         if split not in EVALUATION_SPLITS:
             raise ValueError(f"site {site.name}: the aggregator asked to evaluate split "
                              f"{split!r}; a site evaluates {' or '.join(EVALUATION_SPLITS)}")
-        samples = task.load(site, cfg, split, load)
-        if split == "test" and len(samples[0]) == 0:  # no test rows here: say val was scored
-            split = "val"
-            samples = task.load(site, cfg, split, load)
-        n = len(samples[0])
-        if n == 0:
-            raise ValueError(f"site {site.name} has no readable validation images for --task "
-                             f"{cfg.task}")
-        model = network(task, cfg, msg.content.array_records["arrays"].to_torch_state_dict())
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
-        started = time.perf_counter()
-        histograms = None
-        if isinstance(task, Scored):
-            # the operating point the aggregator chose on the last round's histograms
-            given = config.get("threshold")
-            threshold = float(given) if isinstance(given, int | float) else None
-            result, histograms = task.evaluate_scored(
-                model, samples, cfg, resolve_device(cfg.device), threshold=threshold
-            )
-        else:
-            result = task.evaluate(model, samples, cfg, resolve_device(cfg.device))
-        seconds = time.perf_counter() - started
-        progress.record(
-            site.state_dir,
-            progress.Progress(
-                run=cfg.run_key or str(context.run_id), round=server_round, phase="evaluate",
-                seconds=seconds, loss=float(result.get("loss", float("nan"))), examples=n,
-            ),
+        # the cross-site evaluation sends the scalars each round's evaluation sends, and no
+        # histogram: under DP they are one accounted release of the validation split per run,
+        # and a test split's would be a release no budget planned
+        values, split, released = _score(
+            context, cfg, site, load, msg.content.array_records["arrays"].to_torch_state_dict(),
+            config, split=split, server_round=server_round, histograms=asked is None,
         )
-        log.info(
-            "site %s, run %s, round %d, %s evaluate: %d images, %s, %.1fs",
-            site.name, cfg.run_key or context.run_id, server_round, cfg.task, n,
-            ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(result.items())), seconds,
-        )
-        values: dict[str, MetricRecordValues] = {**result, "num-examples": n}
-        released = False
-        if cfg.secure_agg:  # SecAgg+: no per-site histogram leaves, spend nothing
-            histograms = None
-        if asked is not None:
-            # the cross-site evaluation sends the scalars each round's evaluation sends, and no
-            # histogram: under DP they are one accounted release of the validation split per
-            # run, and a test split's would be a release no budget planned
-            histograms = None
-        if histograms is not None:
-            shared, val_epsilon = _shared_histograms(
-                context, cfg, site, histograms, server_round, task.releases(cfg)
-            )
-            released = val_epsilon is not None
-            if shared is not None:
-                values.update({key: [float(v) for v in row]
-                               for key, row in zip(HIST_KEYS, shared, strict=True)})
-        if cfg.central_dp != "off":
-            values[UNIT_WEIGHT] = 1
         content = RecordDict(
             {"metrics": MetricRecord(values), "site": ConfigRecord({"name": site.name})}
         )

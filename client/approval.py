@@ -35,6 +35,7 @@ from common.flower_compat.clientapp_runtime import (
     CLIENTAPP_COMMAND,
     PulledTask,
     guard_clientapp_runtime,
+    prompt_pulls,
     run_flower_clientapp,
     task_commands,
 )
@@ -123,17 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(args[:split])
     try:
         install_check(options.kit)
+        prompt_pulls()
     except FlowerVersionError as exc:  # no app runs: the site's log says why, not a traceback
         sys.exit(f"medfed site: {exc}")
     run_flower_clientapp(args[split + 1 :])
 
 
-def write_launchers(folder: Path, kit_dir: Path) -> Path:
+def write_launchers(folder: Path, kit_dir: Path, *, launchpad: Path | None = None) -> Path:
     """Write the commands Flower's SuperExec may start, for the front of the SuperNode's PATH.
 
-    `flwr-clientapp` runs the checked ClientApp; every other task command Flower knows refuses,
-    since a site runs ClientApps only. Returns `folder`. Raises FlowerVersionError when the
-    installed Flower is not one the approval hook was checked against (the site does not start).
+    `flwr-clientapp` runs the checked ClientApp (`main`): in a child of the site's launchpad
+    (client.launchpad) listening at `launchpad`, when one answers there, else itself. Every
+    other task command Flower knows refuses, since a site runs ClientApps only. Returns `folder`.
+    Raises FlowerVersionError when the installed Flower is not one the approval hook was checked
+    against (the site does not start).
     """
     commands = task_commands()
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,13 @@ def write_launchers(folder: Path, kit_dir: Path) -> Path:
     # `-c`, not `-m client.approval`: the module then has one name, and so does its exception
     entry = shlex.quote("from client.approval import main; main()")
     scripts[CLIENTAPP_COMMAND] = f'exec {python} -c {entry} --kit {kit} -- "$@"\n'
+    if launchpad is not None:
+        from client.launchpad import LAUNCHER
+
+        pad = shlex.quote(str(launchpad))
+        scripts[CLIENTAPP_COMMAND] = (
+            f'exec {python} -S -c {shlex.quote(LAUNCHER)} --socket {pad} --kit {kit} -- "$@"\n'
+        )
     for command, body in scripts.items():
         write_text(
             folder / command,

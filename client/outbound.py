@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.audit import DEFAULT_CONFIGS, DEFAULT_METRICS, OutboundGuard, describe_reply
 from client.audit_state import append_signed, signing_key
+from client.failures import SiteFailure, failure_text
 from client.ledger import BudgetRefused
 from client.policy import RunRefused
 from client.secure import NORM_BIT, SECAGG_REPLY_KEYS, is_secure_stage
@@ -57,10 +58,6 @@ GUARD = OutboundGuard(
     list_metrics=frozenset(HIST_KEYS) | frozenset(FINGERPRINT_LISTS),
 )
 _LEGACY_METRIC_RECORDS = frozenset({"fitres.metrics", "evaluateres.metrics"})
-
-
-class SiteFailure(RuntimeError):
-    """What the aggregator is told when the site fails: the kind of failure, no details."""
 
 
 def _reply_config(msg: Message, context: Context) -> RunConfig:
@@ -193,9 +190,6 @@ def _outbound_mod(sites: Sequence[SiteRef] | None) -> Mod:
                 raise SiteFailure(
                     f"site {name}: {kind} failed ({type(exc).__name__}: {exc}){where}"
                 ) from None
-            raise SiteFailure(
-                f"site {name}: {kind} failed ({type(exc).__name__}); the details stay in the "
-                "site's own log"
-            ) from None
+            raise SiteFailure(failure_text(name, kind, type(exc).__name__)) from None
 
     return mod

@@ -21,6 +21,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -29,14 +30,16 @@ from pathlib import Path
 from typing import IO
 
 from client.approval import LAUNCHER_DIR, write_launchers
+from client.launchpad import socket_path as launchpad_socket
+from client.worker_link import SOCKET_ENV, WorkerSupervisor, socket_path
 from common import logs
 from common.certs import fingerprint
+from common.flower_compat.supernode_poll import POLL_ENV
 from common.kit import SiteKit
 from common.ports import check_free
 from common.procs import (
     die_with_parent,
     flower_environment,
-    flower_executable,
     on_stop_signals,
     terminate_tree,
 )
@@ -51,6 +54,8 @@ KEY_REFUSED_MARK = "Failed to activate SuperNode"
 REFUSALS_BEFORE_GIVING_UP = 3
 REFUSAL_RETRY_S = 5.0
 BACKOFF_START_S, BACKOFF_MAX_S = 2.0, 60.0
+# Flower's SuperExec (started by the SuperNode) looks for new ClientApp tasks this often
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.1
 STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
@@ -69,6 +74,7 @@ class SiteSettings:
     health_port: int | None = None
     budget_epsilon: float | None = None
     ledger_dir: Path | None = None
+    poll_interval: float = 2.0  # an idle SuperNode's longest wait for a message (Flower's: 3 s)
 
     def command(self) -> list[str]:
         """flower-supernode's argv."""
@@ -85,7 +91,8 @@ class SiteSettings:
         if self.budget_epsilon is not None:
             node_config += f" budget-epsilon={self.budget_epsilon!r}"
         argv = [
-            flower_executable("flower-supernode"),
+            # Flower's flower-supernode, with prompt waits (common.flower_compat.supernode_poll)
+            sys.executable, "-c", "from common.flower_compat.supernode_poll import main; main()",
             "--superlink", self.kit.superlink,
             "--root-certificates", str(self.kit.ca_cert),
             "--auth-supernode-private-key", str(self.kit.private_key),
@@ -110,6 +117,11 @@ class SiteSettings:
         env = flower_environment()
         env.setdefault("FLWR_HOME", str((self.state / "flwr").resolve()))
         env["PATH"] = os.pathsep.join([str(self.launcher_dir), env["PATH"]])
+        # the ClientApp hands every message to the site's warm worker (client.shim)
+        env[SOCKET_ENV] = str(socket_path(self.state.resolve()))
+        # Flower's SuperExec looks for a new ClientApp task every second by default
+        env.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_S))
+        env[POLL_ENV] = str(self.poll_interval)
         return env
 
 
@@ -173,6 +185,9 @@ class SiteProcess:
     def __init__(self, settings: SiteSettings) -> None:
         self.settings = settings
         self.process: subprocess.Popen[str] | None = None
+        self.worker = WorkerSupervisor(settings.state, echo=self._print, data_dir=settings.data)
+        self.launchpad = WorkerSupervisor(settings.state, echo=self._print,
+                                          module="client.launchpad")
         self._stop = threading.Event()
         self._tail: deque[str] = deque(maxlen=40)
 
@@ -194,11 +209,16 @@ class SiteProcess:
     def _echo(self, stream: IO[str]) -> None:
         for line in stream:
             self._tail.append(line)
-            print(stamped(line), end="", flush=True)
+            self._print(line)
+
+    @staticmethod
+    def _print(line: str) -> None:
+        print(stamped(line), end="", flush=True)
 
     def _run_once(self) -> int:
         self._tail.clear()
-        write_launchers(self.settings.launcher_dir, self.settings.kit.path)
+        write_launchers(self.settings.launcher_dir, self.settings.kit.path,
+                        launchpad=launchpad_socket(self.settings.state.resolve()))
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             self.settings.command(), env=self.settings.environment(), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -215,7 +235,20 @@ class SiteProcess:
         return code
 
     def run(self) -> int:
-        """Supervise the SuperNode until stopped (0) or permanently refused (SiteRefused)."""
+        """Supervise the SuperNode until stopped (0) or permanently refused (SiteRefused).
+
+        The site's warm worker (client.worker) and the ClientApp launchpad (client.launchpad)
+        start first and live as long as this does.
+        """
+        self.worker.start()
+        self.launchpad.start()
+        try:
+            return self._supervise()
+        finally:
+            self.launchpad.stop()
+            self.worker.stop()
+
+    def _supervise(self) -> int:
         refusals, delay = 0, BACKOFF_START_S
         while not self._stop.is_set():
             if not self._wait_reachable():
@@ -255,6 +288,8 @@ class SiteProcess:
         self._stop.set()
         if self.process is not None:
             terminate_tree(self.process)
+        self.launchpad.stop()
+        self.worker.stop()
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM stop the site cleanly."""

@@ -154,6 +154,12 @@ class RunConfig:
         0.2, "Share trimmed at each end by fedtrimmedavg, in [0, 0.5).", on=())
     krum_byzantine: int = setting(0, "Malicious sites Krum tolerates.", on=())
     round_timeout: float = setting(3600.0, "Seconds a round waits for the sites' replies.", on=())
+    # one message per round (common.evaluation): the sites score each round's model at the
+    # start of the next round's training message
+    evaluate_every: int = setting(
+        0, "Send the sites an evaluation message after every N-th round (1: every round); "
+        "the other rounds' models are scored at the start of the next round's training "
+        "message, and the last round is always followed by one.", shown="0: only the last")
     # a deployed run that never gets --min-sites sites is stopped instead of waiting for ever
     wait_timeout: float = setting(
         600.0, "Seconds to wait for --min-sites sites to connect before the run is stopped "

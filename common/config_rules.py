@@ -96,6 +96,7 @@ def check_run(cfg: RunConfig) -> None:
     need(8 <= cfg.image_size <= 1024, "image_size", "must be between 8 and 1024")
     need(cfg.channels in (1, 3), "channels", "must be 1 or 3")
     need(cfg.num_classes >= 2, "num_classes", "must be >= 2")
+    need(cfg.evaluate_every >= 0, "evaluate_every", "must be >= 0 (0: only after the last round)")
     need(cfg.rounds >= 1, "rounds", "must be >= 1")
     need(cfg.local_steps >= 1, "local_steps", "must be >= 1")
     need(cfg.local_epochs >= 0, "local_epochs", "must be >= 0 (0: use --local-steps)")

@@ -107,7 +107,8 @@ def die_with_parent() -> None:
         pass  # not Linux: medfed's own stop() still ends the tree
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -144,10 +145,10 @@ def terminate_tree(proc: subprocess.Popen[Any], grace: float = 15) -> None:
     rest = list(dict.fromkeys(below + flower_orphans(proc.pid)))
     for pid in list(rest):
         rest += [d for d in descendants(pid) if d not in rest]
-    rest = [p for p in rest if _alive(p)]
+    rest = [p for p in rest if alive(p)]
     _signal(rest, signal.SIGTERM)
     deadline = time.monotonic() + 5
     while rest and time.monotonic() < deadline:
         time.sleep(0.1)
-        rest = [p for p in rest if _alive(p)]
+        rest = [p for p in rest if alive(p)]
     _signal(rest, signal.SIGKILL)

@@ -16,6 +16,7 @@ from server import artifacts
 from server.cross_site import cross_site
 from server.exporter import MetricsSettings, serve_metrics
 from server.fingerprint import planned
+from server.grids import PromptGrid
 from server.model_card import CARD_HTML, CARD_JSON, write_model_card
 from server.record import RunRecord
 from server.run import ProgressFn, RoundUpdate, run_federation
@@ -44,6 +45,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None:  # deployed or `flwr run .`: replies are picked up as they arrive
+            grid = PromptGrid(grid)
         def federate(run_cfg: RunConfig, on_round: ProgressFn | None = on_round) -> None:
             if cfg is None:  # deployed or `flwr run .`: sites connect when they can
                 wait_for_sites(grid, min_sites=run_cfg.min_sites, timeout=run_cfg.wait_timeout,

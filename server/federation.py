@@ -8,6 +8,7 @@ site, and a round offset so a resumed run continues at round k+1 instead of roun
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.apps import parse_app_refusal
 from common.audit_head import HEAD_RECORD, ChainHead, HeadError
+from common.evaluation import INCOMING_KEY, INCOMING_RECORD, evaluation_message_after
 from common.operating import HIST_KEYS, histograms_from_metrics
 from common.policy import parse_run_refusal
 from common.privacy import parse_refusal
@@ -95,15 +98,40 @@ def _scalars(record: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
 
 
+def _take_scores(replies: list[Message]) -> list[Message]:
+    """Each training reply's score of the model it started from, as an evaluation reply.
+
+    The score is removed from the training reply: the strategy aggregates one MetricRecord.
+    """
+    scored = []
+    for reply in replies:
+        if reply.has_error() or INCOMING_RECORD not in reply.content.metric_records:
+            continue
+        metrics = reply.content.pop(INCOMING_RECORD)
+        site = reply.content.config_records.get("site")
+        content = RecordDict({"metrics": metrics})
+        if site is not None:
+            content["site"] = ConfigRecord(dict(site))
+        scored.append(make_message(copy.deepcopy(reply.metadata), content=content))
+    return scored
+
+
 class RecordingStrategy(Strategy):
     """Delegate to `inner`, record each round in `self.rounds` and offset round numbers."""
 
     def __init__(
         self, inner: Strategy, *, round_offset: int = 0,
-        operating: OperatingPoints | None = None,
+        operating: OperatingPoints | None = None, evaluate_every: int = 1, last_round: int = 0,
     ) -> None:
         self.inner = inner
         self.round_offset = round_offset
+        # evaluation messages follow every `evaluate_every`-th round and the last (round
+        # numbers as the run counts them); the sites score every other round's model at the
+        # start of the next round's training message (common.evaluation)
+        self.evaluate_every = evaluate_every
+        self.last_round = last_round
+        self._unscored: int | None = None  # the round whose model the next training scores
+        self.late: list[int] = []  # rounds scored since the run loop last asked (take_late)
         # a binary classifier's threshold, chosen after each federated evaluation
         self.operating = operating or OperatingPoints(enabled=False)
         self.rounds: dict[int, RoundLog] = {}
@@ -203,6 +231,9 @@ class RecordingStrategy(Strategy):
         log = self._log(server_round)
         log.started = time.perf_counter()
         log.connected = len(list(grid.get_node_ids()))
+        previous = server_round + self.round_offset - 1
+        if self._unscored == previous:  # score that model first, at the current threshold
+            config = self.operating.config(ConfigRecord({**config, INCOMING_KEY: previous}))
         messages = list(
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         )
@@ -215,6 +246,10 @@ class RecordingStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record each site's reply before the inner strategy (which may consume them)."""
         replies = list(replies)
+        scored = _take_scores(replies)
+        if scored and self._unscored == server_round + self.round_offset - 1:
+            self._late_evaluation(server_round - 1, scored)
+        self._unscored = None
         log = self._log(server_round)
         self._read_replies(log, "train", getattr(self, "_sent_train", []), replies)
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
@@ -232,7 +267,16 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Let the inner strategy choose the evaluating sites; send them the threshold."""
+        """Let the inner strategy choose the evaluating sites; send them the threshold.
+
+        No message after a round the schedule leaves to the next training message.
+        """
+        run_round = server_round + self.round_offset
+        if not evaluation_message_after(run_round, every=self.evaluate_every,
+                                        last=self.last_round):
+            self._unscored = run_round
+            self._sent_evaluate = []
+            return []
         config = self.operating.config(config)
         messages = list(
             self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -245,12 +289,28 @@ class RecordingStrategy(Strategy):
     ) -> MetricRecord | None:
         """Record each site's evaluation, then aggregate with the inner strategy."""
         replies = list(replies)
+        if self._unscored == server_round + self.round_offset:
+            return None  # scored at the start of the next round's training
+        return self._evaluated(server_round, replies, getattr(self, "_sent_evaluate", []))
+
+    def _evaluated(self, server_round: int, replies: list[Message], sent: list[Message]
+                   ) -> MetricRecord | None:
         log = self._log(server_round)
-        self._read_replies(log, "evaluate", getattr(self, "_sent_evaluate", []), replies)
+        self._read_replies(log, "evaluate", sent, replies)
         metrics = self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
         log.evaluate_aggregated = _scalars(metrics)
         log.operating_point = self.operating.choose(log.round, log.histograms)
         return metrics
+
+    def _late_evaluation(self, server_round: int, scored: list[Message]) -> None:
+        """The last round's model as the sites scored it at the start of this round."""
+        self._evaluated(server_round, scored, [])
+        self.late.append(server_round + self.round_offset)
+
+    def take_late(self) -> list[int]:
+        """The rounds whose evaluation arrived late since the last call (their entries change)."""
+        late, self.late = self.late, []
+        return late
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""

@@ -148,6 +148,28 @@ class RunRecord:
         self.rounds.append(entry)
         return entry
 
+    def late_evaluation(self, log: RoundLog) -> None:
+        """Round `log.round`'s evaluation, scored at the start of the next (common.evaluation)."""
+        entry = next((e for e in self.rounds if e["round"] == log.round), None)
+        if entry is None:
+            return
+        for name in log.evaluate:
+            if name not in self.sites_seen:
+                self.sites_seen.append(name)
+        federated = entry["federated"]
+        federated["evaluate"] = log.evaluate_aggregated
+        for name, metrics in log.evaluate.items():
+            federated["sites"].setdefault(name, {"train": None, "evaluate": None})
+            federated["sites"][name]["evaluate"] = metrics
+        federated["sites"] = dict(sorted(federated["sites"].items()))
+        if log.operating_point is not None:
+            entry["operating_point"] = log.operating_point
+            if self.cfg.task == "classify" and not entry["central"]:
+                entry["warnings"] = warnings_for(log.operating_point,
+                                                 where="sites' validation data")
+        entry["failures"] = [*entry["failures"],
+                             *(f for f in log.failures if f not in entry["failures"])]
+
     def final_metrics(self) -> dict[str, Any]:
         """The global model's metrics: central evaluation, or federated when there is none.
 

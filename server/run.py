@@ -136,7 +136,11 @@ def run_federation(
     evaluator = task.evaluator(cfg, site_dirs)
     screened = ScreeningStrategy(central or strategy, z_threshold=cfg.screen_z or None)
     operating = OperatingPoints.for_run(cfg, previous_threshold(record.rounds))
-    recording = RecordingStrategy(screened, round_offset=record.last_round, operating=operating)
+    recording = RecordingStrategy(
+        screened, round_offset=record.last_round, operating=operating,
+        # SecAgg+ rounds carry no score of the last round's model: every round is evaluated
+        evaluate_every=1 if cfg.secure_agg else cfg.evaluate_every, last_round=cfg.rounds,
+    )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state_dict = arrays.to_torch_state_dict()
@@ -152,6 +156,8 @@ def run_federation(
             if not resume:
                 record.initial = central
             return _metric_record(central)
+        for late in recording.take_late():  # the last round's model, scored in this round
+            record.late_evaluation(recording.rounds[late])
         entry = record.add_round(recording.rounds[server_round + recording.round_offset], central,
                                  central_s=time.perf_counter() - started)
         _noting_new(run_dir, lambda: task.after_round(run_dir, cfg, entry["round"], state_dict))

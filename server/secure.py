@@ -58,11 +58,11 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from common.audit_head import HEAD_RECORD, METRIC_PREFIX, head_in_metrics
 from common.config import RunConfig
 from common.secure import ARRAY_NAMES, PRIVACY_PREFIX, SITE_NAME
+from server.grids import Delegating
 
 log = logging.getLogger("medfed.server")
 
@@ -77,48 +77,7 @@ def _shares(value: float) -> int | float:
     return float(value) if value <= 1 else int(value)
 
 
-class _Delegating(Grid):
-    """A Grid that hands every call to `grid`; subclasses change `send_and_receive`."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.send_and_receive(messages, timeout=timeout)
-
-    def set_run(self, run: Run) -> None:
-        """Delegated."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegated."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated."""
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.pull_messages(message_ids)
-
-
-class SecAggPlusGrid(_Delegating):
+class SecAggPlusGrid(Delegating):
     """`grid` with each training round run through Flower's SecAgg+ stages."""
 
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
@@ -224,7 +183,7 @@ def _site_reply(res: FitRes, dtypes: dict[str, np.dtype[Any]]) -> RecordDict:
     return content
 
 
-class _WatchedGrid(_Delegating):
+class _WatchedGrid(Delegating):
     """The grid the SecAgg+ stages talk to, noting which site failed, went silent or is whom.
 
     Flower's workflow keeps a failure as `Exception(error)`, which no longer says whose it was.

@@ -120,6 +120,7 @@ def _package_files() -> list[Path]:
     return sorted(
         p for init in ROOT.glob("*/__init__.py") if init.parent.name != "tests"
         for p in init.parent.rglob("*.py")
+        if not p.is_relative_to(ROOT / "bench" / "out")  # what `make bench` writes
     )
 
 
@@ -187,10 +188,16 @@ RUNNERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("simulations.runner",),
     ),
     "client.app": (
-        "the ClientApp: Flower's SuperNode starts it at each site of `medfed site` (pyproject's "
-        "`clientapp = \"client.app:app\"`); `medfed simulate` runs it in-process",
-        ("simulations.runner",),
+        "the ClientApp's work: the site's warm worker runs it for every message of a deployed "
+        "site; `medfed simulate` runs it in-process",
+        ("simulations.runner", "client.worker", "client.shim"),
     ),
+    "client.shim": (
+        "the ClientApp Flower's SuperNode starts at each site of `medfed site` (pyproject's "
+        "`clientapp = \"client.shim:app\"`): hands each message to the warm worker",
+        ("client.launchpad",),  # imports it once, for the ClientApp processes it forks
+    ),
+    "client.worker": ("the site's warm worker: `medfed site` starts it (`python -m`)", ()),
     "client.supernode": ("`medfed site`: the site's SuperNode process", ()),
     "server.superlink": ("`medfed server`: the SuperLink, its gateway and site registry", ()),
     "server.submit": ("`medfed run`/`runs`/`stop`: Flower's CLI for the operator", ()),
@@ -218,7 +225,7 @@ def test_only_the_cli_imports_the_runners(runner: str) -> None:
 def test_flower_finds_the_two_apps_where_the_runners_say() -> None:
     with (ROOT / "pyproject.toml").open("rb") as f:
         components = tomllib.load(f)["tool"]["flwr"]["app"]["components"]
-    assert {ref.partition(":")[0] for ref in components.values()} == {"server.app", "client.app"}
+    assert {ref.partition(":")[0] for ref in components.values()} == {"server.app", "client.shim"}
     assert all(ref.partition(":")[0] in RUNNERS for ref in components.values())
 
 

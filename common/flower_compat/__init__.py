@@ -6,7 +6,9 @@ hook medfed needs, the change to Flower lives here and nowhere else, one module 
 | module | what it changes in Flower | why |
 |---|---|---|
 | `delivery` | the simulation engine's delivery sweep and grid polling | CPU at 1,000 sites |
-| `clientapp_runtime` | `run_clientapp`'s pull, install and loader | app approval at a site |
+| `clientapp_runtime` | `run_clientapp`'s pull, install, loader; retries | app approval; speed |
+| `supernode_poll` | the SuperNode loop's 3 s and 0.5 s waits; retries | deployed round time |
+| `wire` | reads `serde`'s Message and Context protobuf forms | the site worker's hand-over |
 | `adaptive_clipping` | the DP wrappers' `_geometric_update` | a sign bug |
 | `control_client` | the CLI's `ControlHttpClient.from_server_address` | operator certificate |
 | `strategy_state` | reads strategies' attributes (`m_t`, `v_t`, ...) | checkpoints resume them |

@@ -11,9 +11,19 @@ text included, that the aggregator receives.
 `guard_clientapp_runtime` replaces three names in that module's namespace:
 - `pull_task_input`, wrapped to keep the task's run, context and message for the check;
 - `install_from_fab`, wrapped to check first (the message is pulled by then, so a refusal
-  becomes Flower's error reply);
+  becomes Flower's error reply), and to unpack a bundle only once: for every message Flower
+  unpacks the bundle into a temporary folder and verifies each file's hash, then keeps the
+  folder it installed before (`validate_and_install`): 0.2 to 0.7 s of each message on 2 busy
+  cores. Once installed, the folder holds a mark with the bundle's full SHA-256, and the next
+  task of that bundle skips the unpacking;
 - `get_load_client_app_fn`, wrapped so that a ClientApp whose bundle was not checked in this
   process is never loaded (fail closed).
+
+`prompt_pulls` (a speed-up, called by client.approval after the guard) replaces a fourth:
+`pull_and_inflate_object_from_tree`, with Flower's function retrying an object the SuperNode
+does not hold yet after `RETRY_S` instead of 1 s, doubling to at most `RETRY_CAP_S` instead of
+10 s. A ClientApp started promptly (client.launchpad) often asks before the SuperNode finished
+receiving the message, and Flower's first retry then cost a whole second, the second three.
 
 Why not Flower's own `--trusted-entities` (SuperNode entity verification, flwrlabs/flower#6084):
 in Flower 1.41 it accepts only bundles that Flower's platform marked `valid_license`; the
@@ -26,9 +36,11 @@ names changes.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common.flower_compat import FlowerVersionError, Gate
@@ -112,8 +124,15 @@ def guard_clientapp_runtime(check: Check, refuse_load: RefuseLoad) -> None:
         return message, context, run, fab
 
     def checked_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
-        checked.add(check(fab_file, pulled[0] if pulled else None))
-        return install_from_fab(fab_file, *args, **kwargs)
+        sha256 = check(fab_file, pulled[0] if pulled else None)
+        checked.add(sha256)
+        folder = _install_folder(pulled[0].run, sha256) if pulled else None
+        if folder is not None and _installed(folder) == sha256:
+            return folder  # this bundle, installed by an earlier task: not unpacked again
+        result = install_from_fab(fab_file, *args, **kwargs)
+        if folder is not None and folder.is_dir():
+            (folder / INSTALLED_MARK).write_text(sha256)
+        return result
 
     def checked_loader(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
         load = get_load_client_app_fn(*args, **kwargs)
@@ -128,6 +147,41 @@ def guard_clientapp_runtime(check: Check, refuse_load: RefuseLoad) -> None:
     runtime.pull_task_input = recording_pull
     runtime.install_from_fab = checked_install
     runtime.get_load_client_app_fn = checked_loader
+
+
+RETRY_S, RETRY_CAP_S = 0.02, 0.5
+
+
+def prompt_pulls() -> None:
+    """Retry a message object the SuperNode does not hold yet within RETRY_S, not 1 s."""
+    GATE.require()
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    runtime.pull_and_inflate_object_from_tree = functools.partial(
+        runtime.pull_and_inflate_object_from_tree, initial_backoff=RETRY_S,
+        backoff_cap=RETRY_CAP_S,
+    )
+
+
+# written into an app's install folder once Flower installed a bundle there: its full SHA-256
+INSTALLED_MARK = ".medfed-installed"
+
+
+def _install_folder(run: Any, sha256: str) -> Path | None:
+    """Where Flower installs this run's bundle (`get_project_dir`), or None if it cannot say."""
+    from flwr.common.config import get_project_dir
+
+    try:
+        return Path(get_project_dir(run.fab_id, run.fab_version, sha256))
+    except (ValueError, AttributeError):
+        return None
+
+
+def _installed(folder: Path) -> str | None:
+    try:
+        return (folder / INSTALLED_MARK).read_text().strip()
+    except OSError:
+        return None
 
 
 def task_commands() -> list[str]:

@@ -54,6 +54,13 @@ def site(
                      callback=opt.budget_flag),
     ] = None,
     ledger_dir: opt.LedgerDir = None,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.05, max=10.0, help="Longest wait, in seconds, of an idle site "
+                            "between asking the aggregator for its next message (Flower's own: "
+                            "3). Right after a message the site asks again within 0.25 s, "
+                            "backing off to this. Each ask costs the aggregator a few database "
+                            "statements: with hundreds of sites, raise it.")
+    ] = 2.0,
 ) -> None:
     """Check the site's data, then join the federation and train when the aggregator asks."""
     if ctx.invoked_subcommand is not None:
@@ -124,7 +131,7 @@ def site(
     process = SiteProcess(
         SiteSettings(
             site_kit, data, state, runtime_port=runtime_port, health_port=health_port,
-            budget_epsilon=budget, ledger_dir=ledger_dir,
+            budget_epsilon=budget, ledger_dir=ledger_dir, poll_interval=poll_interval,
         )
     )
     stop_metrics = None

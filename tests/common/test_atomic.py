@@ -318,6 +318,8 @@ _SKIP_DIRS = {"tests", ".venv", "venv", "build", "dist", "node_modules"}
 def _sources() -> Iterator[Path]:
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT).parts
+        if parts[:2] == ("bench", "out"):  # what `make bench` writes
+            continue
         if not (_SKIP_DIRS & set(parts) or any(p.startswith(".") for p in parts)):
             yield path
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from flwr.supernode.runtime import run_clientapp as runtime
 
+from bench.federation import BIN, Federation, snapshot_app
+from bench.federation import finish as _finish
+from bench.federation import results as _results
 from client.approval import (
     CLIENTAPP_COMMAND,
     AppNotApproved,
@@ -31,7 +34,6 @@ from common.kit import KIT_FILE, KitError, SiteKit
 from common.kit_edits import approve_app, revoke_app
 from server.provision import provision
 from tests.apps import tiny_app
-from tests.deploy.test_federation import BIN, Federation, _finish, _results, snapshot_app
 from tests.medfed.helpers import free_port
 from tests.simulations.conftest import write_easy_hospitals
 

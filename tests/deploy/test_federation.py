@@ -8,22 +8,21 @@ stranger's key and of a client without TLS, a site killed mid-run, and a server 
 
 import contextlib
 import http.client
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from common.apps import build_app_bundle
+from bench.federation import BIN, Federation
+from bench.federation import finish as _finish
+from bench.federation import provisioned as federation_on
+from bench.federation import results as _results
 from common.certs import SiteKeyPair, write_private, write_public
 from common.procs import descendants, flower_environment, flower_orphans, terminate_tree
 from tests.medfed.helpers import fetch, free_port, samples
@@ -31,117 +30,7 @@ from tests.simulations.conftest import write_easy_hospitals
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
-
-
-class Proc:
-    """A medfed process whose output goes to a log file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._file = log.open("w")
-        self.popen = subprocess.Popen(
-            [str(BIN / "medfed"), *args], stdout=self._file, stderr=subprocess.STDOUT
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text():
-                return
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.5)
-        pytest.fail(f"{needle!r} not in {self.log.name} after {timeout}s:\n{self.text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        self._file.close()
-        return int(self.popen.returncode)
-
-
-@dataclass
-class Federation:
-    root: Path
-    kits: Path
-    data: Path
-    state: Path
-    port: int
-    health_port: int
-    metrics_port: int
-    server: Proc | None = None
-    sites: dict[str, Proc] = field(default_factory=dict)
-    site_metrics: dict[str, int] = field(default_factory=dict)
-    runs: list[str] = field(default_factory=list)
-    app: Path | None = None  # the app `medfed run` submits (its sites approved it)
-
-    def start_server(self, log_name: str) -> Proc:
-        self.server = Proc(
-            [
-                "server", "--kit", str(self.kits / "server"), "--state", str(self.state),
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
-            ],
-            self.root / log_name,
-        )
-        self.server.wait_for("medfed server ready", timeout=120)
-        return self.server
-
-    def start_site(self, name: str, *flags: str) -> Proc:
-        proc = Proc(
-            [
-                "site", "--kit", str(self.kits / "sites" / name),
-                "--data", str(self.data / "sites" / name), "--state", str(self.root / name),
-                "--runtime-port", str(free_port()),
-                "--metrics-port", str(self.site_metrics.setdefault(name, free_port())), *flags,
-            ],
-            self.root / f"site-{name}-{len(self.sites)}{len(flags)}.log",
-        )
-        self.sites[name] = proc
-        return proc
-
-    def run(self, out: str, *flags: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                str(BIN / "medfed"), "run", "--kit", str(self.kits / "operator"),
-                "--out", str(self.root / out), "--batch-size", "16", "--local-steps", "2",
-                *(["--app", str(self.app)] if self.app else []), *flags,
-            ],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-
-def snapshot_app(dest: Path) -> tuple[Path, str]:
-    """This repository's app as one consistent copy, and its FAB hash.
-
-    The working tree may change while the tests run, and any change is a new app version that
-    the sites have not approved. The copy holds exactly the files of the bundle `flwr run` builds
-    now, so it builds the same bundle, byte for byte.
-    """
-    content, bundle = build_app_bundle(Path(__file__).resolve().parents[2])
-    with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        for name in archive.namelist():
-            if not name.startswith(".info/"):
-                (dest / name).parent.mkdir(parents=True, exist_ok=True)
-                (dest / name).write_bytes(archive.read(name))
-    if build_app_bundle(dest)[1].sha256 != bundle.sha256:
-        raise RuntimeError(f"{dest}: the app's copy builds another bundle")
-    return dest, bundle.sha256
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str, str]:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return proc.returncode, stdout, stderr
 
 
 @contextlib.contextmanager
@@ -149,43 +38,13 @@ def provisioned(
     root: Path, *, project: str, sites: list[str], images: int, test_images: int, seed: int,
     timeout: float,
 ) -> Iterator[Federation]:
-    """A provisioned federation running on 127.0.0.1: the aggregator and one site per name.
-
-    Each hospital approves the app version it will run; everything started is stopped on exit.
-    """
+    """bench.federation's federation on easy hospitals of `images` each (half positive)."""
     data = write_easy_hospitals(
         root / "data", [(name, images, 0.5) for name in sites], test_images=test_images,
         seed=seed,
     )
-    fed = Federation(
-        root=root, kits=root / "kits", data=data, state=root / "server-state",
-        port=free_port(), health_port=free_port(), metrics_port=free_port(),
-    )
-    medfed = str(BIN / "medfed")
-    subprocess.run(
-        [medfed, "provision", "--project", project, "--server-host", "127.0.0.1",
-         "--port", str(fed.port), "--sites", ",".join(sites), "--out", str(fed.kits)],
-        check=True, capture_output=True,
-    )
-    fed.app, fab_hash = snapshot_app(root / "app")
-    for name in sites:
-        subprocess.run(
-            [medfed, "site", "approve", "--kit", str(fed.kits / "sites" / name),
-             "--fab-hash", fab_hash],
-            check=True, capture_output=True,
-        )
-    try:
-        fed.start_server("server.log")
-        for name in sites:
-            fed.start_site(name)
-        for proc in fed.sites.values():
-            proc.wait_for("SuperNode ID", timeout=timeout)
+    with federation_on(root, project=project, data=data, sites=sites, timeout=timeout) as fed:
         yield fed
-    finally:
-        for proc in fed.sites.values():
-            proc.stop()
-        if fed.server is not None:
-            fed.server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +54,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         test_images=20, seed=3, timeout=120,
     ) as fed:
         yield fed
-
-
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 def test_a_run_trains_on_every_site_over_tls(federation: Federation) -> None:

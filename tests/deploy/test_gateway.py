@@ -39,9 +39,9 @@ from flwr.proto.control_pb2 import (
 )
 from flwr.supercore.control import ControlHttpClient
 
+from bench.federation import Proc
 from common.kit import KIT_FILE
 from server.gateway import find_nginx
-from tests.deploy.test_federation import Proc
 from tests.medfed.helpers import free_port, missing
 
 pytestmark = pytest.mark.slow

@@ -14,12 +14,15 @@ from collections.abc import Iterator
 import pytest
 import tomli_w
 
+from bench.federation import Federation
+from bench.federation import finish as _finish
+from bench.federation import results as _results
 from client.ledger import PrivacyLedger
 from common.apps import build_app_bundle
 from common.operator_kit import OperatorKit
 from common.policy import RUN_REFUSAL_MARK
 from server.submit import CONNECTION, flower_home, flwr_argv, run_status, sign_overrides
-from tests.deploy.test_federation import Federation, _finish, _results, provisioned
+from tests.deploy.test_federation import provisioned
 
 pytestmark = pytest.mark.slow
 

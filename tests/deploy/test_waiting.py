@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.test_federation import Proc
+from bench.federation import Proc
 from tests.medfed.helpers import free_port
 
 pytestmark = pytest.mark.slow

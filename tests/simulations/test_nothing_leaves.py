@@ -60,10 +60,11 @@ def test_no_patient_identifier_leaves_and_every_reply_is_audited(tmp_path: Path)
     for site in sorted(results["privacy"]):
         trail = run_dir / "site-state" / site / "audit.jsonl"
         result = verify(trail)
-        # 2 rounds x (train + evaluate), then the run's closing cross-site evaluation
-        assert result.ok and result.entries == 5, result
+        # 2 training replies (the second with round 1's score), the last round's evaluation,
+        # then the run's closing cross-site evaluation
+        assert result.ok and result.entries == 4, result
         entries = [json.loads(line) for line in trail.read_text().splitlines()]
-        assert [e["message_type"] for e in entries] == ["train", "evaluate"] * 2 + ["evaluate"]
+        assert [e["message_type"] for e in entries] == ["train"] * 2 + ["evaluate"] * 2
         assert entries[-1]["configs"]["evaluation"] == {"split": "test"}
         assert entries[0]["configs"]["site"] == {"name": site}
         assert entries[0]["metrics"]["epsilon"] == pytest.approx(
@@ -77,7 +78,7 @@ def test_no_patient_identifier_leaves_and_every_reply_is_audited(tmp_path: Path)
     assert ok.exit_code == 0 and "chain intact" in ok.output
     trail = state / "audit.jsonl"
     lines = trail.read_text().splitlines()
-    lines[1] = lines[1].replace('"evaluate"', '"train"')
+    lines[2] = lines[2].replace('"evaluate"', '"train"')
     trail.write_text("\n".join(lines) + "\n")
     altered = runner.invoke(app, ["site", "audit", "--state", str(state), "--verify"])
-    assert altered.exit_code == 1 and "line 2" in altered.output
+    assert altered.exit_code == 1 and "line 3" in altered.output

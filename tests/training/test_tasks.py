@@ -1,5 +1,7 @@
 """Each task's trainer on tiny synthetic data: it learns, DP is applied and accounted."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -467,3 +469,22 @@ def test_encoder_lr_scale_is_a_classifier_setting():
     model = get_task("classify").build(RunConfig(image_size=SIZE))
     lrs = sorted(g["lr"] for g in settings.make_optimizer(model).param_groups)
     assert lrs == pytest.approx([0.001, 0.01])
+
+
+def test_a_sites_decoded_images_are_kept_per_seed_and_until_a_file_changes(
+    tmp_path: Path,
+) -> None:
+    """A site's worker lives across runs: a new seed or a changed folder is read afresh."""
+    from common.sites import SiteRef
+    from common.training.tasks.base import preprocess, site_data
+    from tests.simulations.conftest import write_easy_site
+
+    write_easy_site(tmp_path / "site", 20, 0.5, np.random.default_rng(0))
+    ref = SiteRef("site", tmp_path / "site", tmp_path / "state")
+    pre = preprocess(RunConfig(image_size=32))
+    first = site_data(ref, pre, 0)
+    assert site_data(ref, pre, 0) is first
+    assert site_data(ref, pre, 1) is not first
+    labels = tmp_path / "site" / "labels.csv"
+    labels.write_text(labels.read_text().replace(",val\n", ",train\n", 1))
+    assert site_data(ref, pre, 0) is not first

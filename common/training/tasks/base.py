@@ -9,6 +9,7 @@ path: the same PrivacyState, the same ledger, the same outbound guard.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,12 +37,29 @@ Samples = tuple[np.ndarray, ...]
 
 # A simulation worker hosts many virtual sites in turn; keep only the few most recent in memory.
 _SITE_CACHE_SIZE = 2
-_site_cache: OrderedDict[tuple[Path, Preprocess, bool], SiteData] = OrderedDict()
+_site_cache: OrderedDict[tuple[Path, Preprocess, bool, int, int], SiteData] = OrderedDict()
+
+
+def folder_stamp(folder: Path) -> int:
+    """A hash of every file's name, size and modification time under `folder`."""
+    entries = []
+    for where, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.stat(os.path.join(where, name))
+            except OSError:
+                continue
+            entries.append((where, name, info.st_size, info.st_mtime_ns))
+    return hash(tuple(sorted(entries)))
 
 
 def site_data(site: SiteRef, pre: Preprocess, seed: int, *, masks: bool = False) -> SiteData:
-    """The site folder's SiteData (kept for the next round: decoding is the slow part)."""
-    key = (site.data_dir.resolve(), pre, masks)
+    """The site folder's SiteData (kept for the next round: decoding is the slow part).
+
+    Kept per seed (the seed draws the splits) and while no file in the folder changes: a site's
+    worker lives across runs, and the hospital may add or replace images between them.
+    """
+    key = (site.data_dir.resolve(), pre, masks, seed, folder_stamp(site.data_dir))
     data = _site_cache.pop(key, None) or SiteData(site.data_dir, pre, seed=seed, masks=masks)
     _site_cache[key] = data
     while len(_site_cache) > _SITE_CACHE_SIZE:
@@ -92,15 +110,21 @@ class Fit:
                 "this task adds its own step hooks and cannot train under --strategy scaffold"
             )
         hooks = hooks or self.hooks
-        if self.privacy is not None:
-            return fit_dp(
+        # Dropout and anything else drawing from torch's global generator draw from the round's
+        # seed: a round gives the same draws in a fresh process (a simulation's worker) and in a
+        # site's long-lived worker, whatever ran there before. DP-SGD's noise never comes from
+        # here (common.training.loop seeds it from the operating system's entropy).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            if self.privacy is not None:
+                return fit_dp(
+                    model, dataset, loss_fn, settings=self.settings, device=self.device,
+                    privacy=self.privacy, proximal=self.proximal, hooks=hooks,
+                )
+            return fit(
                 model, dataset, loss_fn, settings=self.settings, device=self.device,
-                privacy=self.privacy, proximal=self.proximal, hooks=hooks,
+                seed=self.seed, proximal=self.proximal, hooks=hooks,
             )
-        return fit(
-            model, dataset, loss_fn, settings=self.settings, device=self.device, seed=self.seed,
-            proximal=self.proximal, hooks=hooks,
-        )
 
 
 class Task(Protocol):

@@ -20,6 +20,7 @@ from common.flower_compat import FlowerVersionError
 from common.flower_compat.clientapp_runtime import (
     GATE,
     HOOKED,
+    INSTALLED_MARK,
     PulledTask,
     guard_clientapp_runtime,
     task_commands,
@@ -151,3 +152,39 @@ def test_a_runtime_without_a_hooked_name_is_refused(monkeypatch: pytest.MonkeyPa
     monkeypatch.delattr(runtime, "install_from_fab")
     with pytest.raises(FlowerVersionError, match="run_clientapp has no install_from_fab"):
         guard_clientapp_runtime(lambda f, t: "", lambda *w: Refused())
+
+
+@pytest.mark.usefixtures("restored", "task_identity")
+def test_a_bundle_is_unpacked_once_and_checked_at_every_task(
+    fab: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks: list[str] = []
+
+    def check(fab_file: object, task: PulledTask | None) -> str:
+        assert isinstance(fab_file, bytes)
+        checks.append(hashlib.sha256(fab_file).hexdigest())
+        return checks[-1]
+
+    def pull(client: object) -> tuple:
+        run = Run.create_empty(7)
+        run.fab_id, run.fab_version = "hospital-tests/tinyapp", "1.0.0"
+        context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        message = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1,
+                          message_type="train")
+        return message, context, run, None
+
+    monkeypatch.setattr(runtime, "pull_task_input", pull)
+    guard_clientapp_runtime(check, lambda *what: Refused(f"unchecked {what}"))
+    runtime.pull_task_input(None)
+    folder = Path(runtime.install_from_fab(fab, skip_prompt=True))
+    assert (folder / INSTALLED_MARK).read_text() == checks[-1]
+    (folder / "pyproject.toml").unlink()  # would be back if the bundle were unpacked again
+    runtime.pull_task_input(None)
+    assert Path(runtime.install_from_fab(fab, skip_prompt=True)) == folder
+    assert not (folder / "pyproject.toml").exists()
+    assert len(checks) == 2  # the app check ran for both tasks
+    # a mark of another bundle: Flower's own install runs (it unpacks and verifies the bundle,
+    # and keeps an existing folder), and the mark is this bundle's again
+    (folder / INSTALLED_MARK).write_text("0" * 64)
+    assert Path(runtime.install_from_fab(fab, skip_prompt=True)) == folder
+    assert (folder / INSTALLED_MARK).read_text() == checks[-1]
