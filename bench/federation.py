@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from common.apps import build_app_bundle
+from common.ports import free_loopback_port as free_port
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:

@@ -38,11 +38,6 @@ log = logging.getLogger("medfed.client")
 app = ClientApp()
 
 
-def _kind(msg: Message) -> str:
-    return msg.metadata.message_type.split(".")[0] if msg.metadata.message_type.startswith(
-        ("train", "evaluate")) else msg.metadata.message_type
-
-
 def _raised(answer: dict[str, object]) -> Exception:
     """The worker's exception, raised here under its own name (the aggregator reads the name)."""
     name, module = str(answer.get("name", "RuntimeError")), str(answer.get("module", "builtins"))
@@ -93,9 +88,10 @@ def _run(msg: Message, context: Context) -> Message:
             [wire.message_bytes(msg), wire.context_bytes(context)],
         )
     except (OSError, link.WorkerGone, link.WorkerUnavailable) as exc:
-        log.error("site %s: the site worker did not answer %s (%s: %s)", site, _kind(msg),
+        kind = msg.metadata.message_type  # train, evaluate or query.<name>
+        log.error("site %s: the site worker did not answer %s (%s: %s)", site, kind,
                   type(exc).__name__, exc)
-        raise SiteFailure(failure_text(site, _kind(msg), "SiteWorkerStopped")) from None
+        raise SiteFailure(failure_text(site, kind, "SiteWorkerStopped")) from None
     if answer.get("status") != "ok" or len(payloads) != 2:
         raise _raised(answer)
     reply = wire.message_from(payloads[0])

@@ -247,8 +247,7 @@ class WorkerSupervisor:
         self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             [sys.executable, "-m", self.module, "--state", str(self.state_dir.resolve()),
              "--owner-pid", str(os.getpid()),
-             *(["--data", str(self.data_dir.resolve())]
-               if self.data_dir is not None and self.module == "client.worker" else [])],
+             *(["--data", str(self.data_dir.resolve())] if self.data_dir is not None else [])],
             cwd=project, env=env, text=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )

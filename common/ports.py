@@ -16,6 +16,13 @@ class PortTaken(ValueError):
     """A port the command needs is in use; the message names the flag and a free port."""
 
 
+def free_loopback_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def bind_failure(host: str, port: int) -> OSError | None:
     """None when `host:port` can be listened on now, else the operating system's error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

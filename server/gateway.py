@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -75,13 +74,6 @@ def find_nginx() -> str:
         "nginx not found: `medfed server` serves its port through nginx (the SuperLink itself "
         "listens on 127.0.0.1 only); install it, e.g. `apt-get install nginx-light`"
     )
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the SuperLink's internal port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _listen(host: str, port: int) -> str:

@@ -108,20 +108,10 @@ class RunRecord:
         """
         for name, report in log.privacy.items():
             self.privacy[name] = report
-        for name in [*log.train, *log.evaluate]:
-            if name not in self.sites_seen:
-                self.sites_seen.append(name)
-        sites: dict[str, dict[str, Any]] = {}
-        for name in sorted(set(log.train) | set(log.evaluate)):
-            sites[name] = {"train": log.train.get(name), "evaluate": log.evaluate.get(name)}
-        entry = {
+        entry: dict[str, Any] = {
             "round": log.round,
             "central": central,
-            "federated": {
-                "train": log.train_aggregated,
-                "evaluate": log.evaluate_aggregated,
-                "sites": sites,
-            },
+            "federated": {"train": log.train_aggregated},
             "sampled": log.sampled,
             "participants": log.participants,
             "failures": log.failures,
@@ -135,14 +125,7 @@ class RunRecord:
             # --verify --witness results.json` checks the site's trail against it)
             "audit_heads": log.audit_heads,
         }
-        if log.operating_point is not None:
-            # the threshold chosen on the sites' validation histograms this round, what it
-            # reaches there, and each site's own rates at it (server.operating)
-            entry["operating_point"] = log.operating_point
-        if self.cfg.task == "classify":  # what the dashboard warns about while the run goes on
-            measured, where = ((central, "central test set") if central
-                               else (log.operating_point, "sites' validation data"))
-            entry["warnings"] = warnings_for(measured, where=where) if measured else []
+        self._sites_and_evaluation(entry, log)
         if self.central_ledger is not None:
             entry["central_privacy"] = self.central_ledger.summary()
         self.rounds.append(entry)
@@ -151,24 +134,29 @@ class RunRecord:
     def late_evaluation(self, log: RoundLog) -> None:
         """Round `log.round`'s evaluation, scored at the start of the next (common.evaluation)."""
         entry = next((e for e in self.rounds if e["round"] == log.round), None)
-        if entry is None:
-            return
-        for name in log.evaluate:
+        if entry is not None:
+            entry["failures"] = log.failures
+            self._sites_and_evaluation(entry, log)
+
+    def _sites_and_evaluation(self, entry: dict[str, Any], log: RoundLog) -> None:
+        """Round `log.round`'s per-site figures, evaluation, operating point and warnings."""
+        for name in [*log.train, *log.evaluate]:
             if name not in self.sites_seen:
                 self.sites_seen.append(name)
-        federated = entry["federated"]
-        federated["evaluate"] = log.evaluate_aggregated
-        for name, metrics in log.evaluate.items():
-            federated["sites"].setdefault(name, {"train": None, "evaluate": None})
-            federated["sites"][name]["evaluate"] = metrics
-        federated["sites"] = dict(sorted(federated["sites"].items()))
+        entry["federated"]["evaluate"] = log.evaluate_aggregated
+        entry["federated"]["sites"] = {
+            name: {"train": log.train.get(name), "evaluate": log.evaluate.get(name)}
+            for name in sorted(set(log.train) | set(log.evaluate))
+        }
         if log.operating_point is not None:
+            # the threshold chosen on the sites' validation histograms this round, what it
+            # reaches there, and each site's own rates at it (server.operating)
             entry["operating_point"] = log.operating_point
-            if self.cfg.task == "classify" and not entry["central"]:
-                entry["warnings"] = warnings_for(log.operating_point,
-                                                 where="sites' validation data")
-        entry["failures"] = [*entry["failures"],
-                             *(f for f in log.failures if f not in entry["failures"])]
+        if self.cfg.task == "classify":  # what the dashboard warns about while the run goes on
+            central = entry["central"]
+            measured, where = ((central, "central test set") if central
+                               else (log.operating_point, "sites' validation data"))
+            entry["warnings"] = warnings_for(measured, where=where) if measured else []
 
     def final_metrics(self) -> dict[str, Any]:
         """The global model's metrics: central evaluation, or federated when there is none.

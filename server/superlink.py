@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 
 from common.certs import load_public_key, public_key_pem
 from common.kit import KIT_FILE, KitError
-from common.ports import bind_failure
+from common.ports import bind_failure, free_loopback_port
 from common.procs import (
     die_with_parent,
     flower_environment,
@@ -48,7 +48,7 @@ from common.procs import (
 )
 from common.server_kit import AuthorisedSite, ServerKit
 from server.artifacts import STATE_ENV
-from server.gateway import Gateway, GatewaySettings, free_loopback_port
+from server.gateway import Gateway, GatewaySettings
 
 log = logging.getLogger("medfed.server")
 

@@ -14,6 +14,8 @@ here changes Flower; the gate says where to look when these functions move.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from flwr.app import Context, Message, RecordDict
 from flwr.common import serde
 from flwr.proto.message_pb2 import Context as ProtoContext
@@ -21,6 +23,8 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from common.flower_compat import Gate
+
+_Proto = TypeVar("_Proto", ProtoMessage, ProtoContext, ProtoRecordDict)
 
 GATE = Gate(
     patch="the site worker's message hand-over",
@@ -36,9 +40,7 @@ def message_bytes(message: Message) -> bytes:
 
 def message_from(data: bytes) -> Message:
     """The Message `message_bytes` wrote."""
-    proto = ProtoMessage()
-    proto.ParseFromString(data)
-    return serde.message_from_proto(proto)
+    return serde.message_from_proto(_parsed(ProtoMessage(), data))
 
 
 def context_bytes(context: Context) -> bytes:
@@ -48,9 +50,7 @@ def context_bytes(context: Context) -> bytes:
 
 def context_from(data: bytes) -> Context:
     """The Context `context_bytes` wrote."""
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return serde.context_from_proto(proto)
+    return serde.context_from_proto(_parsed(ProtoContext(), data))
 
 
 def records_bytes(content: RecordDict) -> bytes:
@@ -60,6 +60,9 @@ def records_bytes(content: RecordDict) -> bytes:
 
 def records_from(data: bytes) -> RecordDict:
     """The RecordDict `records_bytes` wrote."""
-    proto = ProtoRecordDict()
+    return serde.recorddict_from_proto(_parsed(ProtoRecordDict(), data))
+
+
+def _parsed(proto: _Proto, data: bytes) -> _Proto:
     proto.ParseFromString(data)
-    return serde.recorddict_from_proto(proto)
+    return proto

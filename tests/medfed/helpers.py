@@ -1,19 +1,13 @@
 """Helpers of the monitoring tests: ports, HTTP, Prometheus text, tools the tests drive."""
 
 import os
-import socket
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port() -> int:
-    """A port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common.ports import free_loopback_port as free_port  # noqa: F401 - the tests import it here
 
 
 def fetch(url: str, timeout: float = 5) -> str:
