@@ -201,7 +201,7 @@ def test_another_user_cannot_reach_the_worker(supervised: link.WorkerSupervisor)
             "try:\n"
             "    s.sendall(b'\\0' * 8)\n"
             "    print('answered' if s.recv(1) else 'closed')\n"
-            "except ConnectionResetError:\n"
+            "except (ConnectionResetError, BrokenPipeError):\n"
             "    print('closed')\n"
         )
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
